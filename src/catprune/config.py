@@ -1,0 +1,86 @@
+"""The one settings object of CAT Pruning, validated when it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+RowPairing = Literal["none", "cfg"]
+
+
+@dataclass(frozen=True)
+class CATPruningConfig:
+    """Settings of CAT Pruning (cluster-aware token pruning).
+
+    Important args:
+        keep_ratio: share alpha of image tokens recomputed at each pruned step; the others reuse the previous
+            step's output. Paper: 0.3 ("a sweet spot", Sec. 4.2); 0.2 shows visible degradation.
+        start_step: t0, the first pruned step (0-based): steps ``0 .. start_step - 1`` run in full. The output
+            of step ``start_step - 2`` is the reference noise n_t0 and the output of step ``start_step - 1``
+            is clustered. Paper and authors' code: 8 (of 28 steps). Must be >= 2.
+
+    Args to tinker with:
+        num_clusters: KMeans clusters over the token grid. Authors' code: 20. Clamped on small grids (see
+            :func:`catprune.selection.effective_num_clusters`).
+        cluster_feature_scale: weight of the relative noise against the positional encoding in the
+            clustering features (features = scale * n_t + pos_enc). Authors' code: 0.05.
+        noise_fraction: share of the budget chosen by relative noise inside the top clusters; the rest goes
+            to the stalest tokens. Authors' code: about 0.25.
+        ewma_decay: decay of the exponentially weighted selection count, f_t = decay * f_{t-1} + I_t
+            (paper Eq. 2). Authors' code: 0.5.
+        kmeans_iterations: Lloyd iterations of the KMeans, fixed so that clustering needs no host sync.
+            scikit-learn (used by the authors) stops at convergence, which on token grids takes about 10-30.
+        seed: seed of the KMeans++ initialisation (authors' code: ``random_state=0``).
+        row_pairing: how batch rows pair up when the model is used without a pipeline. ``"none"``: each row
+            is its own prompt. ``"cfg"``: the batch is ``[uncond..., cond...]`` as diffusers pipelines build
+            it under classifier-free guidance, and the two rows of a prompt share one selection computed
+            from the conditional row. Ignored when applied to a pipeline, which knows when CFG is on.
+    """
+
+    keep_ratio: float = 0.3
+    start_step: int = 8
+    num_clusters: int = 20
+    cluster_feature_scale: float = 0.05
+    noise_fraction: float = 0.25
+    ewma_decay: float = 0.5
+    kmeans_iterations: int = 30
+    seed: int = 0
+    row_pairing: RowPairing = "none"
+
+    def __post_init__(self) -> None:
+        def require(condition: bool, message: str) -> None:
+            if not condition:
+                raise ValueError(f"CATPruningConfig: {message}")
+
+        require(0.0 < self.keep_ratio <= 1.0, f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+        require(
+            isinstance(self.start_step, int) and self.start_step >= 2,
+            f"start_step must be an integer >= 2 (step start_step - 2 gives the reference noise), "
+            f"got {self.start_step!r}",
+        )
+        require(
+            isinstance(self.num_clusters, int) and self.num_clusters >= 1,
+            f"num_clusters must be a positive integer, got {self.num_clusters!r}",
+        )
+        require(
+            self.cluster_feature_scale >= 0.0,
+            f"cluster_feature_scale must be >= 0, got {self.cluster_feature_scale!r}",
+        )
+        require(
+            0.0 <= self.noise_fraction <= 1.0,
+            f"noise_fraction must be in [0, 1], got {self.noise_fraction!r}",
+        )
+        require(0.0 <= self.ewma_decay < 1.0, f"ewma_decay must be in [0, 1), got {self.ewma_decay!r}")
+        require(
+            isinstance(self.kmeans_iterations, int) and self.kmeans_iterations >= 1,
+            f"kmeans_iterations must be a positive integer, got {self.kmeans_iterations!r}",
+        )
+        require(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        require(
+            self.row_pairing in ("none", "cfg"),
+            f"row_pairing must be 'none' or 'cfg', got {self.row_pairing!r}",
+        )
+
+    def num_kept(self, num_tokens: int) -> int:
+        """K = round(alpha * N), at least one token."""
+        return max(1, min(num_tokens, round(self.keep_ratio * num_tokens)))

@@ -1,0 +1,434 @@
+"""The model-agnostic pruning mechanism: step tracking, token gather/scatter and per-block K/V caches.
+
+How a pruned step runs, for any diffusion transformer whose blocks act on tokens one by one except in
+attention (SD3's MMDiT, PixArt's DiT): a hook on the patch embedder keeps only the selected image tokens,
+so the blocks' own forward code runs unchanged on K instead of N tokens; the attention processors
+recompute K and V for the selected tokens only and attend over a per-block cache that holds them for all
+image tokens; a hook on the output projection puts the new outputs of the selected tokens into the
+previous step's output. An adapter (``catprune.adapters``) only names the modules and says which
+attention is which.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import HookRegistry, ModelHook
+
+from .config import CATPruningConfig
+from .selection import ClusterAwareSelector
+
+STEP_HOOK = "catprune_step"
+GATHER_HOOK = "catprune_gather"
+SCATTER_HOOK = "catprune_scatter"
+
+
+class StepMode(enum.Enum):
+    FULL = "full"
+    """The unpatched computation (steps before t0 - 1, and auxiliary calls such as skip-layer guidance)."""
+    FILL = "fill"
+    """A full step that also fills the K/V caches: step t0 - 1."""
+    PRUNED = "pruned"
+    """Only the selected image tokens go through the blocks."""
+
+
+@dataclass
+class GenerationStats:
+    """What pruning did during one generation (one denoising loop)."""
+
+    steps: int = 0
+    pruned_steps: int = 0
+    image_tokens: int = 0
+    kept_tokens: int = 0
+    text_tokens: int = 0
+    macs: int = 0
+    """Transformer MACs of this generation's steps, from the layer shapes (see ``ModelAdapter.step_macs``)."""
+    full_macs: int = 0
+    """The same steps without pruning."""
+
+    @property
+    def macs_fraction(self) -> float:
+        return self.macs / self.full_macs if self.full_macs else 1.0
+
+
+class PruningState:
+    """Per-model state of one generation, shared by the hooks and the attention processors.
+
+    A generation starts when the pipeline encodes its prompt (applied to a pipeline), when the timestep
+    does not decrease (applied to a bare transformer), when the batch or the token grid changes, or on
+    an explicit :meth:`reset`.
+    """
+
+    def __init__(self, config: CATPruningConfig, adapter: Any, model: torch.nn.Module) -> None:
+        self.config = config
+        self.adapter = adapter
+        self.model = model
+        self.selector = ClusterAwareSelector(config)
+        self.processors: list[CachedSelfAttentionProcessor | ReusedTextAttentionProcessor] = []
+        self.pipeline_cfg: bool | None = None
+        """Set by the pipeline hook: whether the current generation runs classifier-free guidance."""
+        self._signature = inspect.signature(model.forward)
+        self.stats = GenerationStats()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything about the current generation (caches are kept allocated for reuse)."""
+        self.step = 0
+        self.mode = StepMode.FULL
+        self.counting = False
+        self.indices: torch.Tensor | None = None
+        self.last_output: torch.Tensor | None = None
+        self._shape: tuple[int, int, int] | None = None
+        self._last_timestep: float | None = None
+        self.selector.reset()
+        for processor in self.processors:
+            processor.reset()
+        self.stats = GenerationStats()
+
+    def begin_generation(self, cfg: bool | None) -> None:
+        self.reset()
+        self.pipeline_cfg = cfg
+
+    @property
+    def paired_rows(self) -> bool:
+        """Whether the batch is ``[uncond..., cond...]`` with one selection per prompt shared by both rows."""
+        if self.pipeline_cfg is not None:
+            return self.pipeline_cfg
+        return self.config.row_pairing == "cfg"
+
+    def begin_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        arguments = self._signature.bind_partial(*args, **kwargs).arguments
+        self.counting = not self.adapter.is_auxiliary_call(arguments)
+        if not self.counting:
+            self.mode = StepMode.FULL
+            return
+        hidden_states = arguments["hidden_states"]
+        height, width = self.adapter.token_grid(self.model, hidden_states)
+        shape = (hidden_states.shape[0], height, width)
+        if self._is_new_generation(shape, arguments.get("timestep")):
+            self.reset()
+        self._shape = shape
+        self.height, self.width = height, width
+        self.num_tokens = height * width
+        self.num_kept = self.config.num_kept(self.num_tokens)
+        self.text_tokens = self.adapter.text_tokens(arguments)
+
+        start = self.config.start_step
+        if self.step < start - 1:
+            self.mode = StepMode.FULL
+        elif self.step == start - 1:
+            self.mode = StepMode.FILL
+        else:
+            self.mode = StepMode.PRUNED
+            self.indices = self._select()
+
+    def _is_new_generation(self, shape: tuple[int, int, int], timestep: Any) -> bool:
+        if self._shape is not None and shape != self._shape:
+            return True
+        if self.pipeline_cfg is not None or timestep is None:
+            return False
+        # A bare transformer: a timestep that does not decrease starts a new generation. Reading it is
+        # one scalar host read per call; pipelines avoid it (their prompt encoding starts a generation).
+        value = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        new = self._last_timestep is not None and value >= self._last_timestep
+        self._last_timestep = value
+        return new
+
+    def end_step(self) -> None:
+        if not self.counting:
+            return
+        stats, batch = self.stats, self._shape[0]
+        tokens, text = self.num_tokens, self.text_tokens
+        full = batch * self.adapter.step_macs(self.model, tokens, tokens, text, pruned=False)
+        pruned = self.mode is StepMode.PRUNED
+        stats.steps += 1
+        stats.full_macs += full
+        stats.image_tokens, stats.text_tokens = tokens, text
+        if pruned:
+            stats.pruned_steps += 1
+            stats.kept_tokens = self.num_kept
+            stats.macs += batch * self.adapter.step_macs(self.model, self.num_kept, tokens, text, pruned=True)
+        else:
+            stats.macs += full
+        self.step += 1
+
+    def _prompt_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The rows that drive selection (one per prompt; the conditional half under CFG), noise channels."""
+        if self.paired_rows:
+            if tokens.shape[0] % 2:
+                raise ValueError(
+                    f"row pairing 'cfg' needs an even batch [uncond..., cond...], got {tokens.shape[0]} rows"
+                )
+            tokens = tokens[tokens.shape[0] // 2 :]
+        return self.adapter.noise_tokens(self.model, tokens)
+
+    def _select(self) -> torch.Tensor:
+        assert self.last_output is not None
+        indices = self.selector.select(
+            self._prompt_rows(self.last_output), self.height, self.width, self.num_kept
+        )
+        return torch.cat([indices, indices]) if self.paired_rows else indices
+
+    def gather(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Keep the selected image tokens: (B, N, D) -> (B, K, D) at a pruned step."""
+        if self.mode is not StepMode.PRUNED:
+            return tokens
+        return tokens.gather(1, self.indices[..., None].expand(-1, -1, tokens.shape[-1]))
+
+    def scatter_output(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The transformer's output tokens (B, n, p*p*C): unselected tokens reuse the previous step's."""
+        if not self.counting:
+            return tokens
+        if self.mode is StepMode.PRUNED:
+            assert self.last_output is not None
+            index = self.indices[..., None].expand(-1, -1, tokens.shape[-1])
+            tokens = self.last_output.scatter(1, index, tokens.to(self.last_output.dtype))
+        start = self.config.start_step
+        if self.step == start - 2:
+            self.selector.set_reference(self._prompt_rows(tokens))
+        if self.step >= start - 1:
+            self.last_output = tokens
+        return tokens
+
+
+class _StepHook(ModelHook):
+    """On the transformer: decides each call's mode before it runs and counts the step after."""
+
+    _is_stateful = True
+
+    def __init__(self, state: PruningState) -> None:
+        super().__init__()
+        self.state = state
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any], dict]:
+        self.state.begin_step(args, kwargs)
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        self.state.end_step()
+        return output
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state.reset()
+        return module
+
+
+class _OutputHook(ModelHook):
+    """Runs ``fn`` on a module's output (the embedder's gather, the output projection's scatter)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def post_forward(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
+        return self.fn(output)
+
+
+def _split_heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, n, heads * d) -> (B, n, heads, d): tokens stay the second dimension, as in the caches."""
+    return tensor.unflatten(-1, (heads, -1))
+
+
+def _attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Attention over (B, n, heads, d) tensors, as diffusers' processors compute it: -> (B, n, heads*d)."""
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
+    )
+    return out.transpose(1, 2).flatten(2).to(query.dtype)
+
+
+class CachedSelfAttentionProcessor:
+    """Self-attention over all image tokens, optionally joint with text tokens (SD3's MMDiT attention).
+
+    At the fill step it computes K and V for all image tokens and keeps them in a per-block cache laid
+    out as ``[image tokens, text tokens]``; at a pruned step it computes Q, K, V for the selected image
+    tokens only, writes K and V into the cache at their positions, writes the text tokens' fresh K and V,
+    and attends over the whole cache. Full steps run the original processor, so they are untouched.
+    """
+
+    def __init__(self, attention: Any, state: PruningState) -> None:
+        self.attention = attention
+        self.original = attention.processor
+        self.state = state
+        self.key: torch.Tensor | None = None
+        self.value: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        """Nothing to forget: the fill step overwrites the caches (kept allocated for the next generation)."""
+
+    def release(self) -> None:
+        self.key = self.value = None
+
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.key, self.value) if t is not None)
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        mode = self.state.mode
+        if mode is StepMode.FULL:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        if attention_mask is not None:
+            raise NotImplementedError("CAT pruning does not support masked image self-attention")
+
+        heads = attn.heads
+        query = _split_heads(attn.to_q(hidden_states), heads)
+        key = _split_heads(attn.to_k(hidden_states), heads)
+        value = _split_heads(attn.to_v(hidden_states), heads)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        num_image = self.state.num_tokens
+        num_text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        if mode is StepMode.FILL:
+            self._allocate(key, num_image + num_text)
+            self.key[:, :num_image] = key
+            self.value[:, :num_image] = value
+        else:
+            index = self.state.indices[:, :, None, None].expand_as(key)
+            self.key[:, :num_image].scatter_(1, index, key)
+            self.value[:, :num_image].scatter_(1, index, value)
+
+        if encoder_hidden_states is not None:
+            text_query = _split_heads(attn.add_q_proj(encoder_hidden_states), heads)
+            text_key = _split_heads(attn.add_k_proj(encoder_hidden_states), heads)
+            text_value = _split_heads(attn.add_v_proj(encoder_hidden_states), heads)
+            if attn.norm_added_q is not None:
+                text_query = attn.norm_added_q(text_query)
+            if attn.norm_added_k is not None:
+                text_key = attn.norm_added_k(text_key)
+            self.key[:, num_image:] = text_key
+            self.value[:, num_image:] = text_value
+            query = torch.cat([query, text_query], dim=1)
+
+        out = _attend(query, self.key, self.value)
+        num_queries = hidden_states.shape[1]
+        image_out = attn.to_out[1](attn.to_out[0](out[:, :num_queries]))
+        if encoder_hidden_states is None:
+            if attn.residual_connection:
+                image_out = image_out + hidden_states
+            return image_out / attn.rescale_output_factor
+        text_out = out[:, num_queries:]
+        if not attn.context_pre_only:
+            text_out = attn.to_add_out(text_out)
+        return image_out, text_out
+
+    def _allocate(self, like: torch.Tensor, length: int) -> None:
+        shape = (like.shape[0], length, *like.shape[2:])
+        if (
+            self.key is None
+            or self.key.shape != shape
+            or self.key.dtype != like.dtype
+            or self.key.device != like.device
+        ):
+            self.key = like.new_empty(shape)
+            self.value = like.new_empty(shape)
+
+
+class ReusedTextAttentionProcessor:
+    """Cross-attention from image tokens to text tokens (PixArt): the text's K and V do not change between
+    steps, so from the fill step on they are computed once per generation and reused; queries are
+    computed for the image tokens that go through the block (the selected ones at a pruned step)."""
+
+    def __init__(self, attention: Any, state: PruningState) -> None:
+        self.attention = attention
+        self.original = attention.processor
+        self.state = state
+        self.key: torch.Tensor | None = None
+        self.value: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.key = self.value = None
+
+    release = reset
+
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.key, self.value) if t is not None)
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if self.state.mode is StepMode.FULL:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        batch = hidden_states.shape[0]
+        heads = attn.heads
+        if self.key is None:
+            self.key = _split_heads(attn.to_k(encoder_hidden_states), heads)
+            self.value = _split_heads(attn.to_v(encoder_hidden_states), heads)
+            if attn.norm_k is not None:
+                self.key = attn.norm_k(self.key)
+        query = _split_heads(attn.to_q(hidden_states), heads)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        mask = None
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, self.key.shape[1], batch)
+            mask = mask.view(batch, heads, -1, mask.shape[-1])
+        out = attn.to_out[1](attn.to_out[0](_attend(query, self.key, self.value, mask)))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+Processor = CachedSelfAttentionProcessor | ReusedTextAttentionProcessor
+
+
+def attached_state(model: torch.nn.Module) -> PruningState | None:
+    """The pruning state of a transformer, or None when pruning is not applied to it."""
+    return getattr(model, "_catprune_state", None)
+
+
+def attach(model: torch.nn.Module, adapter: Any, config: CATPruningConfig) -> PruningState:
+    """Install the hooks and processors on ``model``; everything is resolved before anything changes."""
+    state = PruningState(config, adapter, model)
+    state.processors = list(adapter.attention_processors(model, state))
+    embedder = model.get_submodule(adapter.embedder)
+    projection = model.get_submodule(adapter.output_projection)
+
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(_StepHook(state), STEP_HOOK)
+    HookRegistry.check_if_exists_or_initialize(embedder).register_hook(_OutputHook(state.gather), GATHER_HOOK)
+    HookRegistry.check_if_exists_or_initialize(projection).register_hook(
+        _OutputHook(state.scatter_output), SCATTER_HOOK
+    )
+    for processor in state.processors:
+        processor.attention.set_processor(processor)
+    model._catprune_state = state
+    return state
+
+
+def detach(model: torch.nn.Module) -> None:
+    """Exact inverse of :func:`attach`: the original processors and forward methods come back."""
+    state = attached_state(model)
+    if state is None:
+        return
+    for processor in state.processors:
+        processor.attention.set_processor(processor.original)
+        processor.release()
+    adapter = state.adapter
+    for module, name in (
+        (model.get_submodule(adapter.output_projection), SCATTER_HOOK),
+        (model.get_submodule(adapter.embedder), GATHER_HOOK),
+        (model, STEP_HOOK),
+    ):
+        HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
+    del model._catprune_state
