@@ -62,7 +62,7 @@ class PruningState:
 
     A generation starts when the pipeline encodes its prompt (applied to a pipeline), when the timestep
     does not decrease (applied to a bare transformer), when the batch or the token grid changes, or on
-    an explicit :meth:`reset`.
+    an explicit :meth:`begin_generation` or :meth:`reset`.
     """
 
     def __init__(self, config: CATPruningConfig, adapter: Any, model: torch.nn.Module) -> None:
@@ -71,8 +71,11 @@ class PruningState:
         self.model = model
         self.selector = ClusterAwareSelector(config)
         self.processors: list[CachedSelfAttentionProcessor | ReusedTextAttentionProcessor] = []
-        self.pipeline_cfg: bool | None = None
-        """Set by the pipeline hook: whether the current generation runs classifier-free guidance."""
+        self.explicit_generations = False
+        """Set once a caller (the pipeline hook, or a user) starts generations with :meth:`begin_generation`;
+        from then on timesteps are not read."""
+        self.cfg: bool | None = None
+        self.forced_indices: torch.Tensor | None = None
         self._signature = inspect.signature(model.forward)
         self.stats = GenerationStats()
         self.reset()
@@ -91,21 +94,32 @@ class PruningState:
             processor.reset()
         self.stats = GenerationStats()
 
-    def begin_generation(self, cfg: bool | None) -> None:
+    def begin_generation(self, cfg: bool | None = None) -> None:
+        """Start a new generation explicitly; ``cfg`` says whether the batch is [uncond..., cond...] pairs
+        (None: as ``config.row_pairing`` says). Applied to a pipeline, its prompt encoding calls this."""
         self.reset()
-        self.pipeline_cfg = cfg
+        self.explicit_generations = True
+        self.cfg = cfg
+
+    def force_indices(self, indices: torch.Tensor | None) -> None:
+        """For measurement: pruned steps recompute ``indices`` (B, K) int64, K = ``config.num_kept(N)``,
+        instead of the selector's choice (None: the selector again); kept across :meth:`reset`.
+
+        Counting MACs on the ``meta`` device (no data to select from) and timing a pruned step without its
+        selection need it."""
+        self.forced_indices = indices
 
     @property
     def paired_rows(self) -> bool:
         """Whether the batch is ``[uncond..., cond...]`` with one selection per prompt shared by both rows."""
-        if self.pipeline_cfg is not None:
-            return self.pipeline_cfg
+        if self.cfg is not None:
+            return self.cfg
         return self.config.row_pairing == "cfg"
 
     def begin_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         arguments = self._signature.bind_partial(*args, **kwargs).arguments
-        self.counting = not self.adapter.is_auxiliary_call(arguments)
-        if not self.counting:
+        if self.adapter.is_auxiliary_call(arguments):
+            self.counting = False
             self.mode = StepMode.FULL
             return
         hidden_states = arguments["hidden_states"]
@@ -113,6 +127,7 @@ class PruningState:
         shape = (hidden_states.shape[0], height, width)
         if self._is_new_generation(shape, arguments.get("timestep")):
             self.reset()
+        self.counting = True
         self._shape = shape
         self.height, self.width = height, width
         self.num_tokens = height * width
@@ -126,12 +141,12 @@ class PruningState:
             self.mode = StepMode.FILL
         else:
             self.mode = StepMode.PRUNED
-            self.indices = self._select()
+            self.indices = self._select() if self.forced_indices is None else self.forced_indices
 
     def _is_new_generation(self, shape: tuple[int, int, int], timestep: Any) -> bool:
         if self._shape is not None and shape != self._shape:
             return True
-        if self.pipeline_cfg is not None or timestep is None:
+        if self.explicit_generations or timestep is None:
             return False
         # A bare transformer: a timestep that does not decrease starts a new generation. Reading it is
         # one scalar host read per call; pipelines avoid it (their prompt encoding starts a generation).

@@ -5,9 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from .base import ModelAdapter
+from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
 
-ADAPTERS: tuple[ModelAdapter, ...] = (SD3Adapter(),)
+ADAPTERS: tuple[ModelAdapter, ...] = (SD3Adapter(), PixArtAdapter())
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
@@ -21,4 +22,4 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["ADAPTERS", "ModelAdapter", "SD3Adapter", "adapter_for"]
+__all__ = ["ADAPTERS", "ModelAdapter", "PixArtAdapter", "SD3Adapter", "adapter_for"]

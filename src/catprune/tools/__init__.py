@@ -1,0 +1,1 @@
+"""Tools on top of the library: command-line subcommands, measurement, evaluation, figures."""

@@ -1,0 +1,137 @@
+"""Tiny real diffusers models and pipelines (random weights, CPU) shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+
+torch.use_deterministic_algorithms(True)
+
+TEXT_DIM = 32
+TEXT_TOKENS = 7
+POOLED_DIM = 16
+
+
+def tiny_sd3(sd35: bool = False, num_layers: int = 2) -> SD3Transformer2DModel:
+    """SD3-medium's structure at toy width; ``sd35`` adds dual attention and RMS qk-norm (SD3.5)."""
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=TEXT_DIM,
+        caption_projection_dim=32,
+        pooled_projection_dim=POOLED_DIM,
+        out_channels=4,
+        pos_embed_max_size=32,
+        dual_attention_layers=(0,) if sd35 else (),
+        qk_norm="rms_norm" if sd35 else None,
+    ).eval()
+
+
+def tiny_pixart(additional_conditions: bool = False) -> PixArtTransformer2DModel:
+    """PixArt-Sigma's structure (learned sigma: 8 output channels) at toy width; ``additional_conditions``
+    gives PixArt-alpha's resolution and aspect-ratio embedders."""
+    torch.manual_seed(0)
+    return PixArtTransformer2DModel(
+        # PixArt-alpha's pipeline passes resolution conditions only for sample_size 128.
+        sample_size=128 if additional_conditions else 16,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=12,  # width 24: PixArt-alpha's size embedders need a multiple of 3
+        in_channels=4,
+        out_channels=8,
+        patch_size=2,
+        attention_bias=True,
+        cross_attention_dim=24,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        caption_channels=TEXT_DIM,
+        interpolation_scale=1,
+        use_additional_conditions=additional_conditions,
+    ).eval()
+
+
+def sd3_pipeline(transformer: SD3Transformer2DModel) -> StableDiffusion3Pipeline:
+    """A real SD3 pipeline around ``transformer``, driven with prompt embeddings (no text encoder or VAE)."""
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pixart_pipeline(transformer: PixArtTransformer2DModel, alpha: bool = False):
+    cls = PixArtAlphaPipeline if alpha else PixArtSigmaPipeline
+    pipe = cls(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd3_prompts(num_prompts: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Prompt and negative-prompt embeddings for ``num_prompts`` different prompts."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "prompt_embeds": torch.randn(num_prompts, TEXT_TOKENS, TEXT_DIM, generator=generator),
+        "pooled_prompt_embeds": torch.randn(num_prompts, POOLED_DIM, generator=generator),
+        "negative_prompt_embeds": torch.randn(num_prompts, TEXT_TOKENS, TEXT_DIM, generator=generator),
+        "negative_pooled_prompt_embeds": torch.randn(num_prompts, POOLED_DIM, generator=generator),
+    }
+
+
+def pixart_prompts(num_prompts: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Prompt embeddings with attention masks (the last text tokens are padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.ones(num_prompts, TEXT_TOKENS)
+    mask[:, TEXT_TOKENS - 2 :] = 0
+    return {
+        "negative_prompt": None,
+        "prompt_embeds": torch.randn(num_prompts, TEXT_TOKENS, TEXT_DIM, generator=generator),
+        "prompt_attention_mask": mask,
+        "negative_prompt_embeds": torch.randn(num_prompts, TEXT_TOKENS, TEXT_DIM, generator=generator),
+        "negative_prompt_attention_mask": mask.clone(),
+    }
+
+
+def seeded_latents(num_prompts: int, size: int = 16, channels: int = 4, seed: int = 0) -> torch.Tensor:
+    """One latent per prompt, each from its own seed, so a prompt's latent is the same alone or batched."""
+    return torch.cat(
+        [
+            torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(seed + i))
+            for i in range(num_prompts)
+        ]
+    )
+
+
+@pytest.fixture
+def sd3_pipe() -> StableDiffusion3Pipeline:
+    return sd3_pipeline(tiny_sd3())
