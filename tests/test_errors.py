@@ -48,7 +48,7 @@ def test_unsupported_model_raises_type_error_naming_the_supported_classes() -> N
         layers_per_block=1,
     )
     forward = unet.forward
-    with pytest.raises(TypeError, match="SD3Transformer2DModel.*PixArtTransformer2DModel"):
+    with pytest.raises(TypeError, match=r"SD3Transformer2DModel.*PixArtTransformer2DModel"):
         apply_cat_pruning(unet)
     assert unet.forward == forward and not hasattr(unet, "_catprune_state")
     with pytest.raises(TypeError, match="pipeline"):
@@ -60,7 +60,7 @@ def test_unsupported_model_raises_type_error_naming_the_supported_classes() -> N
 def test_applying_twice_is_a_clear_error_and_keeps_the_first_application() -> None:
     pipe = sd3_pipeline(tiny_sd3())
     state = apply_cat_pruning(pipe, CATPruningConfig(keep_ratio=0.5))
-    with pytest.raises(RuntimeError, match="already applied.*remove_cat_pruning"):
+    with pytest.raises(RuntimeError, match=r"already applied.*remove_cat_pruning"):
         apply_cat_pruning(pipe, CATPruningConfig(keep_ratio=0.2))
     with pytest.raises(RuntimeError, match="already applied"):
         apply_cat_pruning(pipe.transformer)

@@ -134,7 +134,7 @@ def test_exactly_k_distinct_sorted_indices_per_sample(height: int, width: int) -
     for row in selections.flatten(0, 1):
         assert len(set(row.tolist())) == num_kept
         assert torch.equal(row, row.sort().values)
-        assert 0 <= row.min() and row.max() < height * width
+        assert row.min() >= 0 and row.max() < height * width
 
 
 def test_selection_is_deterministic_and_batch_invariant() -> None:
