@@ -298,3 +298,30 @@ def test_skip_layer_guidance_calls_run_unpruned_and_do_not_count_as_steps() -> N
     assert skip_calls and all(mode is StepMode.FULL for mode in skip_calls)
     assert [mode for skipped, mode in calls if not skipped].count(StepMode.PRUNED) == STEPS - START
     assert (state.stats.steps, state.stats.pruned_steps) == (STEPS, STEPS - START)
+
+
+@pytest.mark.parametrize("case_name", ["sd3", "pixart-sigma"])
+def test_pipeline_loaded_from_a_local_checkpoint(case_name: str, tmp_path: Any) -> None:
+    """The real ``from_pretrained`` path, on a tiny checkpoint saved here (no hub access)."""
+    case = CASES[case_name]
+    original = case.make_pipeline()
+    original.save_pretrained(tmp_path, safe_serialization=True)
+    absent = {name: None for name, component in original.components.items() if component is None}
+    loaded = type(original).from_pretrained(tmp_path, **absent)
+    loaded.set_progress_bar_config(disable=True)
+    prompts, latents = case.prompts(1), seeded_latents(1)
+    apply_cat_pruning(original, CONFIG)
+    state = apply_cat_pruning(loaded, CONFIG)
+    assert torch.equal(generate(loaded, case, prompts, latents), generate(original, case, prompts, latents))
+    assert state.stats.pruned_steps == STEPS - START
+
+
+def test_cache_memory_is_key_and_value_for_every_token() -> None:
+    """Per block and attention: K and V for all image tokens plus (joint attention) the text tokens."""
+    pipe = sd3_pipeline(tiny_sd3(sd35=True))
+    state = apply_cat_pruning(pipe, CONFIG)
+    generate(pipe, CASES["sd3.5"], sd3_prompts(1), seeded_latents(1))
+    batch, image, text, width, bytes_per_value = 2, 64, 7, 32, 4
+    joint = 2 * 2 * batch * (image + text) * width * bytes_per_value  # two blocks
+    dual = 1 * 2 * batch * image * width * bytes_per_value  # SD3.5's image-only attention in block 0
+    assert sum(processor.cache_bytes() for processor in state.processors) == joint + dual

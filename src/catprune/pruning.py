@@ -77,6 +77,7 @@ class PruningState:
         self.cfg: bool | None = None
         self.forced_indices: torch.Tensor | None = None
         self._signature = inspect.signature(model.forward)
+        self._macs_memo: dict[tuple[int, int, int, bool], int] = {}
         self.stats = GenerationStats()
         self.reset()
 
@@ -160,7 +161,7 @@ class PruningState:
             return
         stats, batch = self.stats, self._shape[0]
         tokens, text = self.num_tokens, self.text_tokens
-        full = batch * self.adapter.step_macs(self.model, tokens, tokens, text, pruned=False)
+        full = batch * self._step_macs(tokens, tokens, text, pruned=False)
         pruned = self.mode is StepMode.PRUNED
         stats.steps += 1
         stats.full_macs += full
@@ -168,10 +169,17 @@ class PruningState:
         if pruned:
             stats.pruned_steps += 1
             stats.kept_tokens = self.num_kept
-            stats.macs += batch * self.adapter.step_macs(self.model, self.num_kept, tokens, text, pruned=True)
+            stats.macs += batch * self._step_macs(self.num_kept, tokens, text, pruned=True)
         else:
             stats.macs += full
         self.step += 1
+
+    def _step_macs(self, queries: int, tokens: int, text: int, pruned: bool) -> int:
+        """Per-sample MACs of a call, memoised: walking the modules every step would cost host time."""
+        key = (queries, tokens, text, pruned)
+        if key not in self._macs_memo:
+            self._macs_memo[key] = self.adapter.step_macs(self.model, queries, tokens, text, pruned)
+        return self._macs_memo[key]
 
     def _prompt_rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """The rows that drive selection (one per prompt; the conditional half under CFG), noise channels."""
