@@ -70,7 +70,7 @@ class PruningState:
         self.adapter = adapter
         self.model = model
         self.selector = ClusterAwareSelector(config)
-        self.processors: list[CachedSelfAttentionProcessor | ReusedTextAttentionProcessor] = []
+        self.processors: list[_CachingProcessor] = []
         self.explicit_generations = False
         """Set once a caller (the pipeline hook, or a user) starts generations with :meth:`begin_generation`;
         from then on timesteps are not read."""
@@ -268,14 +268,17 @@ def _attend(
     return out.transpose(1, 2).flatten(2).to(query.dtype)
 
 
-class CachedSelfAttentionProcessor:
-    """Self-attention over all image tokens, optionally joint with text tokens (SD3's MMDiT attention).
+def _project_out(attn: Any, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The output projection of diffusers' ``Attention`` (with its optional residual and rescaling)."""
+    out = attn.to_out[1](attn.to_out[0](out))
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
 
-    At the fill step it computes K and V for all image tokens and keeps them in a per-block cache laid
-    out as ``[image tokens, text tokens]``; at a pruned step it computes Q, K, V for the selected image
-    tokens only, writes K and V into the cache at their positions, writes the text tokens' fresh K and V,
-    and attends over the whole cache. Full steps run the original processor, so they are untouched.
-    """
+
+class _CachingProcessor:
+    """An attention processor with a K/V cache: full steps run the block's original processor untouched,
+    the fill step and pruned steps run :meth:`attend`."""
 
     def __init__(self, attention: Any, state: PruningState) -> None:
         self.attention = attention
@@ -285,7 +288,7 @@ class CachedSelfAttentionProcessor:
         self.value: torch.Tensor | None = None
 
     def reset(self) -> None:
-        """Nothing to forget: the fill step overwrites the caches (kept allocated for the next generation)."""
+        """Forget what belongs to one generation."""
 
     def release(self) -> None:
         self.key = self.value = None
@@ -301,12 +304,38 @@ class CachedSelfAttentionProcessor:
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        mode = self.state.mode
-        if mode is StepMode.FULL:
+        if self.state.mode is StepMode.FULL:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        return self.attend(attn, hidden_states, encoder_hidden_states, attention_mask)
+
+    def attend(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+    ) -> Any:
+        raise NotImplementedError
+
+
+class CachedSelfAttentionProcessor(_CachingProcessor):
+    """Self-attention over all image tokens, optionally joint with text tokens (SD3's MMDiT attention).
+
+    At the fill step it computes K and V for all image tokens and keeps them in a per-block cache laid
+    out as ``[image tokens, text tokens]`` (kept allocated for the next generation of the same shape); at
+    a pruned step it computes Q, K, V for the selected image tokens only, writes K and V into the cache at
+    their positions, writes the text tokens' fresh K and V, and attends over the whole cache.
+    """
+
+    def attend(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+    ) -> Any:
         if attention_mask is not None:
             raise NotImplementedError("CAT pruning does not support masked image self-attention")
-
         heads = attn.heads
         query = _split_heads(attn.to_q(hidden_states), heads)
         key = _split_heads(attn.to_k(hidden_states), heads)
@@ -318,7 +347,7 @@ class CachedSelfAttentionProcessor:
 
         num_image = self.state.num_tokens
         num_text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
-        if mode is StepMode.FILL:
+        if self.state.mode is StepMode.FILL:
             self._allocate(key, num_image + num_text)
             self.key[:, :num_image] = key
             self.value[:, :num_image] = value
@@ -341,11 +370,9 @@ class CachedSelfAttentionProcessor:
 
         out = _attend(query, self.key, self.value)
         num_queries = hidden_states.shape[1]
-        image_out = attn.to_out[1](attn.to_out[0](out[:, :num_queries]))
+        image_out = _project_out(attn, out[:, :num_queries], hidden_states)
         if encoder_hidden_states is None:
-            if attn.residual_connection:
-                image_out = image_out + hidden_states
-            return image_out / attn.rescale_output_factor
+            return image_out
         text_out = out[:, num_queries:]
         if not attn.context_pre_only:
             text_out = attn.to_add_out(text_out)
@@ -363,38 +390,22 @@ class CachedSelfAttentionProcessor:
             self.value = like.new_empty(shape)
 
 
-class ReusedTextAttentionProcessor:
+class ReusedTextAttentionProcessor(_CachingProcessor):
     """Cross-attention from image tokens to text tokens (PixArt): the text's K and V do not change between
     steps, so from the fill step on they are computed once per generation and reused; queries are
     computed for the image tokens that go through the block (the selected ones at a pruned step)."""
 
-    def __init__(self, attention: Any, state: PruningState) -> None:
-        self.attention = attention
-        self.original = attention.processor
-        self.state = state
-        self.key: torch.Tensor | None = None
-        self.value: torch.Tensor | None = None
-
     def reset(self) -> None:
-        self.key = self.value = None
+        self.release()
 
-    release = reset
-
-    def cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.key, self.value) if t is not None)
-
-    def __call__(
+    def attend(
         self,
         attn: Any,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs: Any,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        if self.state.mode is StepMode.FULL:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
-        batch = hidden_states.shape[0]
-        heads = attn.heads
+        batch, heads = hidden_states.shape[0], attn.heads
         if self.key is None:
             self.key = _split_heads(attn.to_k(encoder_hidden_states), heads)
             self.value = _split_heads(attn.to_v(encoder_hidden_states), heads)
@@ -407,13 +418,10 @@ class ReusedTextAttentionProcessor:
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, self.key.shape[1], batch)
             mask = mask.view(batch, heads, -1, mask.shape[-1])
-        out = attn.to_out[1](attn.to_out[0](_attend(query, self.key, self.value, mask)))
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
+        return _project_out(attn, _attend(query, self.key, self.value, mask), hidden_states)
 
 
-Processor = CachedSelfAttentionProcessor | ReusedTextAttentionProcessor
+Processor = _CachingProcessor
 
 
 def attached_state(model: torch.nn.Module) -> PruningState | None:

@@ -1,0 +1,63 @@
+"""Procedural shapes text-to-image data and a model-free image/caption alignment checker.
+
+Pure numpy: nothing here needs torch or Pillow, or imports other catprune modules.
+"""
+
+from .checker import ATTRIBUTES, detect, match_objects, score
+from .scenes import (
+    BACKGROUND_RGB,
+    BACKGROUNDS,
+    COLOUR_RGB,
+    COLOURS,
+    HELDOUT_PAIRS,
+    POSITION_PHRASES,
+    POSITIONS,
+    SHAPES,
+    SIZE_EXTENT,
+    SIZES,
+    VOCABULARY,
+    Scene,
+    ShapeObject,
+    Split,
+    caption,
+    cell_center,
+    heldout_captions,
+    make_dataset,
+    object_mask,
+    object_side,
+    parse_caption,
+    render,
+    sample_scene,
+    sample_scenes,
+)
+
+__all__ = [
+    "ATTRIBUTES",
+    "BACKGROUNDS",
+    "BACKGROUND_RGB",
+    "COLOURS",
+    "COLOUR_RGB",
+    "HELDOUT_PAIRS",
+    "POSITIONS",
+    "POSITION_PHRASES",
+    "SHAPES",
+    "SIZES",
+    "SIZE_EXTENT",
+    "VOCABULARY",
+    "Scene",
+    "ShapeObject",
+    "Split",
+    "caption",
+    "cell_center",
+    "detect",
+    "heldout_captions",
+    "make_dataset",
+    "match_objects",
+    "object_mask",
+    "object_side",
+    "parse_caption",
+    "render",
+    "sample_scene",
+    "sample_scenes",
+    "score",
+]
