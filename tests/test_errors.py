@@ -77,3 +77,15 @@ def test_cfg_row_pairing_needs_an_even_batch() -> None:
     with torch.no_grad(), pytest.raises(ValueError, match="even batch"):
         for timestep in (900.0, 800.0, 700.0):
             transformer(seeded_latents(3), timestep=torch.tensor([timestep] * 3), **inputs)
+
+
+def test_unknown_strategy_fails_at_apply_and_changes_nothing() -> None:
+    transformer = tiny_sd3()
+    with pytest.raises(ValueError, match="unknown token-choice strategy"):
+        apply_cat_pruning(transformer, CATPruningConfig(strategy="best"))
+    assert not hasattr(transformer, "_catprune_state")
+    assert all(
+        type(m.processor).__module__.startswith("diffusers")
+        for m in transformer.modules()
+        if hasattr(m, "processor")
+    )

@@ -7,7 +7,6 @@ import torch
 
 from catprune import CATPruningConfig
 from catprune.selection import (
-    ClusterAwareSelector,
     cluster_adjacency,
     cluster_max_pool,
     effective_num_clusters,
@@ -21,6 +20,7 @@ from catprune.selection import (
     top_cluster_quotas,
     update_selection_counts,
 )
+from catprune.strategies import STRATEGIES, TokenSelector
 
 
 def run_selector(
@@ -28,7 +28,7 @@ def run_selector(
 ) -> torch.Tensor:
     """Selections (steps, P, K) for a sequence of noise predictions (steps + 1, P, N, C): the first is
     the reference, each later one drives the selection of the step after it."""
-    selector = ClusterAwareSelector(config)
+    selector = TokenSelector(config)
     selector.set_reference(noise_steps[0])
     num_kept = config.num_kept(height * width)
     return torch.stack([selector.select(noise, height, width, num_kept) for noise in noise_steps[1:]])
@@ -125,9 +125,10 @@ def test_ewma_selection_counts() -> None:
     assert update_selection_counts(counts, torch.tensor([[2]]), 0.5).tolist() == [[0.5, 0.25, 1.0]]
 
 
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 @pytest.mark.parametrize(("height", "width"), [(16, 16), (8, 12), (3, 3)])
-def test_exactly_k_distinct_sorted_indices_per_sample(height: int, width: int) -> None:
-    config = CATPruningConfig()
+def test_exactly_k_distinct_sorted_indices_per_sample(height: int, width: int, strategy: str) -> None:
+    config = CATPruningConfig(strategy=strategy)
     selections = run_selector(random_noise(6, 3, height, width), height, width, config)
     num_kept = config.num_kept(height * width)
     assert selections.shape == (5, 3, num_kept)
@@ -137,8 +138,9 @@ def test_exactly_k_distinct_sorted_indices_per_sample(height: int, width: int) -
         assert row.min() >= 0 and row.max() < height * width
 
 
-def test_selection_is_deterministic_and_batch_invariant() -> None:
-    config = CATPruningConfig(seed=3)
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_selection_is_deterministic_and_batch_invariant(strategy: str) -> None:
+    config = CATPruningConfig(seed=3, strategy=strategy)
     noise = random_noise(6, 2, 16, 16)
     batched = run_selector(noise, 16, 16, config)
     assert torch.equal(batched, run_selector(noise, 16, 16, config))
@@ -148,12 +150,12 @@ def test_selection_is_deterministic_and_batch_invariant() -> None:
 
 def test_the_seed_changes_the_clustering() -> None:
     noise = random_noise(3, 1, 16, 16)
-    first = ClusterAwareSelector(CATPruningConfig(seed=0))
-    second = ClusterAwareSelector(CATPruningConfig(seed=1))
+    first = TokenSelector(CATPruningConfig(seed=0))
+    second = TokenSelector(CATPruningConfig(seed=1))
     for selector in (first, second):
         selector.set_reference(noise[0])
         selector.select(noise[1], 16, 16, 77)
-    assert not torch.equal(first.labels, second.labels)
+    assert not torch.equal(first.memory["labels"], second.memory["labels"])
 
 
 STALENESS_BOUND = 5
@@ -188,3 +190,28 @@ def test_noise_share_follows_the_relative_noise() -> None:
     selections = run_selector(noise, height, width, CATPruningConfig())
     for indices in selections:
         assert set(hot.tolist()) <= set(indices[0].tolist())
+
+
+def test_rows_strategy_walks_through_the_grid_in_turn() -> None:
+    selections = run_selector(
+        random_noise(5, 1, 4, 5), 4, 5, CATPruningConfig(keep_ratio=0.4, strategy="rows")
+    )
+    assert selections[:, 0].tolist() == [
+        [0, 1, 2, 3, 4, 5, 6, 7],
+        [8, 9, 10, 11, 12, 13, 14, 15],
+        [0, 1, 2, 3, 16, 17, 18, 19],
+        [4, 5, 6, 7, 8, 9, 10, 11],
+    ]
+
+
+def test_noise_only_keeps_choosing_the_same_hot_tokens() -> None:
+    """What the paper's Fig. 4 shows: without staleness the choice never leaves the hot spot."""
+    noise = random_noise(6, 1, 16, 16)
+    noise[1:, :, :77] += 100.0
+    selections = run_selector(noise, 16, 16, CATPruningConfig(strategy="noise"))
+    assert all(indices[0].tolist() == list(range(77)) for indices in selections)
+
+
+def test_unknown_strategy_is_a_value_error_naming_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="noise\\+balance"):
+        TokenSelector(CATPruningConfig(strategy="best"))

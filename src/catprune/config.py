@@ -31,6 +31,8 @@ class CATPruningConfig:
         kmeans_iterations: Lloyd iterations of the KMeans, fixed so that clustering needs no host sync.
             scikit-learn (used by the authors) stops at convergence, which on token grids takes about 10-30.
         seed: seed of the KMeans++ initialisation (authors' code: ``random_state=0``).
+        strategy: how tokens are chosen, by name (``catprune.strategies``): ``"cat"`` (the paper's method)
+            or an ablation at the same budget: ``"noise"``, ``"noise+balance"``, ``"rows"``, ``"random"``.
         row_pairing: how batch rows pair up when the model is used without a pipeline. ``"none"``: each row
             is its own prompt. ``"cfg"``: the batch is ``[uncond..., cond...]`` as diffusers pipelines build
             it under classifier-free guidance, and the two rows of a prompt share one selection computed
@@ -45,6 +47,7 @@ class CATPruningConfig:
     ewma_decay: float = 0.5
     kmeans_iterations: int = 30
     seed: int = 0
+    strategy: str = "cat"
     row_pairing: RowPairing = "none"
 
     def __post_init__(self) -> None:

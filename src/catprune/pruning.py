@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .config import CATPruningConfig
-from .selection import ClusterAwareSelector
+from .strategies import TokenSelector
 
 STEP_HOOK = "catprune_step"
 GATHER_HOOK = "catprune_gather"
@@ -69,7 +69,7 @@ class PruningState:
         self.config = config
         self.adapter = adapter
         self.model = model
-        self.selector = ClusterAwareSelector(config)
+        self.selector = TokenSelector(config)
         self.processors: list[_CachingProcessor] = []
         self.explicit_generations = False
         """Set once a caller (the pipeline hook, or a user) starts generations with :meth:`begin_generation`;

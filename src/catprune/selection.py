@@ -13,8 +13,6 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import CATPruningConfig
-
 MIN_TOKENS_PER_CLUSTER = 8
 """Clamp rule for small grids: at most ``N // 8`` clusters (and at least one), so that every cluster
 has room for several tokens; SD3 at 1024x1024 (N = 4096) keeps the authors' 20."""
@@ -229,69 +227,3 @@ def update_selection_counts(counts: torch.Tensor, indices: torch.Tensor, decay: 
     """EWMA of how often each token was selected (paper Eq. 2): f_t = decay * f_{t-1} + I_t."""
     selected = torch.zeros_like(counts).scatter_(1, indices, 1.0)
     return decay * counts + selected
-
-
-class ClusterAwareSelector:
-    """CAT Pruning's token choice over one generation: the per-generation state and the order of calls.
-
-    ``set_reference`` takes the output of step t0 - 2; each ``select`` takes the latest output (noise
-    channels, one row per prompt) and returns the indices to recompute at the next step. The first call
-    clusters the tokens (once per generation), later calls reuse the clusters.
-    """
-
-    def __init__(self, config: CATPruningConfig) -> None:
-        self.config = config
-        self.reset()
-
-    def reset(self) -> None:
-        self.reference: torch.Tensor | None = None
-        self.labels: torch.Tensor | None = None
-        self.counts: torch.Tensor | None = None
-        self.quotas: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.num_clusters = 0
-
-    def set_reference(self, noise: torch.Tensor) -> None:
-        self.reference = noise.detach().clone()
-
-    def select(self, noise: torch.Tensor, height: int, width: int, num_kept: int) -> torch.Tensor:
-        """(P, N, C) latest noise -> (P, K) int64 token indices, sorted; updates the staleness counts."""
-        if self.reference is None:
-            raise RuntimeError("ClusterAwareSelector.select called before set_reference")
-        delta, scores = relative_noise(noise, self.reference)
-        if self.labels is None:
-            indices = self._cluster_and_select(noise, delta, scores, height, width, num_kept)
-            self.counts = torch.zeros_like(scores)
-        else:
-            features, occupied = cluster_max_pool(delta, self.labels, self.num_clusters)
-            indices = later_selection(
-                scores,
-                self.counts,
-                self.labels,
-                cluster_ranks(features, occupied),
-                self.num_clusters,
-                num_kept,
-                self.quotas,
-            )
-        self.counts = update_selection_counts(self.counts, indices, self.config.ewma_decay)
-        return indices
-
-    def _cluster_and_select(
-        self,
-        noise: torch.Tensor,
-        delta: torch.Tensor,
-        scores: torch.Tensor,
-        height: int,
-        width: int,
-        num_kept: int,
-    ) -> torch.Tensor:
-        config = self.config
-        self.num_clusters = effective_num_clusters(height * width, config.num_clusters)
-        encoding = positional_encoding(height, width, noise.shape[-1], noise.device)
-        features = config.cluster_feature_scale * noise.float() + encoding
-        self.labels = kmeans(features, self.num_clusters, config.kmeans_iterations, config.seed)
-        pooled, occupied = cluster_max_pool(delta, self.labels, self.num_clusters)
-        adjacency = cluster_adjacency(self.labels, height, width, self.num_clusters)
-        ranks = cluster_ranks(graph_pool(pooled, adjacency), occupied)
-        num_noise = round(config.noise_fraction * num_kept)
-        self.quotas = top_cluster_quotas(num_noise, self.num_clusters, noise.device)
-        return first_selection(scores, self.labels, ranks, self.num_clusters, num_kept)

@@ -1,0 +1,185 @@
+"""Token-choice strategies at equal budget, by name, and the per-generation selector that runs them.
+
+A strategy is one small function: it gets a :class:`SelectionInput` (the latest noise, the relative
+noise, the staleness counts, the step...) and returns exactly K distinct token indices per prompt,
+sorted, as a (P, K) int64 tensor; it must treat rows independently. ``"cat"`` is the paper's method;
+the others are its ablations and baselines (same keep ratio, start step and cache-and-reuse mechanism).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import CATPruningConfig
+from .selection import (
+    cluster_adjacency,
+    cluster_max_pool,
+    cluster_ranks,
+    effective_num_clusters,
+    first_selection,
+    graph_pool,
+    kmeans,
+    later_selection,
+    positional_encoding,
+    relative_noise,
+    take_first,
+    top_cluster_quotas,
+    update_selection_counts,
+)
+
+
+@dataclass
+class SelectionInput:
+    """What a strategy sees before a pruned step (one row per prompt)."""
+
+    noise: torch.Tensor
+    """(P, N, C) the latest output's noise channels."""
+    delta: torch.Tensor
+    """(P, N, C) float32 relative noise n_t - n_t0."""
+    scores: torch.Tensor
+    """(P, N) float32 L2 norm of ``delta`` over channels."""
+    counts: torch.Tensor
+    """(P, N) EWMA selection counts (zeros before the first pruned step)."""
+    pruned_step: int
+    """0 at the first pruned step (t0), 1 at the next..."""
+    height: int
+    width: int
+    num_kept: int
+    config: CATPruningConfig
+    memory: dict[str, Any] = field(default_factory=dict)
+    """Per-generation scratch space of the strategy (CAT keeps its clusters there)."""
+
+
+Strategy = Callable[[SelectionInput], torch.Tensor]
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(name: str) -> Callable[[Strategy], Strategy]:
+    """Decorator: make a strategy selectable by ``CATPruningConfig(strategy=name)``."""
+
+    def register(strategy: Strategy) -> Strategy:
+        STRATEGIES[name] = strategy
+        return strategy
+
+    return register
+
+
+def get_strategy(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown token-choice strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[name]
+
+
+@register_strategy("cat")
+def cluster_aware(inputs: SelectionInput) -> torch.Tensor:
+    """The paper's CAT selection: clusters once (KMeans on noise + positional encoding, graph-pooled
+    scores, best clusters first), then noise from the best clusters with staleness balance plus the
+    globally stalest tokens."""
+    memory, config = inputs.memory, inputs.config
+    if "labels" not in memory:
+        num_clusters = effective_num_clusters(inputs.height * inputs.width, config.num_clusters)
+        encoding = positional_encoding(
+            inputs.height, inputs.width, inputs.noise.shape[-1], inputs.noise.device
+        )
+        features = config.cluster_feature_scale * inputs.noise.float() + encoding
+        labels = kmeans(features, num_clusters, config.kmeans_iterations, config.seed)
+        pooled, occupied = cluster_max_pool(inputs.delta, labels, num_clusters)
+        adjacency = cluster_adjacency(labels, inputs.height, inputs.width, num_clusters)
+        ranks = cluster_ranks(graph_pool(pooled, adjacency), occupied)
+        num_noise = round(config.noise_fraction * inputs.num_kept)
+        memory.update(
+            labels=labels,
+            num_clusters=num_clusters,
+            quotas=top_cluster_quotas(num_noise, num_clusters, inputs.noise.device),
+        )
+        return first_selection(inputs.scores, labels, ranks, num_clusters, inputs.num_kept)
+    labels, num_clusters = memory["labels"], memory["num_clusters"]
+    features, occupied = cluster_max_pool(inputs.delta, labels, num_clusters)
+    ranks = cluster_ranks(features, occupied)
+    return later_selection(
+        inputs.scores, inputs.counts, labels, ranks, num_clusters, inputs.num_kept, memory["quotas"]
+    )
+
+
+@register_strategy("noise")
+def largest_relative_noise(inputs: SelectionInput) -> torch.Tensor:
+    """Ablation (paper Fig. 4): the K tokens with the largest relative noise, nothing else."""
+    return take_first([-inputs.scores], inputs.num_kept)
+
+
+@register_strategy("noise+balance")
+def noise_and_staleness(inputs: SelectionInput) -> torch.Tensor:
+    """Ablation (paper Fig. 6, column 1): the noise share by relative noise, the rest the stalest tokens;
+    no clusters."""
+    num_noise = round(inputs.config.noise_fraction * inputs.num_kept)
+    by_noise = take_first([-inputs.scores], num_noise)
+    chosen = torch.zeros_like(inputs.scores, dtype=torch.long).scatter_(1, by_noise, 1)
+    return take_first([1 - chosen, inputs.counts, -inputs.scores], inputs.num_kept)
+
+
+@register_strategy("rows")
+def consecutive_rows(inputs: SelectionInput) -> torch.Tensor:
+    """Ablation (paper Fig. 6, column 3): consecutive tokens in raster order (whole rows), in turn."""
+    num_tokens = inputs.height * inputs.width
+    start = inputs.pruned_step * inputs.num_kept
+    window = (start + torch.arange(inputs.num_kept, device=inputs.scores.device)) % num_tokens
+    return window.sort().values.expand(inputs.scores.shape[0], -1)
+
+
+@register_strategy("random")
+def uniformly_random(inputs: SelectionInput) -> torch.Tensor:
+    """Baseline: K tokens drawn uniformly at each step (seeded by the config seed and the step)."""
+    generator = torch.Generator().manual_seed(inputs.config.seed * 100_003 + inputs.pruned_step)
+    draws = torch.rand(inputs.height * inputs.width, generator=generator).to(inputs.scores.device)
+    return take_first([draws.expand_as(inputs.scores)], inputs.num_kept)
+
+
+class TokenSelector:
+    """Runs a strategy over one generation and keeps what it needs between steps.
+
+    ``set_reference`` takes the output of step t0 - 2; each ``select`` takes the latest output (noise
+    channels, one row per prompt) and returns the indices to recompute at the next step, then updates
+    the EWMA staleness counts.
+    """
+
+    def __init__(self, config: CATPruningConfig) -> None:
+        self.config = config
+        self.strategy = get_strategy(config.strategy)
+        self.reset()
+
+    def reset(self) -> None:
+        self.reference: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+        self.pruned_step = 0
+        self.memory: dict[str, Any] = {}
+
+    def set_reference(self, noise: torch.Tensor) -> None:
+        self.reference = noise.detach().clone()
+
+    def select(self, noise: torch.Tensor, height: int, width: int, num_kept: int) -> torch.Tensor:
+        """(P, N, C) latest noise -> (P, K) int64 token indices, sorted."""
+        if self.reference is None:
+            raise RuntimeError("TokenSelector.select called before set_reference")
+        delta, scores = relative_noise(noise, self.reference)
+        if self.counts is None:
+            self.counts = torch.zeros_like(scores)
+        inputs = SelectionInput(
+            noise,
+            delta,
+            scores,
+            self.counts,
+            self.pruned_step,
+            height,
+            width,
+            num_kept,
+            self.config,
+            self.memory,
+        )
+        indices = self.strategy(inputs)
+        self.counts = update_selection_counts(self.counts, indices, self.config.ewma_decay)
+        self.pruned_step += 1
+        return indices
