@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -60,20 +60,26 @@ class ModelAdapter:
     def attention_processors(self, model: nn.Module, state: PruningState) -> Iterator[Processor]:
         raise NotImplementedError
 
+    text_embedder: ClassVar[str]
+    """The module that projects the text embeddings (run on every step, for every text token)."""
+
     def step_macs(
         self, model: nn.Module, image_queries: int, image_tokens: int, text_tokens: int, pruned: bool
     ) -> int:
-        """MACs of one transformer call per sample, from the layer shapes (adaLN and embeddings of the
-        timestep, which cost the same in every step and are tiny, are left out)."""
-        raise NotImplementedError
-
-    def blocks(self, model: nn.Module) -> Iterable[nn.Module]:
-        return model.transformer_blocks
-
-    def embedding_macs(self, model: nn.Module, image_tokens: int, image_queries: int) -> int:
-        """Patch embedding (always all tokens) and output projection (only the recomputed tokens)."""
+        """MACs of one transformer call per sample, from the layer shapes: ``image_queries`` of the
+        ``image_tokens`` go through the blocks. adaLN and timestep embeddings, the same in every step and
+        tiny, are left out."""
         embedder = model.get_submodule(self.embedder)
         patchify = sum(conv.weight.numel() for conv in embedder.modules() if isinstance(conv, nn.Conv2d))
-        return image_tokens * patchify + image_queries * linear_macs(
-            model.get_submodule(self.output_projection)
-        )
+        total = image_tokens * patchify
+        total += image_queries * linear_macs(model.get_submodule(self.output_projection))
+        total += text_tokens * linear_macs(model.get_submodule(self.text_embedder))
+        for block in model.transformer_blocks:
+            total += self.block_macs(block, image_queries, image_tokens, text_tokens, pruned)
+        return total
+
+    def block_macs(
+        self, block: nn.Module, image_queries: int, image_tokens: int, text_tokens: int, pruned: bool
+    ) -> int:
+        """MACs of one block per sample (see :meth:`step_macs`)."""
+        raise NotImplementedError

@@ -19,6 +19,7 @@ from .base import ModelAdapter, linear_macs
 
 class PixArtAdapter(ModelAdapter):
     model_class = PixArtTransformer2DModel
+    text_embedder = "caption_projection"
 
     def noise_channels(self, model: nn.Module) -> int:
         learned_sigma = model.out_channels == 2 * model.config.in_channels
@@ -29,17 +30,14 @@ class PixArtAdapter(ModelAdapter):
             yield CachedSelfAttentionProcessor(block.attn1, state)
             yield ReusedTextAttentionProcessor(block.attn2, state)
 
-    def step_macs(
-        self, model: nn.Module, image_queries: int, image_tokens: int, text_tokens: int, pruned: bool
+    def block_macs(
+        self, block: nn.Module, image_queries: int, image_tokens: int, text_tokens: int, pruned: bool
     ) -> int:
-        total = self.embedding_macs(model, image_tokens, image_queries)
-        total += text_tokens * linear_macs(model.caption_projection)
-        for block in model.transformer_blocks:
-            self_attn, cross_attn = block.attn1, block.attn2
-            image = linear_macs(self_attn, cross_attn.to_q, cross_attn.to_out, block.ff)
-            text_kv = 0 if pruned else text_tokens * linear_macs(cross_attn.to_k, cross_attn.to_v)
-            attention = (
-                2 * image_queries * (image_tokens * self_attn.inner_dim + text_tokens * cross_attn.inner_dim)
-            )
-            total += image_queries * image + text_kv + attention
-        return total
+        self_attn, cross_attn = block.attn1, block.attn2
+        image = linear_macs(self_attn, cross_attn.to_q, cross_attn.to_out, block.ff)
+        # The text's K/V: computed at every full step, reused at pruned steps.
+        text_kv = 0 if pruned else text_tokens * linear_macs(cross_attn.to_k, cross_attn.to_v)
+        attention = (
+            2 * image_queries * (image_tokens * self_attn.inner_dim + text_tokens * cross_attn.inner_dim)
+        )
+        return image_queries * image + text_kv + attention

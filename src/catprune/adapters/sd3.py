@@ -19,6 +19,7 @@ from .base import ModelAdapter, linear_macs
 
 class SD3Adapter(ModelAdapter):
     model_class = SD3Transformer2DModel
+    text_embedder = "context_embedder"
 
     def is_auxiliary_call(self, arguments: dict[str, Any]) -> bool:
         """The pipeline's skip-layer-guidance call (``skip_layers=...``) is an extra call within a step."""
@@ -32,20 +33,15 @@ class SD3Adapter(ModelAdapter):
             if block.attn2 is not None:
                 yield CachedSelfAttentionProcessor(block.attn2, state)
 
-    def step_macs(
-        self, model: nn.Module, image_queries: int, image_tokens: int, text_tokens: int, pruned: bool
+    def block_macs(
+        self, block: nn.Module, image_queries: int, image_tokens: int, text_tokens: int, pruned: bool
     ) -> int:
-        total = self.embedding_macs(model, image_tokens, image_queries)
-        total += text_tokens * linear_macs(model.context_embedder)
-        for block in model.transformer_blocks:
-            attn = block.attn
-            image = linear_macs(attn.to_q, attn.to_k, attn.to_v, attn.to_out, block.ff, block.attn2)
-            text = linear_macs(
-                attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.to_add_out, block.ff_context
-            )
-            inner = attn.inner_dim
-            # QK^T and AV: queries x keys x inner, twice.
-            joint = 2 * (image_queries + text_tokens) * (image_tokens + text_tokens) * inner
-            dual = 2 * image_queries * image_tokens * inner if block.attn2 is not None else 0
-            total += image_queries * image + text_tokens * text + joint + dual
-        return total
+        attn = block.attn
+        image = linear_macs(attn.to_q, attn.to_k, attn.to_v, attn.to_out, block.ff, block.attn2)
+        text = linear_macs(
+            attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.to_add_out, block.ff_context
+        )
+        # QK^T and AV: queries x keys x width, twice; SD3.5's image-only attention likewise.
+        joint = 2 * (image_queries + text_tokens) * (image_tokens + text_tokens) * attn.inner_dim
+        dual = 2 * image_queries * image_tokens * block.attn2.inner_dim if block.attn2 is not None else 0
+        return image_queries * image + text_tokens * text + joint + dual
