@@ -325,3 +325,31 @@ def test_cache_memory_is_key_and_value_for_every_token() -> None:
     joint = 2 * 2 * batch * (image + text) * width * bytes_per_value  # two blocks
     dual = 1 * 2 * batch * image * width * bytes_per_value  # SD3.5's image-only attention in block 0
     assert sum(processor.cache_bytes() for processor in state.processors) == joint + dual
+
+
+@pytest.mark.parametrize(
+    ("case_name", "make_transformer"), [("sd3.5", lambda: tiny_sd3(sd35=True)), ("pixart-sigma", tiny_pixart)]
+)
+def test_pruned_steps_run_on_the_meta_device(case_name: str, make_transformer: Callable) -> None:
+    """Meta tensors have shapes but no data: any host read (``.item()``, ``.cpu()``) or data-dependent
+    shape in selection, gather, caches or scatter would fail here. This is what torch.compile and CUDA
+    graphs need."""
+    with torch.device("meta"):
+        transformer = make_transformer()
+    inputs = transformer_inputs(case_name, batch=4)
+    inputs.pop("generator_unused", None)
+    inputs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    if "added_cond_kwargs" in inputs:
+        inputs["added_cond_kwargs"] = {k: v.to("meta") for k, v in inputs["added_cond_kwargs"].items()}
+    state = apply_cat_pruning(transformer, CATPruningConfig(start_step=2, row_pairing="cfg"))
+    state.begin_generation()
+    latents = torch.empty(4, 4, 16, 16, device="meta")
+    modes = []
+    with torch.no_grad():
+        for step in range(5):
+            output = transformer(
+                latents, timestep=torch.full((4,), 900.0 - step, device="meta"), **inputs
+            ).sample
+            modes.append(state.mode)
+    assert modes == [StepMode.FULL, StepMode.FILL, StepMode.PRUNED, StepMode.PRUNED, StepMode.PRUNED]
+    assert output.shape[0] == 4 and state.indices.shape == (4, round(0.3 * 64))
