@@ -7,7 +7,11 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-TOOL_MODULES = ("catprune.tools.demo",)
+TOOL_MODULES = (
+    "catprune.tools.demo",
+    "catprune.tools.macs",
+    "catprune.tools.bench",
+)
 """Each module defines ``register(subparsers)``, which adds its subcommand with ``func=run(args) -> int``."""
 
 

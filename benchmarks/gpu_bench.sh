@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Full vs CAT wall time of full-size SD3-medium and PixArt-Sigma (random weights, fp16, 1024x1024,
+# 28 steps) on one CUDA GPU, offline. Needs PyTorch with CUDA; diffusers and its missing dependencies
+# are installed from the wheels in .whl/ at the repository root. Writes JSON into OUTDIR.
+#
+#   benchmarks/gpu_bench.sh OUTDIR          # about 3 minutes on an H100 (see benchmarks/README.md)
+#
+# Environment: PYTHON (default python3), REPEATS (timed pairs per model, default 5); for a smoke test on
+# the CPU: DEVICE=cpu EXTRA_ARGS="--layers 1 --resolution 128 --steps 3 --start-step 2 --dtype float32".
+set -euo pipefail
+
+OUT="${1:?usage: benchmarks/gpu_bench.sh OUTDIR}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+REPEATS="${REPEATS:-5}"
+DEVICE="${DEVICE:-cuda}"
+read -r -a EXTRA <<<"${EXTRA_ARGS:-}"
+mkdir -p "$OUT"
+
+if [ "$DEVICE" = cuda ]; then
+    "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
+fi
+if ! "$PYTHON" -c "import diffusers" 2>/dev/null; then
+    [ -d "$ROOT/.whl" ] || { echo "diffusers is missing and there is no $ROOT/.whl with its wheels" >&2; exit 1; }
+    "$PYTHON" -m pip install --no-index --find-links "$ROOT/.whl" diffusers
+fi
+if ! "$PYTHON" -c "import catprune" 2>/dev/null; then
+    # Editable, without touching torch or diffusers; the source tree on PYTHONPATH if pip cannot.
+    "$PYTHON" -m pip install --no-deps --no-build-isolation -e "$ROOT" >"$OUT/pip-catprune.log" 2>&1 \
+        || export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+    "$PYTHON" -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)"
+} >"$OUT/environment.txt"
+
+# The catprune CLI with only its macs and bench subcommands: the other tools may import packages
+# (transformers, torchmetrics, ...) that this machine does not have.
+CATPRUNE=("$PYTHON" -c 'import sys, catprune.cli as cli
+cli.TOOL_MODULES = ("catprune.tools.macs", "catprune.tools.bench")
+sys.exit(cli.main())')
+
+for model in sd3-medium pixart-sigma; do
+    # Counted MACs of the same setting (meta device, seconds), then the timed runs (capped).
+    "${CATPRUNE[@]}" macs --model "$model" --steps 28 --json >"$OUT/macs-$model.json"
+    timeout 180 "${CATPRUNE[@]}" bench --model "$model" --random-weights --resolution 1024 --steps 28 \
+        --dtype float16 --device "$DEVICE" --repeats "$REPEATS" "${EXTRA[@]}" --json >"$OUT/bench-$model.json"
+    "$PYTHON" - "$OUT/bench-$model.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"{r['model']} ({r['device']}, {r['dtype']}): full {r['full_seconds']['median']:.3f}s, "
+      f"CAT {r['cat_seconds']['median']:.3f}s, speedup {r['speedup']:.2f}x, MAC bound {r['mac_bound']:.2f}x, "
+      f"efficiency {r['efficiency']:.0%}, selection {r['selection_share']:.1%} of the CAT time, "
+      f"K/V cache {r['kv_cache_bytes'] / 2**30:.2f} GiB")
+PY
+done

@@ -1,0 +1,346 @@
+"""Measuring CAT pruning: MACs counted by running the real forward, and helpers for timing it.
+
+MACs are counted, not derived from a formula: the model is built on the ``meta`` device (shapes, no
+data, no memory), pruning is applied, and one full, one fill and one pruned transformer call run under
+``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2). The meta device has no data to select
+tokens from, so the pruned call recomputes a given index set (``PruningState.force_indices``); its cost
+does not depend on which tokens are chosen. The selection itself runs on real CPU tensors of the right
+shapes, counted separately (see :func:`count_selection`).
+
+``docs/measurement.md`` says what each figure counts and how they compare with the paper's.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from .adapters import adapter_for
+from .architectures import Architecture
+from .config import CATPruningConfig
+from .integration import apply_cat_pruning
+from .pruning import PruningState
+from .strategies import TokenSelector
+
+PAPER_MACS: dict[tuple[str, int], tuple[float, float]] = {
+    ("sd3-medium", 28): (168.28e12, 90.28e12),
+    ("sd3-medium", 50): (300.50e12, 136.70e12),
+    ("pixart-sigma", 28): (120.68e12, 60.08e12),
+    ("pixart-sigma", 50): (215.40e12, 88.24e12),
+}
+"""The paper's Tables 2 and 3 (full, CAT) per generation: 1024x1024, alpha 0.3, t0 8, CFG, one prompt."""
+
+
+def _cpu_attention_flops(
+    query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any
+) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    """FlopCounterMode that also counts the CPU's fused attention kernel, which it has no formula for
+    (on ``meta`` attention falls back to the math path and is counted as two batched matmuls)."""
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+@dataclass(frozen=True)
+class StepMacs:
+    """Counted MACs of one transformer call (all rows of the batch)."""
+
+    macs: int
+    attention_macs: int
+    """Of ``macs``: the attention products QK^T and AV; the rest is linear layers and the patch embedding."""
+
+    @property
+    def without_attention(self) -> int:
+        return self.macs - self.attention_macs
+
+
+def count_call(model: torch.nn.Module, **inputs: Any) -> StepMacs:
+    """Count one forward call of ``model``.
+
+    FlopCounterMode attributes every FLOP to the modules it runs in. Outside the leaf layers (linear,
+    convolution, normalisation) the transformers compute only the attention products, in their attention
+    processors, so those FLOPs are the attention share.
+    """
+    counter = flop_counter()
+    with torch.inference_mode(), counter:
+        model(**inputs, return_dict=False)
+    per_module = counter.get_flop_counts()
+    root = type(model).__name__
+    in_layers = sum(
+        sum(per_module.get(f"{root}.{name}", {}).values())
+        for name, module in model.named_modules()
+        if name and next(module.children(), None) is None
+    )
+    total = counter.get_total_flops()
+    return StepMacs(total // 2, (total - in_layers) // 2)
+
+
+@dataclass(frozen=True)
+class SelectionCost:
+    """Element operations of the token selection (one per element an aten op reads or writes, the largest
+    of its tensors; views are free), counted on real CPU tensors; see :func:`count_selection`."""
+
+    clustering_step: int
+    """The first selection: relative noise, KMeans (k-means++ and the Lloyd iterations), graph pooling."""
+    later_step: int
+    """Each later selection: relative noise, cluster max-pooling, ranking, staleness counts."""
+    matmul_macs: int
+    """What FlopCounterMode counts of both (it counts matmuls and convolutions only; selection has none)."""
+    noise_shape: tuple[int, int, int]
+
+    def per_generation(self, pruned_steps: int) -> int:
+        """Element operations of the selections of a generation: one clustering step, then later steps."""
+        return self.clustering_step + (pruned_steps - 1) * self.later_step if pruned_steps else 0
+
+
+@dataclass(frozen=True)
+class MacsReport:
+    """MACs of full and CAT generations of one architecture at one setting."""
+
+    architecture: Architecture
+    parameters: int
+    resolution: int
+    cfg: bool
+    rows: int
+    """Samples per transformer call: prompts x 2 under classifier-free guidance."""
+    image_tokens: int
+    kept_tokens: int
+    text_tokens: int
+    steps: int
+    start_step: int
+    keep_ratio: float
+    full_step: StepMacs
+    fill_step: StepMacs
+    """Step t0 - 1: full computation that also fills the K/V caches."""
+    pruned_step: StepMacs
+    analytic_full_step: int
+    """``adapter.step_macs`` from the layer shapes, for comparison with the counted figures."""
+    analytic_pruned_step: int
+
+    @property
+    def step_counts(self) -> tuple[int, int, int]:
+        """(full, fill, pruned) steps of a CAT generation."""
+        full = min(self.steps, self.start_step - 1)
+        fill = int(self.steps >= self.start_step)
+        return full, fill, self.steps - full - fill
+
+    def _generation(self, macs: Callable[[StepMacs], int]) -> tuple[int, int]:
+        full, fill, pruned = self.step_counts
+        cat = full * macs(self.full_step) + fill * macs(self.fill_step) + pruned * macs(self.pruned_step)
+        return self.steps * macs(self.full_step), cat
+
+    @property
+    def full_macs(self) -> int:
+        return self._generation(lambda step: step.macs)[0]
+
+    @property
+    def cat_macs(self) -> int:
+        return self._generation(lambda step: step.macs)[1]
+
+    @property
+    def ratio(self) -> float:
+        return self.cat_macs / self.full_macs
+
+    @property
+    def without_attention(self) -> tuple[int, int]:
+        """(full, CAT) MACs per generation leaving out attention products: how the paper counts."""
+        return self._generation(lambda step: step.without_attention)
+
+    def paper(self) -> tuple[float, float] | None:
+        """The paper's (full, CAT) MACs for this setting, if it reports it."""
+        paper_setting = (
+            self.resolution == 1024
+            and self.keep_ratio == 0.3
+            and self.start_step == 8
+            and self.cfg
+            and self.rows == self.architecture.cfg_batch
+        )
+        return PAPER_MACS.get((self.architecture.name, self.steps)) if paper_setting else None
+
+
+def count_macs(
+    architecture: Architecture,
+    resolution: int = 1024,
+    steps: int = 28,
+    keep_ratio: float = 0.3,
+    start_step: int = 8,
+    batch: int = 1,
+    cfg: bool = True,
+) -> MacsReport:
+    """Count the MACs of full and CAT generations of ``batch`` prompts (see the module docstring)."""
+    if steps < 1 or batch < 1:
+        raise ValueError(f"steps and batch must be >= 1, got {steps} and {batch}")
+    config = CATPruningConfig(keep_ratio=keep_ratio, start_step=start_step)
+    rows = batch * (architecture.cfg_batch if cfg else 1)
+    model = architecture.build("meta")
+    # Counting needs one call of each kind: FULL (step 0), FILL (step 1), PRUNED (step 2).
+    state = apply_cat_pruning(model, CATPruningConfig(keep_ratio=keep_ratio, start_step=2))
+    state.begin_generation(cfg)
+    num_tokens = architecture.image_tokens(resolution)
+    num_kept = config.num_kept(num_tokens)
+    state.force_indices(torch.arange(num_kept, device="meta").expand(rows, num_kept))
+
+    with torch.device("meta"):
+        inputs = {
+            "hidden_states": torch.zeros(architecture.latent_shape(rows, resolution)),
+            "timestep": torch.full((rows,), 500.0),
+            **architecture.conditioning(model, rows, resolution),
+        }
+    full, fill, pruned = (count_call(model, **inputs) for _ in range(3))
+    text = architecture.text_tokens
+    adapter = state.adapter
+    return MacsReport(
+        architecture=architecture,
+        parameters=sum(parameter.numel() for parameter in model.parameters()),
+        resolution=resolution,
+        cfg=cfg,
+        rows=rows,
+        image_tokens=num_tokens,
+        kept_tokens=num_kept,
+        text_tokens=text,
+        steps=steps,
+        start_step=start_step,
+        keep_ratio=keep_ratio,
+        full_step=full,
+        fill_step=fill,
+        pruned_step=pruned,
+        analytic_full_step=rows * adapter.step_macs(model, num_tokens, num_tokens, text, pruned=False),
+        analytic_pruned_step=rows * adapter.step_macs(model, num_kept, num_tokens, text, pruned=True),
+    )
+
+
+class _ElementOps(TorchDispatchMode):
+    """Counts one operation per element of the largest tensor each aten op reads or writes (views free)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            values = [*args, *(kwargs or {}).values(), *(out if isinstance(out, tuple | list) else (out,))]
+            tensors = [
+                t for value in values for t in (value if isinstance(value, tuple | list) else (value,))
+            ]
+            self.ops += max((t.numel() for t in tensors if isinstance(t, torch.Tensor)), default=0)
+        return out
+
+
+def count_selection(
+    architecture: Architecture, resolution: int, batch: int, config: CATPruningConfig
+) -> SelectionCost:
+    """Count CAT's token selection for ``batch`` prompts on real CPU tensors of the shapes it gets: one
+    row per prompt (under CFG it looks at the conditional half only), the token grid of ``resolution``,
+    the noise channels of each output token (p * p * C)."""
+    model = architecture.build("meta")
+    patch = model.config.patch_size
+    side = architecture.latent_shape(1, resolution)[-1] // patch
+    shape = (batch, side * side, adapter_for(model).noise_channels(model) * patch * patch)
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(shape, generator=generator)
+    selector = TokenSelector(config)
+    selector.set_reference(reference)
+    num_kept = config.num_kept(side * side)
+    counts, matmuls = [], flop_counter()
+    with torch.inference_mode(), matmuls:
+        for _ in range(2):
+            noise = reference + 0.1 * torch.randn(shape, generator=generator)
+            counter = _ElementOps()
+            with counter:
+                selector.select(noise, side, side, num_kept)
+            counts.append(counter.ops)
+    return SelectionCost(counts[0], counts[1], matmuls.get_total_flops() // 2, shape)
+
+
+def shared_weight_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A second module tree over the same parameters and buffers: pruning applied to one leaves the other
+    untouched, so full and CAT runs alternate in one process without a second copy of the weights."""
+    shared = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, shared)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """``fn()`` and its wall time in seconds, with the device's queued work included (synchronised)."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+class SelectionTimer:
+    """Times every ``state.selector.select`` call of a pruned model without adding host syncs: CUDA events
+    around each call on a GPU (read after the generation), the wall clock on the CPU."""
+
+    def __init__(self, state: PruningState, device: torch.device) -> None:
+        self.device = device
+        self.selector = state.selector
+        self.select = self.selector.select
+        self._spans: list[tuple[Any, Any]] = []
+        self.selector.select = self._timed_select
+
+    def _now(self) -> Any:
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _timed_select(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        start = self._now()
+        indices = self.select(*args, **kwargs)
+        self._spans.append((start, self._now()))
+        return indices
+
+    def seconds(self) -> float:
+        """Total time of the calls since the last :meth:`clear`."""
+        if self.device.type != "cuda":
+            return sum(end - start for start, end in self._spans)
+        synchronize(self.device)
+        return sum(start.elapsed_time(end) for start, end in self._spans) / 1000
+
+    def clear(self) -> None:
+        self._spans = []
+
+
+def denoise(
+    model: torch.nn.Module,
+    architecture: Architecture,
+    latents: torch.Tensor,
+    conditioning: dict[str, Any],
+    steps: int,
+    cfg: bool,
+) -> torch.Tensor:
+    """The denoising loop as the diffusers pipeline runs it (fresh scheduler timesteps, CFG as one batch
+    ``[uncond..., cond...]``, guidance, learned-sigma split, scheduler step); no text encoding, no VAE."""
+    scheduler = architecture.make_scheduler()
+    scheduler.set_timesteps(steps, device=latents.device)
+    for t in scheduler.timesteps:
+        model_input = torch.cat([latents, latents]) if cfg else latents
+        if hasattr(scheduler, "scale_model_input"):
+            model_input = scheduler.scale_model_input(model_input, t)
+        timestep = t[None].to(latents.device).expand(model_input.shape[0])
+        output = model(hidden_states=model_input, timestep=timestep, **conditioning, return_dict=False)[0]
+        if cfg:
+            uncond, cond = output.chunk(2)
+            output = uncond + architecture.guidance_scale * (cond - uncond)
+        noise = architecture.noise_prediction(output)
+        latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+    return latents

@@ -1,0 +1,201 @@
+"""``catprune bench``: wall time of full and CAT denoising loops in one process, against the MAC bound."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..architectures import ARCHITECTURES, resolve_architecture
+from ..cli import CLIError
+from ..config import CATPruningConfig
+from ..integration import apply_cat_pruning
+from ..measure import SelectionTimer, denoise, shared_weight_copy, timed
+from .macs import format_count
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TIMED_PART = (
+    "denoising loop only (transformer + scheduler); text encoding and VAE excluded: random prompt embeddings"
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="time full vs CAT denoising loops and compare the speedup with the MAC bound",
+        description="Time the denoising loop (as the diffusers pipeline runs it, with its scheduler) in full "
+        "and with CAT pruning, alternating after a warm-up, and compare the speedup with the MAC bound. Text "
+        "encoding is excluded: the prompt embeddings are random tensors of the pipeline's shapes.",
+    )
+    parser.add_argument(
+        "--model", required=True, help=f"one of {', '.join(ARCHITECTURES)}, or a local folder"
+    )
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="random weights (timing only); needed for a named architecture",
+    )
+    parser.add_argument(
+        "--layers", type=int, help="keep only the first N blocks (width kept; random weights)"
+    )
+    parser.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
+    parser.add_argument("--keep-ratio", type=float, default=0.3, help="alpha (default: 0.3)")
+    parser.add_argument("--start-step", type=int, default=8, help="t0, the first pruned step (default: 8)")
+    parser.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generations of each kind (default: 3)")
+    parser.add_argument("--batch", type=int, default=1, help="prompts per generation (default: 1)")
+    parser.add_argument(
+        "--no-cfg", action="store_true", help="no classifier-free guidance (one row per prompt)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object (fields: docs/measurement.md)"
+    )
+    parser.set_defaults(func=run)
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def _spread(seconds: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds), "all": seconds}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise CLIError(f"--repeats must be >= 1, got {args.repeats}")
+    architecture = resolve_architecture(args.model)
+    if architecture.weights is None and not args.random_weights:
+        raise CLIError(f"{args.model} is a named architecture without weights: add --random-weights")
+    if args.layers is not None and not args.random_weights:
+        raise CLIError("--layers needs --random-weights (a checkpoint's blocks are not cut)")
+    architecture = architecture.with_layers(args.layers)
+    device = _device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    steps = args.steps or architecture.default_steps
+    cfg = not args.no_cfg
+    rows = args.batch * (architecture.cfg_batch if cfg else 1)
+    config = CATPruningConfig(
+        keep_ratio=args.keep_ratio, start_step=args.start_step, row_pairing="cfg" if cfg else "none"
+    )
+
+    if args.random_weights:
+        full_model = architecture.build(device, dtype, seed=args.seed)
+    else:
+        full_model = architecture.load(device, dtype)
+    cat_model = shared_weight_copy(full_model)
+    state = apply_cat_pruning(cat_model, config)
+    selection = SelectionTimer(state, device)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    latents = torch.randn(
+        architecture.latent_shape(args.batch, args.resolution),
+        generator=generator,
+        device=device,
+        dtype=dtype,
+    )
+    conditioning = architecture.conditioning(full_model, rows, args.resolution, device, dtype, generator)
+
+    def generate(model: torch.nn.Module) -> torch.Tensor:
+        if model is cat_model:
+            state.begin_generation(cfg)
+            selection.clear()
+        return denoise(model, architecture, latents, conditioning, steps, cfg)
+
+    times: dict[str, list[float]] = {"full": [], "cat": []}
+    selection_seconds: list[float] = []
+    peak_memory: dict[str, list[int]] = {"full": [], "cat": []}
+    with torch.inference_mode():
+        for model in (full_model, cat_model):  # warm-up: kernels, allocator, caches
+            generate(model)
+        for _ in tqdm(range(args.repeats), desc="full / CAT", unit="pair", disable=args.json):
+            for kind, model in (("full", full_model), ("cat", cat_model)):
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                times[kind].append(timed(lambda model=model: generate(model), device)[1])
+                if device.type == "cuda":
+                    peak_memory[kind].append(torch.cuda.max_memory_allocated(device))
+            selection_seconds.append(selection.seconds())
+
+    stats = state.stats
+    full, cat = _spread(times["full"]), _spread(times["cat"])
+    speedup = full["median"] / cat["median"]
+    mac_bound = stats.full_macs / stats.macs
+    summary = {
+        "model": architecture.name,
+        "weights": "random" if args.random_weights else str(architecture.weights),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "resolution": args.resolution,
+        "steps": steps,
+        "start_step": args.start_step,
+        "keep_ratio": args.keep_ratio,
+        "batch": args.batch,
+        "cfg": cfg,
+        "rows": rows,
+        "image_tokens": stats.image_tokens,
+        "kept_tokens": stats.kept_tokens,
+        "text_tokens": stats.text_tokens,
+        "pruned_steps": stats.pruned_steps,
+        "scheduler": type(architecture.make_scheduler()).__name__,
+        "timed": TIMED_PART,
+        "repeats": args.repeats,
+        "full_seconds": full,
+        "cat_seconds": cat,
+        "speedup": speedup,
+        "full_macs": stats.full_macs,
+        "cat_macs": stats.macs,
+        "mac_bound": mac_bound,
+        "efficiency": speedup / mac_bound,
+        "selection_seconds": statistics.median(selection_seconds),
+        "selection_share": statistics.median(selection_seconds) / cat["median"],
+        "kv_cache_bytes": sum(processor.cache_bytes() for processor in state.processors),
+        "peak_memory_bytes": (
+            {kind: max(values) for kind, values in peak_memory.items()} if device.type == "cuda" else None
+        ),
+    }
+    print(json.dumps(summary, indent=2) if args.json else "\n".join(_lines(summary)))
+    return 0
+
+
+def _lines(summary: dict[str, Any]) -> list[str]:
+    full, cat = summary["full_seconds"], summary["cat_seconds"]
+    cfg = f"batch {summary['batch']}, {'CFG' if summary['cfg'] else 'no CFG'} ({summary['rows']} rows)"
+    lines = [
+        f"{summary['model']}, {summary['weights']} weights, {summary['device']} {summary['dtype']}, "
+        f"{summary['resolution']}x{summary['resolution']} ({summary['image_tokens']} image tokens, "
+        f"{summary['kept_tokens']} kept), {summary['text_tokens']} text tokens, {cfg}",
+        f"{summary['steps']} steps with {summary['scheduler']}, {summary['pruned_steps']} pruned from step "
+        f"{summary['start_step']} (keep ratio {summary['keep_ratio']})",
+        f"timed: {summary['timed']}; {summary['repeats']} repeats, alternating full / CAT after a warm-up",
+        "",
+        f"  {'':<8}{'median':>10}{'min':>10}{'max':>10}",
+        *(
+            f"  {name:<8}{spread['median']:>9.3f}s{spread['min']:>9.3f}s{spread['max']:>9.3f}s"
+            for name, spread in (("full", full), ("CAT", cat))
+        ),
+        "",
+        f"  speedup {summary['speedup']:.2f}x, MAC bound {summary['mac_bound']:.2f}x "
+        f"({format_count(summary['full_macs'])} / {format_count(summary['cat_macs'])} MACs), "
+        f"efficiency {summary['efficiency']:.0%}",
+        f"  selection {summary['selection_seconds'] * 1000:.1f} ms per generation = "
+        f"{summary['selection_share']:.1%} of the CAT time",
+        f"  K/V cache {format_count(summary['kv_cache_bytes'], 'B')}",
+    ]
+    if summary["peak_memory_bytes"]:
+        peak = summary["peak_memory_bytes"]
+        lines.append(
+            f"  peak memory full {format_count(peak['full'], 'B')}, CAT {format_count(peak['cat'], 'B')}"
+        )
+    return lines

@@ -1,0 +1,158 @@
+"""``catprune macs``: count the MACs of full and CAT generations by running the real forward on ``meta``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ..architectures import ARCHITECTURES, resolve_architecture
+from ..config import CATPruningConfig
+from ..measure import MacsReport, SelectionCost, StepMacs, count_macs, count_selection
+
+
+def format_count(value: float, unit: str = "", digits: int = 4) -> str:
+    """1.2345e13 -> '12.35T' (SI prefixes, ``digits`` significant digits)."""
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.{digits}g}{prefix}{unit}"
+    return f"{value:.{digits}g}{unit}"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "macs",
+        help="count transformer MACs of full and CAT generations (no weights needed)",
+        description="Count the MACs of a full and a CAT-pruned generation with FlopCounterMode, running the "
+        "real forward (pruning applied) on the meta device: no weights, no memory, no GPU.",
+    )
+    parser.add_argument(
+        "--model", required=True, help=f"one of {', '.join(ARCHITECTURES)}, or a local folder"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=28, help="denoising steps (default: 28, as in the paper)"
+    )
+    parser.add_argument("--keep-ratio", type=float, default=0.3, help="alpha (default: 0.3)")
+    parser.add_argument("--start-step", type=int, default=8, help="t0, the first pruned step (default: 8)")
+    parser.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
+    parser.add_argument("--batch", type=int, default=1, help="prompts per call (default: 1)")
+    parser.add_argument(
+        "--no-cfg", action="store_true", help="no classifier-free guidance (one row per prompt)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object (fields: docs/measurement.md)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    architecture = resolve_architecture(args.model)
+    report = count_macs(
+        architecture,
+        resolution=args.resolution,
+        steps=args.steps,
+        keep_ratio=args.keep_ratio,
+        start_step=args.start_step,
+        batch=args.batch,
+        cfg=not args.no_cfg,
+    )
+    config = CATPruningConfig(keep_ratio=args.keep_ratio, start_step=args.start_step)
+    selection = count_selection(architecture, args.resolution, args.batch, config)
+    summary = report_fields(report, selection)
+    print(json.dumps(summary, indent=2) if args.json else "\n".join(report_lines(report, summary)))
+    return 0
+
+
+def _ratio(full: int, cat: int) -> dict[str, Any]:
+    return {"full_macs": full, "cat_macs": cat, "ratio": cat / full}
+
+
+def report_fields(report: MacsReport, selection: SelectionCost) -> dict[str, Any]:
+    """The ``--json`` object (documented in docs/measurement.md)."""
+    full, fill, pruned = report.step_counts
+    selection_ops = selection.per_generation(pruned)
+    paper = report.paper()
+    return {
+        "model": report.architecture.name,
+        "class": report.architecture.model_class.__name__,
+        "parameters": report.parameters,
+        "resolution": report.resolution,
+        "cfg": report.cfg,
+        "rows": report.rows,
+        "image_tokens": report.image_tokens,
+        "kept_tokens": report.kept_tokens,
+        "text_tokens": report.text_tokens,
+        "steps": report.steps,
+        "start_step": report.start_step,
+        "keep_ratio": report.keep_ratio,
+        "steps_by_kind": {"full": full, "fill": fill, "pruned": pruned},
+        "full_step_macs": report.full_step.macs,
+        "fill_step_macs": report.fill_step.macs,
+        "pruned_step_macs": report.pruned_step.macs,
+        "attention_macs": {
+            "full_step": report.full_step.attention_macs,
+            "fill_step": report.fill_step.attention_macs,
+            "pruned_step": report.pruned_step.attention_macs,
+        },
+        "analytic_full_step_macs": report.analytic_full_step,
+        "analytic_pruned_step_macs": report.analytic_pruned_step,
+        **_ratio(report.full_macs, report.cat_macs),
+        "without_attention": _ratio(*report.without_attention),
+        "selection": {
+            "noise_shape": list(selection.noise_shape),
+            "clustering_step_ops": selection.clustering_step,
+            "later_step_ops": selection.later_step,
+            "per_generation_ops": selection_ops,
+            "share_of_cat_macs": selection_ops / report.cat_macs,
+            "flop_counter_macs": selection.matmul_macs,
+        },
+        "paper": _ratio(round(paper[0]), round(paper[1])) if paper else None,
+    }
+
+
+def _step_line(name: str, step: StepMacs, analytic: int | None = None) -> str:
+    line = f"  {name:<20}{format_count(step.macs):>10}{format_count(step.attention_macs):>12}"
+    if analytic is None:
+        return line
+    return f"{line}    {format_count(analytic)}  ({(analytic - step.macs) / step.macs:+.2%})"
+
+
+def report_lines(report: MacsReport, fields: dict[str, Any]) -> list[str]:
+    architecture, kinds, paper = report.architecture, fields["steps_by_kind"], fields["paper"]
+    cfg = "CFG" if report.cfg else "no CFG"
+    paper_ratio = f"   (paper {paper['ratio']:.3f})" if paper else ""
+    bare = fields["without_attention"]
+    bare_line = (
+        "  without attention products (how the paper counts): "
+        f"full {format_count(bare['full_macs'], digits=5)}, CAT {format_count(bare['cat_macs'], digits=5)}, "
+        f"ratio {bare['ratio']:.3f}"
+    )
+    if paper:
+        paper_full, paper_cat = (format_count(paper[key], digits=5) for key in ("full_macs", "cat_macs"))
+        bare_line += f"   (paper: {paper_full}, {paper_cat})"
+    selection = fields["selection"]
+    return [
+        f"{architecture.name}: {fields['class']}, {report.parameters / 1e9:.3f}B parameters, "
+        f"{report.resolution}x{report.resolution} ({report.image_tokens} image tokens, "
+        f"{report.kept_tokens} kept), {report.text_tokens} text tokens, {report.rows} rows per call ({cfg})",
+        f"{report.steps} steps: {kinds['full']} full + {kinds['fill']} fill + {kinds['pruned']} pruned "
+        f"(t0 = {report.start_step}, keep ratio {report.keep_ratio})",
+        "MACs counted by FlopCounterMode on the meta device, real forward with pruning applied "
+        "(MACs = FLOPs / 2)",
+        "",
+        f"  {'':<20}{'counted':>10}{'attention':>12}    analytic (adapter.step_macs)",
+        _step_line("full step", report.full_step, report.analytic_full_step),
+        _step_line("fill step", report.fill_step),
+        _step_line("pruned step", report.pruned_step, report.analytic_pruned_step),
+        f"  {'generation, full':<20}{format_count(report.full_macs):>10}",
+        f"  {'generation, CAT':<20}{format_count(report.cat_macs):>10}",
+        f"  {'ratio CAT / full':<20}{report.ratio:>10.3f}{paper_ratio}",
+        bare_line,
+        "",
+        f"selection overhead, counted on CPU tensors {tuple(selection['noise_shape'])} in element operations "
+        f"(FlopCounterMode: {format_count(selection['flop_counter_macs'])} MACs, it counts matmuls only):",
+        f"  clustering step {format_count(selection['clustering_step_ops'])}, later step "
+        f"{format_count(selection['later_step_ops'])}; per generation "
+        f"{format_count(selection['per_generation_ops'])} = {selection['share_of_cat_macs'] * 100:.2g}% "
+        "of the CAT MACs",
+    ]

@@ -1,0 +1,130 @@
+"""``catprune bench``: its denoising loop is the pipelines' loop, and its report has the documented fields."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    TEXT_TOKENS,
+    pixart_pipeline,
+    pixart_prompts,
+    sd3_pipeline,
+    sd3_prompts,
+    seeded_latents,
+    tiny_pixart,
+    tiny_sd3,
+)
+
+from catprune.architectures import Architecture
+from catprune.measure import denoise
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "catprune", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_denoise_is_the_sd3_pipeline_loop() -> None:
+    transformer = tiny_sd3()
+    arch = Architecture("tiny-sd3", "sd3", dict(transformer.config), text_tokens=TEXT_TOKENS, default_steps=4)
+    prompts, latents = sd3_prompts(1), seeded_latents(1)
+    expected = sd3_pipeline(transformer)(
+        **prompts,
+        latents=latents,
+        num_inference_steps=4,
+        guidance_scale=arch.guidance_scale,
+        output_type="latent",
+    ).images
+    conditioning = {
+        "encoder_hidden_states": torch.cat([prompts["negative_prompt_embeds"], prompts["prompt_embeds"]]),
+        "pooled_projections": torch.cat(
+            [prompts["negative_pooled_prompt_embeds"], prompts["pooled_prompt_embeds"]]
+        ),
+    }
+    with torch.inference_mode():
+        got = denoise(transformer, arch, latents, conditioning, steps=4, cfg=True)
+    torch.testing.assert_close(got, expected)
+
+
+def test_denoise_is_the_pixart_sigma_pipeline_loop() -> None:
+    transformer = tiny_pixart()
+    arch = Architecture(
+        "tiny-pixart", "pixart", dict(transformer.config), text_tokens=TEXT_TOKENS, default_steps=4
+    )
+    prompts, latents = pixart_prompts(1), seeded_latents(1)
+    expected = pixart_pipeline(transformer)(
+        **prompts,
+        latents=latents,
+        num_inference_steps=4,
+        guidance_scale=arch.guidance_scale,
+        use_resolution_binning=False,
+        output_type="latent",
+    ).images
+    conditioning = {
+        "encoder_hidden_states": torch.cat([prompts["negative_prompt_embeds"], prompts["prompt_embeds"]]),
+        "encoder_attention_mask": torch.cat(
+            [prompts["negative_prompt_attention_mask"], prompts["prompt_attention_mask"]]
+        ),
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+    }
+    with torch.inference_mode():
+        got = denoise(transformer, arch, latents, conditioning, steps=4, cfg=True)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.slow
+def test_bench_cli_on_a_local_model(tmp_path: Path) -> None:
+    tiny_sd3().save_pretrained(tmp_path)
+    result = run_bench(
+        "--model", str(tmp_path), "--resolution", "128", "--steps", "5", "--start-step", "3",
+        "--repeats", "2", "--device", "cpu", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    fields = json.loads(result.stdout)
+    assert fields["weights"] == str(tmp_path) and (fields["device"], fields["dtype"]) == ("cpu", "float32")
+    assert (fields["image_tokens"], fields["kept_tokens"], fields["text_tokens"]) == (64, 19, 333)
+    assert (fields["rows"], fields["pruned_steps"], fields["repeats"]) == (2, 2, 2)
+    assert fields["scheduler"] == "FlowMatchEulerDiscreteScheduler" and "text encoding" in fields["timed"]
+    for kind in ("full_seconds", "cat_seconds"):
+        spread = fields[kind]
+        assert len(spread["all"]) == 2 and spread["min"] <= spread["median"] <= spread["max"]
+    assert fields["speedup"] == pytest.approx(
+        fields["full_seconds"]["median"] / fields["cat_seconds"]["median"]
+    )
+    assert (
+        fields["mac_bound"] == pytest.approx(fields["full_macs"] / fields["cat_macs"])
+        and fields["mac_bound"] > 1
+    )
+    assert fields["efficiency"] == pytest.approx(fields["speedup"] / fields["mac_bound"])
+    assert fields["selection_seconds"] > 0 and 0 < fields["selection_share"] < 1
+    # Per block (joint attention): K and V for 64 image + 333 text tokens, 2 rows, width 32, float32.
+    assert fields["kv_cache_bytes"] == 2 * 2 * 2 * (64 + 333) * 32 * 4
+    assert fields["peak_memory_bytes"] is None
+
+
+@pytest.mark.slow
+def test_bench_cli_with_random_weights_of_a_named_architecture() -> None:
+    result = run_bench(
+        "--model", "pixart-sigma", "--random-weights", "--layers", "1", "--resolution", "128", "--steps", "4",
+        "--start-step", "2", "--repeats", "1", "--device", "cpu",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "pixart-sigma (1 layers), random weights, cpu float32" in result.stdout
+    assert "DPMSolverMultistepScheduler" in result.stdout and "speedup" in result.stdout
+    assert "efficiency" in result.stdout and "K/V cache" in result.stdout
+
+
+def test_bench_cli_needs_random_weights_for_a_named_architecture() -> None:
+    result = run_bench("--model", "sd3-medium")
+    assert result.returncode == 2 and "add --random-weights" in result.stderr
+    assert "Traceback" not in result.stderr
