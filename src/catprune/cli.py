@@ -11,6 +11,9 @@ TOOL_MODULES = (
     "catprune.tools.demo",
     "catprune.tools.macs",
     "catprune.tools.bench",
+    "catprune.tools.generate",
+    "catprune.tools.train_shapes",
+    "catprune.tools.eval",
 )
 """Each module defines ``register(subparsers)``, which adds its subcommand with ``func=run(args) -> int``."""
 

@@ -7,6 +7,12 @@ recompute K and V for the selected tokens only and attend over a per-block cache
 image tokens; a hook on the output projection puts the new outputs of the selected tokens into the
 previous step's output. An adapter (``catprune.adapters``) only names the modules and says which
 attention is which.
+
+Strategies that rank tokens by attention (``at-edm``) get one block's attention map: the self-attention
+processor of the middle block then also caches the image tokens' queries and, at the fill step and each
+pruned step, computes the head-averaged attention probabilities of all tokens (fresh queries and keys for
+the recomputed tokens, cached ones for the others), which fused attention kernels do not return. Other
+strategies pay nothing for it.
 """
 
 from __future__ import annotations
@@ -88,6 +94,8 @@ class PruningState:
         self.counting = False
         self.indices: torch.Tensor | None = None
         self.last_output: torch.Tensor | None = None
+        self.attention_map: torch.Tensor | None = None
+        """(P, M, M) attention probabilities of the latest step, kept only for attention strategies."""
         self._shape: tuple[int, int, int] | None = None
         self._last_timestep: float | None = None
         self.selector.reset()
@@ -181,20 +189,24 @@ class PruningState:
             self._macs_memo[key] = self.adapter.step_macs(self.model, queries, tokens, text, pruned)
         return self._macs_memo[key]
 
+    def prompt_half(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The rows that drive selection: one per prompt, the conditional half under CFG."""
+        if not self.paired_rows:
+            return tensor
+        if tensor.shape[0] % 2:
+            raise ValueError(
+                f"row pairing 'cfg' needs an even batch [uncond..., cond...], got {tensor.shape[0]} rows"
+            )
+        return tensor[tensor.shape[0] // 2 :]
+
     def _prompt_rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The rows that drive selection (one per prompt; the conditional half under CFG), noise channels."""
-        if self.paired_rows:
-            if tokens.shape[0] % 2:
-                raise ValueError(
-                    f"row pairing 'cfg' needs an even batch [uncond..., cond...], got {tokens.shape[0]} rows"
-                )
-            tokens = tokens[tokens.shape[0] // 2 :]
-        return self.adapter.noise_tokens(self.model, tokens)
+        """The output tokens that drive selection (see :meth:`prompt_half`), noise channels only."""
+        return self.adapter.noise_tokens(self.model, self.prompt_half(tokens))
 
     def _select(self) -> torch.Tensor:
         assert self.last_output is not None
         indices = self.selector.select(
-            self._prompt_rows(self.last_output), self.height, self.width, self.num_kept
+            self._prompt_rows(self.last_output), self.height, self.width, self.num_kept, self.attention_map
         )
         return torch.cat([indices, indices]) if self.paired_rows else indices
 
@@ -325,7 +337,21 @@ class CachedSelfAttentionProcessor(_CachingProcessor):
     out as ``[image tokens, text tokens]`` (kept allocated for the next generation of the same shape); at
     a pruned step it computes Q, K, V for the selected image tokens only, writes K and V into the cache at
     their positions, writes the text tokens' fresh K and V, and attends over the whole cache.
+
+    With ``capture_attention`` (set by :func:`attach` on one block for attention strategies) it also
+    caches the image queries the same way and stores the attention map in ``state.attention_map``.
     """
+
+    capture_attention = False
+    query: torch.Tensor | None = None
+
+    def release(self) -> None:
+        super().release()
+        self.query = None
+
+    def cache_bytes(self) -> int:
+        query = 0 if self.query is None else self.query.numel() * self.query.element_size()
+        return super().cache_bytes() + query
 
     def attend(
         self,
@@ -368,6 +394,8 @@ class CachedSelfAttentionProcessor(_CachingProcessor):
             self.value[:, num_image:] = text_value
             query = torch.cat([query, text_query], dim=1)
 
+        if self.capture_attention:
+            self._capture_attention(attn, query, hidden_states.shape[1])
         out = _attend(query, self.key, self.value)
         num_queries = hidden_states.shape[1]
         image_out = _project_out(attn, out[:, :num_queries], hidden_states)
@@ -377,6 +405,27 @@ class CachedSelfAttentionProcessor(_CachingProcessor):
         if not attn.context_pre_only:
             text_out = attn.to_add_out(text_out)
         return image_out, text_out
+
+    def _capture_attention(self, attn: Any, query: torch.Tensor, num_queries: int) -> None:
+        """Update the image query cache from ``query`` ([recomputed image tokens, text tokens]) and store
+        the head-averaged attention probabilities of the prompt rows over all tokens (image first); the
+        extra Q K^T product is added to the generation's MACs."""
+        image_query = query[:, :num_queries]
+        if self.state.mode is StepMode.FILL:
+            self.query = image_query.clone()
+        else:
+            index = self.state.indices[:, :, None, None].expand_as(image_query)
+            self.query.scatter_(1, index, image_query)
+        queries = torch.cat([self.query, query[:, num_queries:]], dim=1)
+        queries, keys = self.state.prompt_half(queries).float(), self.state.prompt_half(self.key).float()
+        heads = queries.shape[2]
+        attention = sum(
+            torch.softmax(attn.scale * queries[:, :, h] @ keys[:, :, h].transpose(1, 2), dim=-1)
+            for h in range(heads)
+        )
+        self.state.attention_map = attention / heads
+        rows, length = queries.shape[:2]
+        self.state.stats.macs += rows * length * length * heads * queries.shape[3]
 
     def _allocate(self, like: torch.Tensor, length: int) -> None:
         shape = (like.shape[0], length, *like.shape[2:])
@@ -433,6 +482,9 @@ def attach(model: torch.nn.Module, adapter: Any, config: CATPruningConfig) -> Pr
     """Install the hooks and processors on ``model``; everything is resolved before anything changes."""
     state = PruningState(config, adapter, model)
     state.processors = list(adapter.attention_processors(model, state))
+    if state.selector.needs_attention:
+        self_attention = [p for p in state.processors if isinstance(p, CachedSelfAttentionProcessor)]
+        self_attention[len(self_attention) // 2].capture_attention = True
     embedder = model.get_submodule(adapter.embedder)
     projection = model.get_submodule(adapter.output_projection)
 

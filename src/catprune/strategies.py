@@ -4,6 +4,8 @@ A strategy is one small function: it gets a :class:`SelectionInput` (the latest 
 noise, the staleness counts, the step...) and returns exactly K distinct token indices per prompt,
 sorted, as a (P, K) int64 tensor; it must treat rows independently. ``"cat"`` is the paper's method;
 the others are its ablations and baselines (same keep ratio, start step and cache-and-reuse mechanism).
+A strategy registered with ``needs_attention=True`` also gets one block's attention map of the latest
+step (``SelectionInput.attention``); the mechanism computes it only for such strategies.
 """
 
 from __future__ import annotations
@@ -52,17 +54,26 @@ class SelectionInput:
     config: CATPruningConfig
     memory: dict[str, Any] = field(default_factory=dict)
     """Per-generation scratch space of the strategy (CAT keeps its clusters there)."""
+    attention: torch.Tensor | None = None
+    """(P, M, M) float32 head-averaged attention probabilities of one block at the latest step, over the
+    N image tokens (first, raster order) and the text tokens of a joint attention; given only to
+    strategies registered with ``needs_attention=True``."""
 
 
 Strategy = Callable[[SelectionInput], torch.Tensor]
 STRATEGIES: dict[str, Strategy] = {}
+ATTENTION_STRATEGIES: set[str] = set()
+"""Names of the strategies that read an attention map (computing one costs an extra N x N product)."""
 
 
-def register_strategy(name: str) -> Callable[[Strategy], Strategy]:
-    """Decorator: make a strategy selectable by ``CATPruningConfig(strategy=name)``."""
+def register_strategy(name: str, *, needs_attention: bool = False) -> Callable[[Strategy], Strategy]:
+    """Decorator: make a strategy selectable by ``CATPruningConfig(strategy=name)``; ``needs_attention``
+    asks the mechanism for an attention map before each selection."""
 
     def register(strategy: Strategy) -> Strategy:
         STRATEGIES[name] = strategy
+        if needs_attention:
+            ATTENTION_STRATEGIES.add(name)
         return strategy
 
     return register
@@ -138,6 +149,37 @@ def uniformly_random(inputs: SelectionInput) -> torch.Tensor:
     return take_first([draws.expand_as(inputs.scores)], inputs.num_kept)
 
 
+ATEDM_ITERATIONS = 10
+"""Power iterations of the weighted PageRank; the ranking of the top tokens is stable after a few."""
+
+
+def weighted_pagerank(attention: torch.Tensor, iterations: int = ATEDM_ITERATIONS) -> torch.Tensor:
+    """AT-EDM's token importance (Wang et al., CVPR 2024): (P, M, M) row-stochastic attention -> (P, M).
+
+    The attention map is read as a weighted directed graph, query i giving weight A[i, j] to key j; a
+    token is important when important tokens attend to it: s <- A^T s from the uniform vector. The
+    rows of A sum to one, so s stays a distribution. Generalized to a joint attention (SD3) by taking
+    the text tokens as nodes of the same graph.
+    """
+    scores = torch.full(attention.shape[:2], 1.0 / attention.shape[1], device=attention.device)
+    for _ in range(iterations):
+        scores = torch.einsum("pij,pi->pj", attention, scores)
+    return scores
+
+
+@register_strategy("at-edm", needs_attention=True)
+def attention_pagerank(inputs: SelectionInput) -> torch.Tensor:
+    """Baseline (paper Sec. 4.1): AT-EDM's selection with CAT's cache-and-reuse: the K image tokens with
+    the largest weighted-PageRank importance over the latest attention map, ties to the stalest. Without a
+    map (the selection core used alone) every token is equally important and staleness decides."""
+    num_tokens = inputs.height * inputs.width
+    if inputs.attention is None:
+        importance = torch.zeros_like(inputs.scores)
+    else:
+        importance = weighted_pagerank(inputs.attention.float())[:, :num_tokens]
+    return take_first([-importance, inputs.counts], inputs.num_kept)
+
+
 class TokenSelector:
     """Runs a strategy over one generation and keeps what it needs between steps.
 
@@ -160,8 +202,20 @@ class TokenSelector:
     def set_reference(self, noise: torch.Tensor) -> None:
         self.reference = noise.detach().clone()
 
-    def select(self, noise: torch.Tensor, height: int, width: int, num_kept: int) -> torch.Tensor:
-        """(P, N, C) latest noise -> (P, K) int64 token indices, sorted."""
+    @property
+    def needs_attention(self) -> bool:
+        return self.config.strategy in ATTENTION_STRATEGIES
+
+    def select(
+        self,
+        noise: torch.Tensor,
+        height: int,
+        width: int,
+        num_kept: int,
+        attention: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(P, N, C) latest noise (and, for a strategy that needs it, (P, M, M) attention) -> (P, K) int64
+        token indices, sorted."""
         if self.reference is None:
             raise RuntimeError("TokenSelector.select called before set_reference")
         delta, scores = relative_noise(noise, self.reference)
@@ -178,6 +232,7 @@ class TokenSelector:
             num_kept,
             self.config,
             self.memory,
+            attention,
         )
         indices = self.strategy(inputs)
         self.counts = update_selection_counts(self.counts, indices, self.config.ewma_decay)

@@ -1,0 +1,78 @@
+"""``catprune train-shapes``: train a shapes model on CPU (resumable) and save it as a diffusers pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from ..cli import CLIError
+from ..shapes.training import ARCHES, TrainConfig, Trainer
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    defaults = TrainConfig(steps=1)
+    parser = subparsers.add_parser(
+        "train-shapes",
+        help="train the shapes-mmdit or shapes-pixart model on CPU (resumes when --out holds a checkpoint)",
+    )
+    parser.add_argument("--arch", choices=ARCHES, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoint/ and pipeline/")
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument(
+        "--minutes", type=float, help="train for this much wall time (the LR schedule spans it)"
+    )
+    budget.add_argument("--steps", type=int, help="train for this many steps")
+    parser.add_argument("--width", type=int, default=defaults.width, help=f"(default: {defaults.width})")
+    parser.add_argument("--layers", type=int, default=defaults.layers, help=f"(default: {defaults.layers})")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32 throughout")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=200, help="steps between checkpoints (default: 200)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.checkpoint_every < 1:
+        raise CLIError(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
+    config = TrainConfig(
+        arch=args.arch,
+        width=args.width,
+        layers=args.layers,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        ema_decay=args.ema_decay,
+        bf16=args.bf16,
+        steps=args.steps,
+        minutes=args.minutes,
+        seed=args.seed,
+    )
+    trainer = Trainer(config, args.out, checkpoint_every=args.checkpoint_every)
+    if trainer.step:
+        print(f"resuming from step {trainer.step} ({trainer.elapsed / 60:.1f} min trained)", flush=True)
+    start = time.perf_counter()
+    try:
+        trainer.run()
+    except KeyboardInterrupt:
+        trainer.save_checkpoint()
+        raise
+    params = sum(p.numel() for p in trainer.params.values())
+    print(
+        f"trained {args.arch}: {trainer.step} steps, {trainer.elapsed / 60:.1f} min in all "
+        f"({(time.perf_counter() - start) / 60:.1f} min this run), {params / 1e6:.2f}M parameters; "
+        f"EMA pipeline in {args.out / 'pipeline'}"
+    )
+    return 0

@@ -1,0 +1,300 @@
+"""The evaluation harness: methods, metrics, prompt sets, ``catprune eval``, resuming and data parallelism."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from catprune.cli import main
+from catprune.evaluation import (
+    EvalSettings,
+    RunFolder,
+    equal_macs_steps,
+    fidelity,
+    generate,
+    load_clip_scorer,
+    load_pipeline,
+    pooled_psnr,
+    resolve_methods,
+)
+from catprune.prompts import PromptSetError, load_prompts
+from catprune.shapes.scenes import heldout_captions
+from catprune.shapes.training import TrainConfig, build_pipeline
+
+STEPS, START = 8, 3
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+"""One thread everywhere: the same arithmetic in every process, so images compare bit for bit."""
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Random-weight shapes pipelines (32x32 pixels, 16x16 tokens) saved locally, by architecture."""
+    models = {}
+    for arch in ("pixart", "mmdit"):
+        path = tmp_path_factory.mktemp("models") / f"tiny-{arch}"
+        build_pipeline(TrainConfig(arch=arch, width=32, layers=2, text_layers=1, steps=1)).save_pretrained(
+            path
+        )
+        models[arch] = str(path)
+    return models
+
+
+@pytest.fixture
+def tiny_model(tiny_models: dict[str, str]) -> str:
+    return tiny_models["pixart"]
+
+
+def eval_args(model: str, out: Path, methods: str, num_prompts: int = 3, *extra: str) -> list[str]:
+    return [
+        "eval", "--model", model, "--prompts", "shapes", "--methods", methods,
+        "--num-prompts", str(num_prompts), "--steps", str(STEPS), "--start-step", str(START),
+        "--out", str(out), "--clip-model", "none", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def records_without_timing(out: Path) -> list[dict[str, Any]]:
+    lines = (out / "results.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+
+def table_without_timing(out: Path) -> list[list[str]]:
+    """The summary's rows without the throughput and speed-up columns."""
+    rows = [line.split("|") for line in (out / "summary.md").read_text().splitlines() if line.startswith("|")]
+    return [cells[:3] + cells[5:] for cells in rows]
+
+
+def same_images(a: Path, b: Path) -> bool:
+    files = sorted(p.relative_to(a) for p in a.glob("images/*/*.png"))
+    assert files == sorted(p.relative_to(b) for p in b.glob("images/*/*.png"))
+    return all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+
+# --- methods, prompts, metrics -------------------------------------------------------------------------
+
+
+def test_methods_by_name_full_first_each_once() -> None:
+    methods = resolve_methods(["cat", "at-edm", "cat", "fewer-steps", "full"])
+    assert [m.name for m in methods] == ["full", "cat", "at-edm", "fewer-steps"]
+    assert methods[2].start_delay == 1 and methods[3].equal_macs and methods[0].strategy is None
+    with pytest.raises(ValueError, match=r"unknown method.*best.*known: full, cat"):
+        resolve_methods(["best"])
+
+
+def test_pruning_configs_differ_only_in_the_token_choice() -> None:
+    settings = EvalSettings(model="m", prompts="shapes", keep_ratio=0.3, start_step=8, seed=5)
+    methods = resolve_methods(["cat", "noise", "at-edm"])
+    full, cat, noise, atedm = (settings.pruning_config(method, 28) for method in methods)
+    assert (cat.keep_ratio, cat.start_step, cat.seed) == (noise.keep_ratio, noise.start_step, noise.seed)
+    assert (cat.strategy, noise.strategy, atedm.strategy, atedm.start_step) == ("cat", "noise", "at-edm", 9)
+    assert full.start_step > 28  # never pruned: the mechanism only counts its MACs
+
+
+def test_prompt_sets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_prompts("shapes", 5, seed=1) == heldout_captions(5, 1)
+    file = tmp_path / "prompts.txt"
+    file.write_text("a cat\n\n  a dog  \na bird\n")
+    assert load_prompts(file, 2) == ["a cat", "a dog"]
+    with pytest.raises(PromptSetError, match=r"unknown prompt set 'nope'.*shapes, parti, coco"):
+        load_prompts("nope")
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(PromptSetError, match=r"needs the 'datasets' package.*catprune\[eval\]"):
+        load_prompts("parti")
+
+
+def test_hub_prompt_sets_fail_at_once_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("Name or service not known")
+
+    def must_not_run(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("load_dataset must not be tried when the hub is unreachable")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=must_not_run))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.dataset_info", unreachable)
+    with pytest.raises(PromptSetError, match="cannot reach the hub dataset 'nateraw/parti-prompts'"):
+        load_prompts("parti")
+    rows = {"captions": [["a cat on a mat", "a cat"], ["two dogs"]]}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: rows))
+    assert load_prompts("coco", 5) == ["a cat on a mat", "two dogs"]
+
+
+def test_fidelity_of_identical_and_different_images() -> None:
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    psnr, ssim = fidelity(image, image)
+    assert psnr == float("inf") and ssim == pytest.approx(1.0)
+    noisy = np.clip(image.astype(int) + 8, 0, 255).astype(np.uint8)
+    psnr, ssim = fidelity(noisy, image)
+    assert 25 < psnr < 40 and 0 < ssim < 1
+
+
+def test_pooled_psnr_is_that_of_the_mean_squared_error() -> None:
+    assert pooled_psnr([30.0, 30.0]) == pytest.approx(30.0)
+    assert pooled_psnr([30.0, float("inf")]) == pytest.approx(30.0 + 10 * np.log10(2))  # half the error
+    assert pooled_psnr([float("inf")]) == float("inf") and pooled_psnr([]) is None
+
+
+def tiny_clip(folder: Path) -> Path:
+    """A random CLIP model with a byte-level BPE vocabulary (no merges) and 32x32 images, saved locally."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    ranges = (("!", "~"), ("¡", "¬"), ("®", "ÿ"))  # the bytes that byte-level BPE keeps as themselves
+    printable = [b for first, last in ranges for b in range(ord(first), ord(last) + 1)]
+    others = [b for b in range(256) if b not in printable]
+    alphabet = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+    tokens = [*alphabet, *(c + "</w>" for c in alphabet), "<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    layers = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = CLIPConfig(
+        text_config={**layers, "vocab_size": len(tokens), "max_position_embeddings": 77},
+        vision_config={**layers, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    model_path = folder / "model"
+    CLIPModel(config).save_pretrained(model_path)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(model_path)
+    return model_path
+
+
+def test_clip_score_with_a_local_model_or_skipped_with_a_reason(tmp_path: Path) -> None:
+    scorer, why = load_clip_scorer(str(tiny_clip(tmp_path / "clip")), torch.device("cpu"))
+    assert scorer is not None and why == ""
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    scores = [scorer(image, prompt) for prompt in ("a red circle", "a blue square in the top left")]
+    assert all(0.0 <= score <= 100.0 for score in scores)
+    assert scorer(image, "a red circle") == scores[0]  # one image at a time: no state carried over
+    scorer, why = load_clip_scorer(str(tmp_path / "missing"), torch.device("cpu"))
+    assert scorer is None and why.startswith("CLIP score skipped: cannot load")
+
+
+# --- catprune eval -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["pixart", "mmdit"])
+def test_eval_writes_images_records_and_the_table(
+    arch: str, tiny_models: dict[str, str], tmp_path: Path, capsys: Any
+) -> None:
+    tiny_model, out = tiny_models[arch], tmp_path / "run"
+    clip = tiny_clip(tmp_path / "clip")
+    args = eval_args(tiny_model, out, "cat,at-edm,fewer-steps", 2, "--clip-model", str(clip))
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    header = printed.splitlines()[0]
+    columns = ("MACs", "Throughput (img/s)", "Speed-up", "CLIP score", "Alignment (%)", "PSNR (dB)", "SSIM")
+    assert all(column in header for column in columns)
+    assert [line.split("|")[1].strip() for line in printed.splitlines()[2:6]] == [
+        "full - 8 steps",
+        "cat - 8 steps",
+        "at-edm - 8 steps",
+        f"fewer-steps - {json.loads((out / 'items/fewer-steps/00000.json').read_text())['steps']} steps",
+    ]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["index"]) for r in records] == [
+        (m, i) for m in ("full", "cat", "at-edm", "fewer-steps") for i in (0, 1)
+    ]
+    full, cat = records[0], records[2]
+    assert "psnr" not in full and cat["psnr"] > 0 and 0 < cat["ssim"] <= 1
+    assert set(cat["alignment"]) == {"background", "colour", "shape", "size", "position", "count", "full"}
+    assert 0 <= cat["clip_score"] <= 100 and cat["macs"] < full["macs"] and cat["seed"] == 0
+    assert records[1]["seed"] == 1 and records[1]["prompt"] == heldout_captions(2)[1]
+
+    # The full image is the unpatched pipeline's, from the prompt index's seed.
+    pipe = load_pipeline(tiny_model, torch.device("cpu"), torch.float32)
+    image = generate(pipe, records[1]["prompt"], STEPS, 1, None)
+    assert np.array_equal(image, RunFolder(out).read_image("full", 1))
+
+    # A rerun finds everything done and rewrites the same table.
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("items/*/*.json")}
+    table = table_without_timing(out)
+    assert main(args) == 0
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("items/*/*.json")}
+    assert table_without_timing(out) == table
+
+
+def test_fewer_steps_match_cat_macs(tiny_model: str, tmp_path: Path) -> None:
+    pipe = load_pipeline(tiny_model, torch.device("cpu"), torch.float32)
+    settings = EvalSettings(model=tiny_model, prompts="shapes", steps=20, start_step=8)
+    fewer = equal_macs_steps(pipe, "a red circle on a white background", settings)
+    assert main(eval_args(tiny_model, tmp_path, "cat", 1, "--steps", "20", "--start-step", "8")) == 0
+    full, cat = (json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines())
+    full_step = full["macs"] / 20
+    assert abs(fewer * full_step - cat["macs"]) <= full_step / 2
+    assert 8 < fewer < 20
+
+
+def test_a_rerun_with_other_settings_is_refused(tiny_model: str, tmp_path: Path, capsys: Any) -> None:
+    assert main(eval_args(tiny_model, tmp_path, "cat", 1)) == 0
+    assert main(eval_args(tiny_model, tmp_path, "cat", 1, "--keep-ratio", "0.5")) == 2
+    assert "other settings (keep_ratio: 0.3 there, 0.5 now)" in capsys.readouterr().err
+
+
+def test_offline_hub_prompts_are_a_one_line_error(tiny_model: str, tmp_path: Path, capsys: Any) -> None:
+    args = eval_args(tiny_model, tmp_path, "cat")
+    args[args.index("shapes")] = "parti"
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("catprune eval: error:") and "parti" in error.lower() and "\n" not in error
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_model: str, tmp_path: Path) -> None:
+    methods, prompts = "cat,noise,at-edm", 6
+    total = 4 * prompts
+    catprune = [sys.executable, "-m", "catprune"]
+    command = [*catprune, *eval_args(tiny_model, tmp_path / "killed", methods, prompts)]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    items = tmp_path / "killed" / "items"
+    deadline = time.monotonic() + 120
+    while len(list(items.glob("*/*.json"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 3 <= len(list(items.glob("*/*.json"))) < total, "the run was not killed mid-way"
+
+    subprocess.run(command, env=ENV, check=True, capture_output=True)
+    whole = [*catprune, *eval_args(tiny_model, tmp_path / "whole", methods, prompts)]
+    subprocess.run(whole, env=ENV, check=True, capture_output=True)
+    assert same_images(tmp_path / "killed", tmp_path / "whole")
+    assert records_without_timing(tmp_path / "killed") == records_without_timing(tmp_path / "whole")
+    assert len(records_without_timing(tmp_path / "whole")) == total
+    assert table_without_timing(tmp_path / "killed") == table_without_timing(tmp_path / "whole")
+    assert not list((tmp_path / "killed").glob("**/.*.tmp"))
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_images_and_table_of_one(tiny_model: str, tmp_path: Path) -> None:
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate is not None, "accelerate is not installed: pip install -e '.[dev]'"
+    methods, prompts = "cat,at-edm,fewer-steps", 5
+    launch = [accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "catprune"]
+    two = subprocess.run(
+        [*launch, *eval_args(tiny_model, tmp_path / "two", methods, prompts)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("| full - 8 steps |") == 1  # the table is printed by the main process only
+    one = [sys.executable, "-m", "catprune", *eval_args(tiny_model, tmp_path / "one", methods, prompts)]
+    subprocess.run(one, env=ENV, check=True, capture_output=True)
+    assert same_images(tmp_path / "one", tmp_path / "two")
+    assert records_without_timing(tmp_path / "one") == records_without_timing(tmp_path / "two")
+    assert table_without_timing(tmp_path / "one") == table_without_timing(tmp_path / "two")

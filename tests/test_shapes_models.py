@@ -1,0 +1,207 @@
+"""The shapes models: tokenizer and text encoder, pipelines, CAT on them, training, ``generate``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
+from catprune.cli import main
+from catprune.shapes import VOCABULARY
+from catprune.shapes.pipelines import (
+    SHIPPED_MODELS,
+    ShapesMMDiTPipeline,
+    ShapesPixArtPipeline,
+    load_shapes_pipeline,
+    shipped_model_path,
+)
+from catprune.shapes.text import MAX_WORDS, ShapesTextEncoder, ShapesTokenizer
+from catprune.shapes.training import TrainConfig, build_pipeline
+from catprune.tools.generate import LABEL_HEIGHT, LEGEND_HEIGHT, MARGIN, PANEL
+
+PROMPT = (
+    "a large red circle at the top left and a small blue square at the bottom right on a white background"
+)
+ARCH_CLASSES = {"mmdit": ShapesMMDiTPipeline, "pixart": ShapesPixArtPipeline}
+COMPARE_SIZE = (4 * PANEL + 5 * MARGIN, MARGIN + LABEL_HEIGHT + PANEL + LEGEND_HEIGHT + MARGIN)
+
+
+def tiny_pipeline(arch: str) -> ShapesMMDiTPipeline | ShapesPixArtPipeline:
+    pipe = build_pipeline(TrainConfig(arch=arch, width=32, layers=1, text_layers=1, steps=1))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Saved tiny random pipelines, one per architecture."""
+    folders = {}
+    for arch in ARCH_CLASSES:
+        folders[arch] = tmp_path_factory.mktemp(arch) / "pipeline"
+        tiny_pipeline(arch).save_pretrained(folders[arch], safe_serialization=True)
+    return folders
+
+
+def sample(pipe, steps: int = 4, **kwargs) -> torch.Tensor:
+    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return pipe([PROMPT, "a small green triangle in the center on a gray background"],
+                num_inference_steps=steps, latents=noise, output_type="pt", **kwargs).images  # fmt: skip
+
+
+def test_tokenizer_pads_after_a_start_token() -> None:
+    tokenizer = ShapesTokenizer(VOCABULARY)
+    ids, mask = tokenizer(["A red  circle on a white background", ""])
+    assert ids.shape == mask.shape == (2, 1 + MAX_WORDS)
+    assert mask.sum(1).tolist() == [8, 1]
+    assert torch.equal(ids[0, :8], tokenizer("a red circle on a white background")[0][0, :8])
+
+
+def test_unknown_word_lists_the_vocabulary() -> None:
+    with pytest.raises(ValueError, match="unknown word") as error:
+        ShapesTokenizer(VOCABULARY)("a pink circle on a white background")
+    assert "'pink'" in str(error.value)
+    assert all(word in str(error.value) for word in VOCABULARY)
+    with pytest.raises(ValueError, match="at most"):
+        ShapesTokenizer(VOCABULARY)(" ".join(["a"] * (MAX_WORDS + 1)))
+
+
+def test_text_encoder_outputs_tokens_and_pooled_vector() -> None:
+    encoder = ShapesTextEncoder(dim=32, num_layers=1, num_heads=1, pooled_dim=16)
+    embeds, pooled, mask = encoder.encode([PROMPT, ""])
+    assert embeds.shape == (2, 1 + MAX_WORDS, 32)
+    assert pooled.shape == (2, 16)
+    assert mask.dtype == torch.bool
+
+
+@pytest.mark.parametrize("arch", ARCH_CLASSES)
+def test_save_and_load_round_trip(arch: str, tiny_folders: dict[str, Path]) -> None:
+    folder = tiny_folders[arch]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "model_index.json",
+        "scheduler",
+        "text_encoder",
+        "transformer",
+    ]
+    assert list(folder.glob("*/*.safetensors")) and not list(folder.glob("**/*.bin"))
+    loaded = load_shapes_pipeline(folder)
+    assert type(loaded) is ARCH_CLASSES[arch]
+    assert loaded.config.guidance_scale == tiny_pipeline(arch).config.guidance_scale
+    torch.testing.assert_close(sample(loaded), sample(tiny_pipeline(arch)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCH_CLASSES)
+def test_cat_pruning_runs_on_the_pipelines(arch: str) -> None:
+    pipe = tiny_pipeline(arch)
+    reference = sample(pipe, steps=5)
+    state = apply_cat_pruning(pipe, CATPruningConfig(keep_ratio=0.3, start_step=2))
+    pruned = sample(pipe, steps=5)
+    assert state.stats.pruned_steps == 3 and state.stats.image_tokens == 256
+    assert state.stats.macs < state.stats.full_macs
+    assert not torch.equal(pruned, reference)
+    remove_cat_pruning(pipe)
+    apply_cat_pruning(pipe, CATPruningConfig(keep_ratio=1.0, start_step=2))
+    torch.testing.assert_close(sample(pipe, steps=5), reference, rtol=0, atol=1e-5)
+    remove_cat_pruning(pipe)
+
+
+def test_the_empty_prompt_is_the_unconditional_input() -> None:
+    pipe = tiny_pipeline("mmdit")
+    text = pipe.encode_prompt(["a red circle on a white background"], do_classifier_free_guidance=True)
+    assert text.embeds.shape[0] == 2 and text.mask[0].sum() == 1
+
+
+def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "catprune", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+
+
+@pytest.mark.slow
+def test_training_resumes_after_being_killed(tmp_path: Path) -> None:
+    tiny = ["--arch", "mmdit", "--out", str(tmp_path), "--width", "32", "--layers", "1", "--batch-size", "4"]
+    tiny += ["--checkpoint-every", "2", "--threads", "1"]
+    state_file = tmp_path / "checkpoint" / "state.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "catprune", "train-shapes", *tiny, "--steps", "100000"],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not (state_file.is_file() and json.loads(state_file.read_text())["step"] >= 2):
+            assert process.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.2)
+    finally:
+        process.kill()
+        process.wait()
+    stopped_at = json.loads(state_file.read_text())["step"]
+    assert (tmp_path / "checkpoint" / "optimizer.safetensors").is_file()
+    result = cli("train-shapes", *tiny, "--steps", str(stopped_at + 2))
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from step {stopped_at}" in result.stdout
+    assert json.loads(state_file.read_text())["step"] == stopped_at + 2
+    assert load_shapes_pipeline(tmp_path / "pipeline").transformer.config.num_layers == 1
+
+
+def model_for(arch: str, tiny_folders: dict[str, Path]) -> str:
+    """The shipped model once it exists, else the tiny folder."""
+    name = f"shapes-{arch}"
+    return name if (shipped_model_path(name) / "model_index.json").is_file() else str(tiny_folders[arch])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCH_CLASSES)
+def test_generate_compare_offline_in_a_subprocess(
+    arch: str, tiny_folders: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "compare.png"
+    result = cli("generate", PROMPT, "--model", model_for(arch, tiny_folders), "--compare", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "PSNR of CAT against full" in result.stdout and "GMACs" in result.stdout
+    with Image.open(out) as image:
+        assert image.size == COMPARE_SIZE
+        pixels = np.asarray(image.convert("RGB"))
+    legend = pixels[MARGIN + LABEL_HEIGHT + PANEL + 4, -MARGIN - PANEL : -MARGIN]
+    assert (legend[0] != legend[-1]).any(), "the selection-frequency legend is missing"
+
+
+def test_generate_writes_an_upscaled_image(tiny_folders: dict[str, Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cat.png"
+    assert (
+        main(["generate", PROMPT, "--model", str(tiny_folders["pixart"]), "--steps", "10", "--out", str(out)])
+        == 0
+    )
+    with Image.open(out) as image:
+        assert image.size == (PANEL, PANEL)
+    assert "GMACs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("prompt", "model", "message"),
+    [
+        ("a pink circle on a white background", "tiny", "unknown word(s) 'pink'"),
+        (PROMPT, "missing", "cannot load model"),
+    ],
+)
+def test_generate_errors_are_one_line(prompt, model, message, tiny_folders, tmp_path, capsys) -> None:
+    path = str(tiny_folders["mmdit"]) if model == "tiny" else str(tmp_path / "no-such-model")
+    assert main(["generate", prompt, "--model", path, "--steps", "10", "--out", str(tmp_path / "x.png")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and "\n" not in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("name", SHIPPED_MODELS)
+def test_shipped_models_are_small_safetensors(name: str) -> None:
+    folder = shipped_model_path(name)
+    if not (folder / "model_index.json").is_file():
+        pytest.skip(f"{name} is not trained yet")
+    weights = list(folder.glob("*/*.safetensors"))
+    assert len(weights) == 2 and all(f.stat().st_size <= 25 * 2**20 for f in weights)
+    assert not list(folder.glob("**/*.bin"))
