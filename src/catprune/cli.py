@@ -13,6 +13,7 @@ TOOL_MODULES = (
     "catprune.tools.bench",
     "catprune.tools.generate",
     "catprune.tools.train_shapes",
+    "catprune.tools.viz",
     "catprune.tools.eval",
 )
 """Each module defines ``register(subparsers)``, which adds its subcommand with ``func=run(args) -> int``."""

@@ -1,0 +1,136 @@
+"""``catprune viz FIGURE``: the paper's diagnostic figures as PNGs, from a shapes model or a real pipeline.
+
+Each figure writes ``--out`` (PNG) and the plotted data beside it (same name, .npz and .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from ..cli import CLIError
+from ..config import CATPruningConfig
+from ..strategies import STRATEGIES
+from .generate import load_pipeline
+
+if TYPE_CHECKING:
+    from ..viz import FigureData
+
+FIGURE_HELP = {
+    "noise-correlation": "Fig. 3: relative noise per token at step t against step t-1, with Pearson r",
+    "selection": "Fig. 4/5: recomputed tokens and predicted noise over the pruned steps, per strategy",
+    "strategies": "Fig. 6: images of several token-choice strategies at the same budget, and the full model",
+    "clusters": "Fig. 7: the KMeans cluster map over the image, per prompt",
+    "alpha-sweep": "Fig. 8/9: images by keep ratio alpha, with MACs per image under each column",
+    "frequency": "heat map of how many pruned steps recomputed each token over a generation",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "viz",
+        help="diagnostic figures of the paper (figures 3-9) as PNGs",
+        description="Draw one of the paper's diagnostic figures from a real run; the plotted data are "
+        "saved beside the PNG (same name, .npz and .json).",
+    )
+    figures = parser.add_subparsers(dest="figure", required=True, metavar="FIGURE")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--model", required=True, help="shapes-mmdit, shapes-pixart, a local pipeline folder or a hub id"
+    )
+    common.add_argument("--prompts", nargs="+", required=True, help="one or more prompts")
+    common.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    common.add_argument("--steps", type=int, default=28, help="denoising steps (default: 28)")
+    common.add_argument("--start-step", type=int, default=8, help="t0, the first pruned step (default: 8)")
+    common.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
+    common.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default: 100)")
+
+    def add(name: str, keep_ratio: float | None = 0.3) -> argparse.ArgumentParser:
+        """The figure's subcommand, with ``--keep-ratio`` unless it sets the keep ratio otherwise (None)."""
+        figure = figures.add_parser(
+            name, parents=[common], help=FIGURE_HELP[name], description=FIGURE_HELP[name]
+        )
+        if keep_ratio is not None:
+            figure.add_argument(
+                "--keep-ratio",
+                type=float,
+                default=keep_ratio,
+                help=f"alpha, share of tokens kept (default: {keep_ratio})",
+            )
+        figure.set_defaults(func=run)
+        return figure
+
+    add("noise-correlation", keep_ratio=1.0).epilog = (
+        "The default keep ratio 1.0 recomputes every token: it measures the model itself. Below 1, "
+        "reused tokens repeat their noise, which inflates the correlation."
+    )
+    selection = add("selection")
+    selection.add_argument(
+        "--strategies", nargs="+", choices=sorted(STRATEGIES), default=["noise", "noise+balance"]
+    )
+    selection.add_argument("--panels", type=int, default=5, help="pruned steps shown (default: 5)")
+    add("strategies").add_argument(
+        "--strategies", nargs="+", choices=sorted(STRATEGIES), default=["noise+balance", "cat", "rows"]
+    )
+    add("clusters")
+    sweep = add("alpha-sweep", keep_ratio=None)
+    sweep.add_argument(
+        "--keep-ratios", nargs="+", type=float, default=[0.2, 0.3, 0.5, 0.8, 1.0], help="1.0: the full model"
+    )
+    for figure in (sweep, add("frequency")):
+        figure.add_argument("--strategy", choices=sorted(STRATEGIES), default="cat", help="(default: cat)")
+
+
+def _viz_library() -> ModuleType:
+    """``catprune.viz``, imported on use: it needs matplotlib, an optional dependency, and the CLI imports
+    every tool module at start."""
+    try:
+        return importlib.import_module("catprune.viz")
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] != "matplotlib":
+            raise
+        raise CLIError("catprune viz needs matplotlib: pip install matplotlib") from None
+
+
+def _collect(viz: ModuleType, args: argparse.Namespace, pipe: Any) -> FigureData:
+    settings = {name: getattr(args, name) for name in ("keep_ratio", "strategy") if hasattr(args, name)}
+    config = CATPruningConfig(start_step=args.start_step, **settings)
+    common = {"config": config, "steps": args.steps, "seed": args.seed}
+    collectors: dict[str, Callable[[], FigureData]] = {
+        "noise-correlation": lambda: viz.collect_noise_correlation(pipe, args.prompts, **common),
+        "selection": lambda: viz.collect_selection(
+            pipe, args.prompts[0], args.strategies, panels=args.panels, **common
+        ),
+        "strategies": lambda: viz.collect_strategies(pipe, args.prompts, args.strategies, **common),
+        "clusters": lambda: viz.collect_clusters(pipe, args.prompts, **common),
+        "alpha-sweep": lambda: viz.collect_alpha_sweep(pipe, args.prompts, args.keep_ratios, **common),
+        "frequency": lambda: viz.collect_frequency(pipe, args.prompts, **common),
+    }
+    return collectors[args.figure]()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.steps <= args.start_step:
+        raise CLIError(f"--steps ({args.steps}) must be larger than --start-step ({args.start_step})")
+    if args.figure == "selection" and len(args.prompts) != 1:
+        raise CLIError(f"selection shows one prompt, got {len(args.prompts)}")
+    if getattr(args, "panels", 1) < 1:
+        raise CLIError(f"--panels must be >= 1, got {args.panels}")
+    if args.out.suffix.lower() != ".png":
+        raise CLIError(f"--out must name a .png file, got {args.out}")
+    viz = _viz_library()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    pipe = load_pipeline(args.model)
+    data = _collect(viz, args, pipe)
+    viz.save_figure(data, args.out, dpi=args.dpi)
+    print(
+        f"wrote {args.out} (data: {args.out.with_suffix('.npz').name}, {args.out.with_suffix('.json').name}) "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
