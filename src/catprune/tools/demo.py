@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 from ..config import CATPruningConfig
 from ..integration import apply_cat_pruning, remove_cat_pruning
@@ -33,8 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def build_pipeline(seed: int) -> StableDiffusion3Pipeline:
+def build_pipeline(seed: int) -> Any:
     """SD3's structure at width 256 (4 heads x 64), 4 blocks; no text encoders or VAE are needed."""
+    # Imported here: diffusers' SD3 pipeline needs transformers, which the other commands do not.
+    from diffusers import StableDiffusion3Pipeline
+
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
         sample_size=64,
