@@ -120,15 +120,17 @@ class SelectionCounter:
     def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if self.state.mode is not StepMode.PRUNED or self.state.indices is None:
             return
-        indices = self.state.indices[-1].cpu()
-        counts = torch.bincount(indices, minlength=self.state.stats.image_tokens)
-        self.counts = counts if self.counts is None else self.counts + counts
+        # On the device, without a host read: bincount would sync to size its output.
+        indices = self.state.indices[-1]
+        if self.counts is None:
+            self.counts = torch.zeros(self.state.num_tokens, dtype=torch.long, device=indices.device)
+        self.counts.scatter_add_(0, indices, torch.ones_like(indices))
 
     def frequency(self) -> np.ndarray:
         """(tokens,) share of pruned steps that recomputed each token."""
         if self.counts is None or not self.state.stats.pruned_steps:
             return np.zeros(self.state.stats.image_tokens)
-        return (self.counts.float() / self.state.stats.pruned_steps).numpy()
+        return (self.counts.float() / self.state.stats.pruned_steps).cpu().numpy()
 
 
 def psnr(a: Image.Image, b: Image.Image) -> float:
