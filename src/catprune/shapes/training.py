@@ -1,4 +1,4 @@
-"""Train the shapes models on CPU: resumable, with weight EMA and a warm-up + cosine learning rate.
+"""Train the shapes models (CPU, or a GPU when there is one): resumable, weight EMA, warm-up + cosine LR.
 
 Objectives follow the models' namesakes:
 
@@ -20,7 +20,8 @@ sees exactly the batches it would have seen.
 
 The learning-rate schedule runs over the run's budget: its step count, or its wall time with
 ``minutes`` (then a run is reproducible in its settings but not bit-for-bit). Checkpoints hold the
-weights, their EMA and the optimizer state as safetensors, and the counters as JSON.
+weights, their EMA and the optimizer state as safetensors, and the counters as JSON. The device and
+the number of data-loading workers change only the speed, so they are not part of the saved settings.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
@@ -43,6 +46,7 @@ from diffusers import (
 )
 from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .pipelines import ShapesMMDiTPipeline, ShapesPipeline, ShapesPixArtPipeline
@@ -57,6 +61,8 @@ HEAD_DIM = 32
 VLB_WEIGHT = 0.001
 MIN_SNR_GAMMA = 5.0
 CAPTION_DROP = 0.1
+Batch = tuple[torch.Tensor, list[str], torch.Generator]
+"""A step's images in [-1, 1], its captions (some dropped) and the generator of its noise."""
 
 
 @dataclass
@@ -141,7 +147,7 @@ def named_parameters(pipe: ShapesPipeline) -> dict[str, torch.nn.Parameter]:
     }
 
 
-def batch(config: TrainConfig, step: int) -> tuple[torch.Tensor, list[str], torch.Generator]:
+def batch(config: TrainConfig, step: int) -> Batch:
     """Images in [-1, 1] (B, 3, 32, 32), captions with 10% dropped, and the step's noise generator."""
     seed = config.seed * 1_000_003 + step
     images, captions = make_dataset(config.batch_size, seed, "train", size=IMAGE_SIZE)
@@ -152,11 +158,49 @@ def batch(config: TrainConfig, step: int) -> tuple[torch.Tensor, list[str], torc
     return pixels, captions, generator
 
 
+def _as_drawn(
+    item: Batch,
+) -> Batch:
+    return item
+
+
+class _StepBatches(Dataset):
+    """Item ``step`` is that step's batch, so worker processes can draw batches ahead of the model."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+
+    def __len__(self) -> int:
+        return 1 << 62
+
+    def __getitem__(self, step: int) -> Batch:
+        return batch(self.config, step)
+
+
+def batches(config: TrainConfig, first_step: int, workers: int) -> Iterator[Batch]:
+    """Batches of steps ``first_step, first_step + 1, ...``, drawn by ``workers`` processes (0: inline)."""
+    if workers == 0:
+        step = first_step
+        while True:
+            yield batch(config, step)
+            step += 1
+    loader = DataLoader(
+        _StepBatches(config),
+        batch_size=None,
+        sampler=range(first_step, len(_StepBatches(config))),
+        num_workers=workers,
+        collate_fn=_as_drawn,
+        prefetch_factor=4,
+        persistent_workers=False,
+    )
+    yield from loader
+
+
 def flow_loss(
     pipe: ShapesPipeline, x0: torch.Tensor, captions: list[str], gen: torch.Generator
 ) -> torch.Tensor:
-    sigma = torch.sigmoid(torch.randn(len(x0), generator=gen))
-    noise = torch.randn(x0.shape, generator=gen)
+    sigma = torch.sigmoid(torch.randn(len(x0), generator=gen)).to(x0.device)
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
     s = sigma.view(-1, 1, 1, 1)
     text = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
     velocity = pipe.model_output((1 - s) * x0 + s * noise, sigma * 1000, text)
@@ -178,17 +222,17 @@ def ddpm_loss(
     betas = scheduler.betas.float()
     abar = scheduler.alphas_cumprod.float()
     t = torch.randint(0, len(betas), (len(x0),), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
 
     def per_sample(values: torch.Tensor) -> torch.Tensor:
-        return values[t].view(-1, 1, 1, 1)
+        return values[t].view(-1, 1, 1, 1).to(x0.device)
 
     abar_t = per_sample(abar)
     abar_prev = per_sample(torch.cat([abar.new_ones(1), abar[:-1]]))
     beta_t = per_sample(betas)
     x_t = abar_t.sqrt() * x0 + (1 - abar_t).sqrt() * noise
     text = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
-    output = pipe.model_output(x_t, t, text)
+    output = pipe.model_output(x_t, t.to(x0.device), text)
     eps, var_signal = output.chunk(2, dim=1)
     snr = abar_t / (1 - abar_t)
     mse = (snr.clamp(max=MIN_SNR_GAMMA) / snr * (eps - noise) ** 2).mean()
@@ -210,9 +254,22 @@ LOSSES = {"mmdit": flow_loss, "pixart": ddpm_loss}
 
 
 class Trainer:
-    """One run in ``out_dir``: resumes from ``out_dir/checkpoint`` when it holds one."""
+    """One run in ``out_dir``: resumes from ``out_dir/checkpoint`` when it holds one.
 
-    def __init__(self, config: TrainConfig, out_dir: str | Path, checkpoint_every: int = 200) -> None:
+    ``data_workers`` processes draw the batches ahead of the model (0: in the training loop), which
+    matters on a GPU, where drawing a batch of scenes takes longer than a training step.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        out_dir: str | Path,
+        checkpoint_every: int = 200,
+        device: str | torch.device = "cpu",
+        data_workers: int = 0,
+    ) -> None:
+        self.device = torch.device(device)
+        self.data_workers = data_workers
         self.out_dir = Path(out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoint"
         self.checkpoint_every = checkpoint_every
@@ -223,11 +280,15 @@ class Trainer:
             config = self._merge(TrainConfig(**saved["config"]), config)
             self.step, self.elapsed = saved["step"], saved["elapsed_seconds"]
         self.config = config
-        self.pipe = build_pipeline(config)
+        self.pipe = build_pipeline(config).to(self.device)
         self.params = named_parameters(self.pipe)
         self.ema = {name: p.detach().clone() for name, p in self.params.items()}
         self.optimizer = torch.optim.AdamW(
-            self.params.values(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay
+            self.params.values(),
+            lr=config.lr,
+            betas=(0.9, 0.99),
+            weight_decay=config.weight_decay,
+            fused=self.device.type == "cuda",
         )
         if self.step:
             self._load_checkpoint(saved["param_groups"])
@@ -252,13 +313,17 @@ class Trainer:
         warmup = min(1.0, (self.step + 1) / self.config.warmup_steps)
         return self.config.lr * warmup * 0.5 * (1 + math.cos(math.pi * min(1.0, self.progress())))
 
-    def train_step(self) -> float:
+    def train_step(self, data: Batch) -> torch.Tensor:
+        """One optimisation step on ``data`` (the step's batch); returns the loss without reading it,
+        so that a GPU is not waited for."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate()
-        x0, captions, generator = batch(self.config, self.step)
+        x0, captions, generator = data
         # The math attention kernel is faster than the CPU flash kernel on 16x16 token grids.
-        with torch.autocast("cpu", torch.bfloat16, enabled=self.config.bf16), sdpa_kernel(SDPBackend.MATH):
-            loss = LOSSES[self.config.arch](self.pipe, x0, captions, generator)
+        attention = sdpa_kernel(SDPBackend.MATH) if self.device.type == "cpu" else nullcontext()
+        autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.config.bf16)
+        with autocast, attention:
+            loss = LOSSES[self.config.arch](self.pipe, x0.to(self.device), captions, generator)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
@@ -267,9 +332,8 @@ class Trainer:
         # Warm the EMA up so that early checkpoints are usable (decay grows to ema_decay).
         decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
-            for name, p in self.params.items():
-                self.ema[name].lerp_(p, 1 - decay)
-        return loss.item()
+            torch._foreach_lerp_(list(self.ema.values()), list(self.params.values()), 1 - decay)
+        return loss.detach()
 
     def run(self) -> ShapesPipeline:
         """Train until the budget is used, checkpointing periodically; returns the EMA pipeline."""
@@ -280,17 +344,26 @@ class Trainer:
         )
         if self.config.steps is not None:
             bar.total = self.config.steps
+        data = batches(self.config, self.step, self.data_workers)
+        losses: list[torch.Tensor] = []
         try:
+            start = time.perf_counter()
             while self.progress() < 1.0:
-                start = time.perf_counter()
-                loss = self.train_step()
-                self.elapsed += time.perf_counter() - start
+                losses.append(self.train_step(next(data)))
                 bar.update(1)
-                bar.set_postfix(
-                    loss=f"{loss:.4f}", lr=f"{self.learning_rate():.2e}", done=f"{self.progress():.1%}"
-                )
+                # Read the losses (and the clock) every 10 steps: reading waits for the device.
+                if self.step % 10 == 0 or self.step % self.checkpoint_every == 0:
+                    loss = torch.stack(losses).mean().item()
+                    losses.clear()
+                    now = time.perf_counter()
+                    self.elapsed += now - start
+                    start = now
+                    bar.set_postfix(
+                        loss=f"{loss:.4f}", lr=f"{self.learning_rate():.2e}", done=f"{self.progress():.1%}"
+                    )
                 if self.step % self.checkpoint_every == 0:
                     self.save_checkpoint()
+                    start = time.perf_counter()
         finally:
             bar.close()
         self.save_checkpoint()
@@ -317,9 +390,11 @@ class Trainer:
             for key, value in state.items()
         }
         files = {
-            "model.safetensors": {name: p.detach() for name, p in self.params.items()},
-            "ema.safetensors": self.ema,
-            "optimizer.safetensors": {k: v.reshape(-1) if v.dim() == 0 else v for k, v in tensors.items()},
+            "model.safetensors": {name: p.detach().cpu() for name, p in self.params.items()},
+            "ema.safetensors": {name: p.cpu() for name, p in self.ema.items()},
+            "optimizer.safetensors": {
+                k: (v.reshape(-1) if v.dim() == 0 else v).cpu() for k, v in tensors.items()
+            },
         }
         for filename, content in files.items():
             _atomic(self.checkpoint_dir / filename, lambda path, c=content: save_file(c, str(path)))

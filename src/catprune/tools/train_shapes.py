@@ -1,4 +1,4 @@
-"""``catprune train-shapes``: train a shapes model on CPU (resumable) and save it as a diffusers pipeline."""
+"""``catprune train-shapes``: train a shapes model (resumable) and save it as a diffusers pipeline."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     defaults = TrainConfig(steps=1)
     parser = subparsers.add_parser(
         "train-shapes",
-        help="train the shapes-mmdit or shapes-pixart model on CPU (resumes when --out holds a checkpoint)",
+        help="train the shapes-mmdit or shapes-pixart model (resumes when --out holds a checkpoint)",
     )
     parser.add_argument("--arch", choices=ARCHES, required=True)
     parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoint/ and pipeline/")
@@ -39,6 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
+    parser.add_argument("--device", default="cpu", help="torch device to train on (default: cpu)")
+    parser.add_argument(
+        "--data-workers",
+        type=int,
+        default=0,
+        help="processes drawing batches ahead of the model; worth it on a GPU (default: 0, inline)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -47,6 +54,13 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.checkpoint_every < 1:
         raise CLIError(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
+    if args.data_workers < 0:
+        raise CLIError(f"--data-workers must be 0 or more, got {args.data_workers}")
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise CLIError(f"cannot train on --device {args.device}: {str(error).splitlines()[0]}") from None
     config = TrainConfig(
         arch=args.arch,
         width=args.width,
@@ -60,7 +74,13 @@ def run(args: argparse.Namespace) -> int:
         minutes=args.minutes,
         seed=args.seed,
     )
-    trainer = Trainer(config, args.out, checkpoint_every=args.checkpoint_every)
+    trainer = Trainer(
+        config,
+        args.out,
+        checkpoint_every=args.checkpoint_every,
+        device=device,
+        data_workers=args.data_workers,
+    )
     if trainer.step:
         print(f"resuming from step {trainer.step} ({trainer.elapsed / 60:.1f} min trained)", flush=True)
     start = time.perf_counter()

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Train the shapes models on one CUDA GPU, several settings at once (one process each), with the same
+# `catprune train-shapes` as on the CPU. Needs PyTorch with CUDA; diffusers and its missing
+# dependencies are installed from the wheels in .whl/ at the repository root (as gpu_bench.sh does).
+# Leaves in OUTDIR one NAME.tar per run (its EMA pipeline, checkpoint/state.json and training log).
+#
+#   benchmarks/gpu_train_shapes.sh OUTDIR
+#
+# Environment: PYTHON (default python3), MINUTES (training time of each run, default 6), BATCH (default
+# 256), RUNS ("ARCH:WIDTH:LAYERS ...", default "mmdit:96:5 pixart:96:5 mmdit:128:6 pixart:128:6"),
+# DEVICE (default cuda; DEVICE=cpu MINUTES=0.1 BATCH=8 RUNS=mmdit:32:1 is a smoke test).
+set -euo pipefail
+
+OUT="${1:?usage: benchmarks/gpu_train_shapes.sh OUTDIR}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+MINUTES="${MINUTES:-6}"
+BATCH="${BATCH:-256}"
+DEVICE="${DEVICE:-cuda}"
+read -r -a SETTINGS <<<"${RUNS:-mmdit:96:5 pixart:96:5 mmdit:128:6 pixart:128:6}"
+WORK="$(mktemp -d)"
+mkdir -p "$OUT"
+
+if ! "$PYTHON" -c "import diffusers" 2>/dev/null; then
+    [ -d "$ROOT/.whl" ] || { echo "diffusers is missing and there is no $ROOT/.whl with its wheels" >&2; exit 1; }
+    "$PYTHON" -m pip install -q --no-index --no-deps --target "$WORK/site" "$ROOT"/.whl/*.whl
+    export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$PYTHON" -c "import catprune" 2>/dev/null || export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+"$PYTHON" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
+
+# The catprune CLI with only train-shapes: the other tools may import packages this machine lacks.
+CATPRUNE=("$PYTHON" -c 'import sys, catprune.cli as cli
+cli.TOOL_MODULES = ("catprune.tools.train_shapes",)
+sys.exit(cli.main())')
+
+names=()
+for setting in "${SETTINGS[@]}"; do
+    IFS=: read -r arch width layers <<<"$setting"
+    name="$arch-w$width-l$layers"
+    names+=("$name")
+    mkdir -p "$WORK/$name"
+    "${CATPRUNE[@]}" train-shapes --arch "$arch" --width "$width" --layers "$layers" --batch-size "$BATCH" \
+        --minutes "$MINUTES" --device "$DEVICE" --data-workers 2 --threads 2 --checkpoint-every 1000 \
+        --out "$WORK/$name" >"$WORK/$name/train.log" 2>&1 &
+done
+wait
+for name in "${names[@]}"; do
+    tail -c 400 "$WORK/$name/train.log" | tr '\r' '\n' | tail -n 2
+    tar -C "$WORK/$name" -cf "$OUT/$name.tar" train.log $(cd "$WORK/$name" && ls -d pipeline checkpoint/state.json 2>/dev/null)
+done
