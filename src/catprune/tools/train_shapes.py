@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from pathlib import Path
 
@@ -84,10 +85,13 @@ def run(args: argparse.Namespace) -> int:
     if trainer.step:
         print(f"resuming from step {trainer.step} ({trainer.elapsed / 60:.1f} min trained)", flush=True)
     start = time.perf_counter()
+    # A scheduler's or `kill`'s SIGTERM stops the run like Ctrl-C: with a checkpoint of the last step.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         trainer.run()
     except KeyboardInterrupt:
         trainer.save_checkpoint()
+        print(f"interrupted: checkpoint of step {trainer.step} saved; run the same command to resume")
         raise
     params = sum(p.numel() for p in trainer.params.values())
     print(
