@@ -161,9 +161,8 @@ def batch(config: TrainConfig, step: int) -> Batch:
     return pixels, captions, generator
 
 
-def _as_drawn(
-    item: Batch,
-) -> Batch:
+def _as_drawn(item: Batch) -> Batch:
+    """The loader's collate function: each item already is a whole batch."""
     return item
 
 
