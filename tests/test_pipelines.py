@@ -327,6 +327,20 @@ def test_cache_memory_is_key_and_value_for_every_token() -> None:
     assert sum(processor.cache_bytes() for processor in state.processors) == joint + dual
 
 
+def test_released_caches_free_memory_and_the_next_generation_is_unchanged() -> None:
+    case = CASES["sd3"]
+    pipe = case.make_pipeline()
+    state = apply_cat_pruning(pipe, CONFIG)
+    first = generate(pipe, case, case.prompts(1), seeded_latents(1))
+    macs = state.stats.macs
+    state.release_caches()
+    assert sum(processor.cache_bytes() for processor in state.processors) == 0
+    assert state.stats.macs == macs
+    torch.testing.assert_close(
+        generate(pipe, case, case.prompts(1), seeded_latents(1)), first, rtol=0, atol=0
+    )
+
+
 @pytest.mark.parametrize(
     ("case_name", "make_transformer"), [("sd3.5", lambda: tiny_sd3(sd35=True)), ("pixart-sigma", tiny_pixart)]
 )
