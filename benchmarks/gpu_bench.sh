@@ -20,26 +20,16 @@ mkdir -p "$OUT"
 if [ "$DEVICE" = cuda ]; then
     "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
 fi
-if ! "$PYTHON" -c "import diffusers" 2>/dev/null; then
-    [ -d "$ROOT/.whl" ] || { echo "diffusers is missing and there is no $ROOT/.whl with its wheels" >&2; exit 1; }
-    "$PYTHON" -m pip install --no-index --find-links "$ROOT/.whl" diffusers
-fi
-if ! "$PYTHON" -c "import catprune" 2>/dev/null; then
-    # Editable, without touching torch or diffusers; the source tree on PYTHONPATH if pip cannot.
-    "$PYTHON" -m pip install --no-deps --no-build-isolation -e "$ROOT" >"$OUT/pip-catprune.log" 2>&1 \
-        || export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
-fi
+# shellcheck source=benchmarks/gpu_env.sh
+source "$ROOT/benchmarks/gpu_env.sh"
+gpu_env_setup
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
     "$PYTHON" -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)"
 } >"$OUT/environment.txt"
 
-# The catprune CLI with only its macs and bench subcommands: the other tools may import packages
-# (transformers, torchmetrics, ...) that this machine does not have.
-CATPRUNE=("$PYTHON" -c 'import sys, catprune.cli as cli
-cli.TOOL_MODULES = ("catprune.tools.macs", "catprune.tools.bench")
-sys.exit(cli.main())')
+catprune_with_tools catprune.tools.macs catprune.tools.bench
 
 for model in sd3-medium pixart-sigma; do
     # Counted MACs of the same setting (meta device, seconds), then the timed runs (capped).

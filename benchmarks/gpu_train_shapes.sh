@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the shapes models on one CUDA GPU, several settings at once (one process each), with the same
 # `catprune train-shapes` as on the CPU. Needs PyTorch with CUDA; diffusers and its missing
-# dependencies are installed from the wheels in .whl/ at the repository root (as gpu_bench.sh does).
+# dependencies come from the wheels in .whl/ at the repository root (benchmarks/gpu_env.sh).
 # Leaves in OUTDIR one NAME.tar per run (its EMA pipeline, checkpoint/state.json and training log).
 #
 #   benchmarks/gpu_train_shapes.sh OUTDIR
@@ -21,19 +21,13 @@ read -r -a SETTINGS <<<"${RUNS:-mmdit:96:5 pixart:96:5 mmdit:128:6 pixart:128:6}
 WORK="$(mktemp -d)"
 mkdir -p "$OUT"
 
-if ! "$PYTHON" -c "import diffusers" 2>/dev/null; then
-    [ -d "$ROOT/.whl" ] || { echo "diffusers is missing and there is no $ROOT/.whl with its wheels" >&2; exit 1; }
-    "$PYTHON" -m pip install -q --no-index --no-deps --target "$WORK/site" "$ROOT"/.whl/*.whl
-    export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-"$PYTHON" -c "import catprune" 2>/dev/null || export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck source=benchmarks/gpu_env.sh
+source "$ROOT/benchmarks/gpu_env.sh"
+gpu_env_setup
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 "$PYTHON" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 
-# The catprune CLI with only train-shapes: the other tools may import packages this machine lacks.
-CATPRUNE=("$PYTHON" -c 'import sys, catprune.cli as cli
-cli.TOOL_MODULES = ("catprune.tools.train_shapes",)
-sys.exit(cli.main())')
+catprune_with_tools catprune.tools.train_shapes
 
 names=()
 for setting in "${SETTINGS[@]}"; do
