@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
+from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning, runtime
 from catprune.shapes import ATTRIBUTES, heldout_captions, score
-from catprune.shapes.pipelines import SHIPPED_MODELS, ShapesPipeline, load_shapes_pipeline, shipped_model_path
+from catprune.shapes.pipelines import SHIPPED_MODELS, ShapesPipeline, shipped_model_path
 
 PSNR_CAP = 100.0
 """PSNR of identical images (infinite) is counted as this many dB in means."""
@@ -66,6 +66,8 @@ def initial_noise(pipe: ShapesPipeline, first: int, count: int) -> torch.Tensor:
 def generate(
     pipe: ShapesPipeline, run: Run, captions: list[str], noise: torch.Tensor, guidance: float | None
 ) -> np.ndarray:
+    """A batch (N, H, W, 3) uint8 from explicit initial noise; not ``runtime.run_generation``, whose noise
+    comes from one seed per call: here each caption has its own seed, whatever the batch."""
     if run.cat:
         apply_cat_pruning(pipe, CATPruningConfig(keep_ratio=0.3, start_step=8))
     try:
@@ -77,17 +79,15 @@ def generate(
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image PSNR in dB of (N, H, W, 3) uint8 batches, capped at ``PSNR_CAP``."""
-    error = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
-    with np.errstate(divide="ignore"):
-        return np.minimum(10 * np.log10(255.0**2 / error), PSNR_CAP)
+    """Per-image PSNR in dB (``runtime.psnr``) of (N, H, W, 3) uint8 batches, capped at ``PSNR_CAP``."""
+    return np.array([min(runtime.psnr(x, y), PSNR_CAP) for x, y in zip(a, b, strict=True)])
 
 
 def evaluate(
     model: str, captions: list[str], batch: int, guidance: float | None, cache: Path
 ) -> dict[str, np.ndarray]:
     """Images (N, H, W, 3) uint8 of every run, generated batch by batch or read from the cache."""
-    pipe = load_shapes_pipeline(model)
+    pipe = runtime.load_pipeline(model, device="cpu", dtype="float32")
     folder = cache / weights_key(model, guidance)
     folder.mkdir(parents=True, exist_ok=True)
     images: dict[str, list[np.ndarray]] = {run.name: [] for run in RUNS}

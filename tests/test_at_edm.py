@@ -18,7 +18,8 @@ from conftest import (
 )
 
 from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
-from catprune.pruning import CachedSelfAttentionProcessor, StepMode
+from catprune.adapters.attention import CachedSelfAttentionProcessor
+from catprune.pruning import StepMode
 from catprune.strategies import ATTENTION_STRATEGIES, SelectionInput, get_strategy, weighted_pagerank
 
 CASES = {

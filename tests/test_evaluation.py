@@ -18,18 +18,18 @@ import pytest
 import torch
 
 from catprune.cli import main
+from catprune.config import CATPruningConfig
 from catprune.evaluation import (
     EvalSettings,
     RunFolder,
     equal_macs_steps,
     fidelity,
-    generate,
     load_clip_scorer,
-    load_pipeline,
     pooled_psnr,
     resolve_methods,
 )
 from catprune.prompts import PromptSetError, load_prompts
+from catprune.runtime import load_pipeline, run_generation
 from catprune.shapes.scenes import heldout_captions
 from catprune.shapes.training import TrainConfig, build_pipeline
 
@@ -95,10 +95,17 @@ def test_methods_by_name_full_first_each_once() -> None:
 def test_pruning_configs_differ_only_in_the_token_choice() -> None:
     settings = EvalSettings(model="m", prompts="shapes", keep_ratio=0.3, start_step=8, seed=5)
     methods = resolve_methods(["cat", "noise", "at-edm"])
-    full, cat, noise, atedm = (settings.pruning_config(method, 28) for method in methods)
+    full, cat, noise, atedm = (settings.pruning_config(method) for method in methods)
     assert (cat.keep_ratio, cat.start_step, cat.seed) == (noise.keep_ratio, noise.start_step, noise.seed)
     assert (cat.strategy, noise.strategy, atedm.strategy, atedm.start_step) == ("cat", "noise", "at-edm", 9)
-    assert full.start_step > 28  # never pruned: the mechanism only counts its MACs
+    assert not full.prune  # never pruned: the mechanism only counts its MACs
+
+
+def test_unpruned_methods_never_prune_yet_count_macs() -> None:
+    settings = EvalSettings(model="m", prompts="shapes")
+    for method in resolve_methods(["fewer-steps"]):  # and full
+        config = settings.pruning_config(method)
+        assert config == CATPruningConfig.unpruned()
 
 
 def test_prompt_sets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -216,8 +223,8 @@ def test_eval_writes_images_records_and_the_table(
     assert records[1]["seed"] == 1 and records[1]["prompt"] == heldout_captions(2)[1]
 
     # The full image is the unpatched pipeline's, from the prompt index's seed.
-    pipe = load_pipeline(tiny_model, torch.device("cpu"), torch.float32)
-    image = generate(pipe, records[1]["prompt"], STEPS, 1, None)
+    pipe = load_pipeline(tiny_model, "cpu", "float32")
+    image = run_generation(pipe, records[1]["prompt"], STEPS, 1).images[0]
     assert np.array_equal(image, RunFolder(out).read_image("full", 1))
 
     # A rerun finds everything done and rewrites the same table.
@@ -229,7 +236,7 @@ def test_eval_writes_images_records_and_the_table(
 
 
 def test_fewer_steps_match_cat_macs(tiny_model: str, tmp_path: Path) -> None:
-    pipe = load_pipeline(tiny_model, torch.device("cpu"), torch.float32)
+    pipe = load_pipeline(tiny_model, "cpu", "float32")
     settings = EvalSettings(model=tiny_model, prompts="shapes", steps=20, start_step=8)
     fewer = equal_macs_steps(pipe, "a red circle on a white background", settings)
     assert main(eval_args(tiny_model, tmp_path, "cat", 1, "--steps", "20", "--start-step", "8")) == 0

@@ -14,6 +14,7 @@ from conftest import TEXT_TOKENS, tiny_pixart, tiny_sd3
 
 from catprune.architectures import ARCHITECTURES, Architecture, load_architecture, resolve_architecture
 from catprune.measure import PAPER_MACS, MacsReport, count_macs
+from catprune.tools.demo import MODEL as DEMO_MODEL
 
 PAPER_RATIOS = {
     ("sd3-medium", 28): 0.536,
@@ -119,6 +120,17 @@ def test_named_architectures_have_the_published_sizes() -> None:
         "pixart-sigma": 300,
         "pixart-alpha": 120,
     }
+
+
+def test_the_demo_model_is_sd3_at_width_256() -> None:
+    """``catprune demo``'s miniature SD3: 4 heads x 64, 4 blocks, SD3's 333 text tokens and its pipeline."""
+    model = DEMO_MODEL.build()
+    assert sum(p.numel() for p in model.parameters()) == 9_057_856
+    assert model.inner_dim == 256 and len(model.transformer_blocks) == 4
+    assert (DEMO_MODEL.text_tokens, DEMO_MODEL.image_tokens(512)) == (333, 1024)
+    assert DEMO_MODEL.guidance_scale == 7.0
+    assert DEMO_MODEL.make_scheduler().config.shift == 3.0
+    assert DEMO_MODEL.name not in ARCHITECTURES
 
 
 def test_build_on_meta_has_no_data_and_cut_layers_keep_width() -> None:

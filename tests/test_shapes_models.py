@@ -16,6 +16,7 @@ from PIL import Image
 
 from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
 from catprune.cli import main
+from catprune.runtime import run_generation
 from catprune.shapes import VOCABULARY, heldout_captions, score
 from catprune.shapes.pipelines import (
     SHIPPED_MODELS,
@@ -26,7 +27,7 @@ from catprune.shapes.pipelines import (
 )
 from catprune.shapes.text import MAX_WORDS, ShapesTextEncoder, ShapesTokenizer
 from catprune.shapes.training import TrainConfig, build_pipeline
-from catprune.tools.generate import LABEL_HEIGHT, LEGEND_HEIGHT, MARGIN, PANEL
+from catprune.tools.generate import LABEL_HEIGHT, LEGEND_HEIGHT, MARGIN, PANEL, SelectionCounter
 
 PROMPT = (
     "a large red circle at the top left and a small blue square at the bottom right on a white background"
@@ -111,6 +112,31 @@ def test_cat_pruning_runs_on_the_pipelines(arch: str) -> None:
     apply_cat_pruning(pipe, CATPruningConfig(keep_ratio=1.0, start_step=2))
     torch.testing.assert_close(sample(pipe, steps=5), reference, rtol=0, atol=1e-5)
     remove_cat_pruning(pipe)
+
+
+def test_generate_counts_how_often_each_token_is_recomputed() -> None:
+    """The selection-frequency panel: per token, the share of pruned steps that recomputed it (last row)."""
+    pipe = tiny_pipeline("mmdit")
+    counter, chosen = SelectionCounter(), []
+
+    def keep_indices(record) -> None:
+        if record.indices is not None:
+            chosen.append(record.indices[-1].clone())
+
+    config = CATPruningConfig(keep_ratio=0.3, start_step=2)
+    result = run_generation(pipe, PROMPT, 5, 0, config, observers=[counter, keep_indices])
+    stats = result.stats
+    assert len(chosen) == stats.pruned_steps == 3
+    expected = np.zeros(stats.image_tokens)
+    for indices in chosen:
+        np.add.at(expected, indices.numpy(), 1)
+    frequency = counter.frequency()
+    np.testing.assert_allclose(frequency, expected / stats.pruned_steps)
+    assert frequency.sum() == pytest.approx(stats.kept_tokens)
+
+    unpruned = SelectionCounter()
+    run_generation(pipe, PROMPT, 3, 0, CATPruningConfig.unpruned(), observers=[unpruned])
+    assert np.array_equal(unpruned.frequency(), np.zeros(stats.image_tokens))
 
 
 def test_the_empty_prompt_is_the_unconditional_input() -> None:

@@ -14,8 +14,10 @@ from PIL import Image
 from catprune import viz
 from catprune.adapters import adapter_for
 from catprune.cli import main
+from catprune.pruning import StepMode, StepRecord
 from catprune.shapes.pipelines import load_shapes_pipeline
 from catprune.shapes.training import ARCHES, TrainConfig, build_pipeline
+from catprune.tools.viz import DEFAULT_PROMPTS, default_prompts
 
 PROMPTS = [
     "a large red circle in the center on a white background",
@@ -166,3 +168,39 @@ def test_user_errors_are_one_line(argv: list[str], message: str, capsys: pytest.
     assert main(["viz", argv[0], "--model", "shapes-mmdit", *argv[1:]]) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
+
+
+def test_clusters_without_prompts_draws_the_default_shapes_prompts(tmp_path: Path) -> None:
+    out = tmp_path / "clusters.png"
+    assert main(["viz", "clusters", "--model", "shapes-mmdit", "--steps", "10", "--out", str(out)]) == 0
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["prompts"] == list(DEFAULT_PROMPTS)
+    assert arrays(out)["labels"].shape == (len(DEFAULT_PROMPTS), 16, 16)
+
+
+def test_selection_defaults_to_one_prompt() -> None:
+    assert default_prompts("selection") == [DEFAULT_PROMPTS[1]]
+    assert default_prompts("strategies") == list(DEFAULT_PROMPTS) and len(DEFAULT_PROMPTS) == 3
+
+
+def test_recorder_copies_what_the_observer_is_handed() -> None:
+    """The recorder keeps CPU copies of the prompt rows it is handed, not views of the device tensors."""
+    recorder = viz.GenerationRecorder(keep_noise=True)
+    noise, indices = torch.randn(2, 4, 3), torch.tensor([[0, 2], [1, 3]])
+    reference, labels = torch.randn(2, 4, 3), torch.tensor([[0, 0, 1, 1], [1, 0, 1, 0]])
+    recorder(StepRecord(0, StepMode.FULL, 2, 2, None, noise, None, None))
+    recorder(StepRecord(1, StepMode.FILL, 2, 2, None, noise, reference, None))
+    recorder(StepRecord(2, StepMode.PRUNED, 2, 2, indices, noise, reference, labels))
+    assert (recorder.num_prompts, recorder.height, recorder.width) == (2, 2, 2)
+    assert [step.noise is None for step in recorder.steps] == [True, False, False]
+    for tensor in (noise, indices, reference, labels):
+        tensor.zero_()  # the device tensors change after the call: the recorder's copies must not
+    assert recorder.steps[2].indices.tolist() == [[0, 2], [1, 3]]
+    assert recorder.steps[2].noise.abs().sum() > 0 and recorder.reference.abs().sum() > 0
+    assert recorder.labels.tolist() == [[0, 0, 1, 1], [1, 0, 1, 0]]
+    assert recorder.frequency().tolist() == [[1, 0, 1, 0], [0, 1, 0, 1]]
+    recorder(StepRecord(0, StepMode.FULL, 2, 2, None, torch.randn(1, 4, 3), None, None))
+    assert len(recorder.steps) == recorder.num_prompts == 1
+    assert recorder.reference is None and recorder.labels is None

@@ -1,12 +1,10 @@
-"""Public architecture configs of the supported transformers, and the pipeline facts that set their cost.
+"""Transformer architectures for measurement: the adapters' public configs, or a local diffusers folder.
 
 MACs can be counted and speed can be timed without any checkpoint: :meth:`Architecture.build` makes a
 model on the ``meta`` device (shapes only, no memory) or with random weights. A local diffusers folder
 (a pipeline with ``transformer/config.json``, or a transformer folder) works the same way through
-:func:`load_architecture`; :func:`resolve_architecture` takes either a name or a path.
-
-The constructor kwargs are those published with each checkpoint (``/shared/reference/model-configs.md``);
-the text-token counts are what each pipeline feeds the transformer by default.
+:func:`load_architecture`; :func:`resolve_architecture` takes either a name or a path. Every fact about a
+model family (class, configs, text tokens, scheduler, steps, guidance) comes from its adapter.
 """
 
 from __future__ import annotations
@@ -16,82 +14,45 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from diffusers import (
-    DPMSolverMultistepScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    PixArtTransformer2DModel,
-    SD3Transformer2DModel,
-)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
-Family = Literal["sd3", "pixart"]
-
-
-@dataclass(frozen=True)
-class FamilyFacts:
-    """What every model of one transformer class shares: its class and its pipeline's loop."""
-
-    model_class: type[nn.Module]
-    scheduler_class: type[SchedulerMixin]
-    scheduler_config: Mapping[str, Any]
-    default_text_tokens: int
-    default_steps: int
-    guidance_scale: float
-
-
-FAMILIES: dict[Family, FamilyFacts] = {
-    # StableDiffusion3Pipeline: 77 CLIP tokens (CLIP-L + CLIP-G, padded to T5's width) + 256 T5 tokens.
-    "sd3": FamilyFacts(SD3Transformer2DModel, FlowMatchEulerDiscreteScheduler, {"shift": 3.0}, 333, 28, 7.0),
-    # PixArtSigmaPipeline: max_sequence_length=300 T5 tokens, through cross-attention only.
-    "pixart": FamilyFacts(PixArtTransformer2DModel, DPMSolverMultistepScheduler, {}, 300, 20, 4.5),
-}
-
-TEXT_TOKENS_BY_PIPELINE = {
-    "StableDiffusion3Pipeline": 333,
-    "PixArtSigmaPipeline": 300,
-    "PixArtAlphaPipeline": 120,
-}
-"""Text tokens reaching the transformer, for a local pipeline folder whose ``model_index.json`` names it."""
+from .adapters import ADAPTERS, ModelAdapter, TensorFactory, adapter_for_class_name
 
 
 @dataclass(frozen=True)
 class Architecture:
     """A transformer config plus the pipeline facts that matter for its cost.
 
-    ``config`` holds the constructor kwargs; ``text_tokens`` is how many text tokens a pipeline call feeds
-    the transformer; ``cfg_batch`` the rows per prompt under classifier-free guidance.
+    ``family`` names the adapter; ``config`` holds the constructor kwargs; ``text_tokens`` is how many text
+    tokens a pipeline call feeds the transformer; ``cfg_batch`` the rows per prompt under classifier-free
+    guidance.
     """
 
     name: str
-    family: Family
+    family: str
     config: Mapping[str, Any]
     text_tokens: int
     default_steps: int
     scheduler_config: Mapping[str, Any] = field(default_factory=dict)
-    vae_scale_factor: int = 8
     cfg_batch: int = 2
     weights: Path | None = None
     """The transformer folder of a local model (its weights can be loaded), None for a named architecture."""
 
     @property
-    def facts(self) -> FamilyFacts:
-        return FAMILIES[self.family]
+    def adapter(self) -> ModelAdapter:
+        return ADAPTERS[self.family]
 
     @property
     def model_class(self) -> type[nn.Module]:
-        return self.facts.model_class
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.config["in_channels"])
+        return self.adapter.model_class
 
     @property
     def guidance_scale(self) -> float:
-        return self.facts.guidance_scale
+        return self.adapter.guidance_scale
 
     def with_layers(self, num_layers: int | None) -> Architecture:
         """The same architecture cut to ``num_layers`` blocks (width kept); None keeps it whole."""
@@ -125,24 +86,19 @@ class Architecture:
         return self.model_class.from_pretrained(self.weights, torch_dtype=dtype).to(device).eval()
 
     def make_scheduler(self) -> SchedulerMixin:
-        return self.facts.scheduler_class.from_config(
-            {**self.facts.scheduler_config, **self.scheduler_config}
-        )
+        adapter = self.adapter
+        return adapter.scheduler_class.from_config({**adapter.scheduler_config, **self.scheduler_config})
 
-    def latent_shape(self, batch: int, resolution: int) -> tuple[int, int, int, int]:
-        """The latent (batch, C, H/8, W/8) of a square ``resolution`` image."""
-        patch = int(self.config["patch_size"])
-        if resolution % (self.vae_scale_factor * patch):
-            raise ValueError(
-                f"resolution must be a multiple of {self.vae_scale_factor * patch} for {self.name}, "
-                f"got {resolution}"
-            )
-        side = resolution // self.vae_scale_factor
-        return batch, self.latent_channels, side, side
+    def latent_shape(self, batch: int, resolution: int) -> tuple[int, ...]:
+        """The latents of ``batch`` square images of ``resolution`` pixels, as the pipeline makes them."""
+        try:
+            return self.adapter.latent_shape(self.config, batch, resolution)
+        except ValueError as error:
+            raise ValueError(f"{self.name}: {error}") from None
 
     def image_tokens(self, resolution: int) -> int:
-        side = self.latent_shape(1, resolution)[-1] // int(self.config["patch_size"])
-        return side * side
+        height, width = self.adapter.image_grid(self.config, resolution)
+        return height * width
 
     def conditioning(
         self,
@@ -155,116 +111,19 @@ class Architecture:
     ) -> dict[str, Any]:
         """Transformer kwargs besides the latents and timestep, with random prompt embeddings of the shapes
         the pipeline's text encoders give (text encoding itself is not part of the transformer's cost)."""
+        make = TensorFactory(device, dtype, generator)
+        return self.adapter.conditioning(model, rows, self.text_tokens, resolution, make)
 
-        def randn(*shape: int) -> torch.Tensor:
-            return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-
-        config = model.config
-        if self.family == "sd3":
-            return {
-                "encoder_hidden_states": randn(rows, self.text_tokens, config.joint_attention_dim),
-                "pooled_projections": randn(rows, config.pooled_projection_dim),
-            }
-        micro_conditions: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
-        if model.use_additional_conditions:  # PixArt-alpha's pipeline passes the image size
-            size = torch.full((rows, 2), float(resolution), device=device, dtype=dtype)
-            micro_conditions = {
-                "resolution": size,
-                "aspect_ratio": torch.ones(rows, 1, device=device, dtype=dtype),
-            }
-        return {
-            "encoder_hidden_states": randn(rows, self.text_tokens, config.caption_channels),
-            "encoder_attention_mask": torch.ones(rows, self.text_tokens, device=device, dtype=dtype),
-            "added_cond_kwargs": micro_conditions,
-        }
-
-    def noise_prediction(self, output: torch.Tensor) -> torch.Tensor:
+    def noise_prediction(self, model: nn.Module, output: torch.Tensor) -> torch.Tensor:
         """The channels the scheduler steps with (PixArt's learned sigma doubles the output channels)."""
-        if output.shape[1] == 2 * self.latent_channels:
-            return output[:, : self.latent_channels]
-        return output
+        return self.adapter.noise_prediction(model, output)
 
-
-_SD3_MEDIUM = {
-    "sample_size": 128,
-    "patch_size": 2,
-    "in_channels": 16,
-    "out_channels": 16,
-    "num_layers": 24,
-    "num_attention_heads": 24,
-    "attention_head_dim": 64,
-    "joint_attention_dim": 4096,
-    "caption_projection_dim": 1536,
-    "pooled_projection_dim": 2048,
-    "pos_embed_max_size": 192,
-}
-_PIXART_SIGMA = {
-    "sample_size": 128,
-    "num_layers": 28,
-    "num_attention_heads": 16,
-    "attention_head_dim": 72,
-    "in_channels": 4,
-    "out_channels": 8,
-    "patch_size": 2,
-    "attention_bias": True,
-    "cross_attention_dim": 1152,
-    "activation_fn": "gelu-approximate",
-    "num_embeds_ada_norm": 1000,
-    "norm_type": "ada_norm_single",
-    "norm_elementwise_affine": False,
-    "norm_eps": 1e-6,
-    "caption_channels": 4096,
-    "interpolation_scale": 2,
-    "use_additional_conditions": False,
-}
 
 ARCHITECTURES: dict[str, Architecture] = {
-    arch.name: arch
-    for arch in (
-        Architecture("sd3-medium", "sd3", _SD3_MEDIUM, text_tokens=333, default_steps=28),
-        Architecture(
-            "sd3.5-medium",
-            "sd3",
-            {
-                **_SD3_MEDIUM,
-                "pos_embed_max_size": 384,
-                "dual_attention_layers": tuple(range(13)),
-                "qk_norm": "rms_norm",
-            },
-            text_tokens=333,
-            default_steps=28,
-        ),
-        Architecture(
-            "sd3.5-large",
-            "sd3",
-            {
-                **_SD3_MEDIUM,
-                "num_layers": 38,
-                "num_attention_heads": 38,
-                "caption_projection_dim": 2432,
-                "qk_norm": "rms_norm",
-            },
-            text_tokens=333,
-            default_steps=28,
-        ),
-        Architecture("pixart-sigma", "pixart", _PIXART_SIGMA, text_tokens=300, default_steps=20),
-        Architecture(
-            "pixart-alpha",
-            "pixart",
-            {**_PIXART_SIGMA, "use_additional_conditions": True},
-            text_tokens=120,
-            default_steps=20,
-        ),
-    )
+    name: Architecture(name, adapter.family, public.config, public.text_tokens, adapter.default_steps)
+    for adapter in ADAPTERS.values()
+    for name, public in adapter.public_models.items()
 }
-
-
-def _family_of(class_name: str) -> Family:
-    for family, facts in FAMILIES.items():
-        if facts.model_class.__name__ == class_name:
-            return family
-    supported = ", ".join(facts.model_class.__name__ for facts in FAMILIES.values())
-    raise ValueError(f"unsupported transformer class {class_name!r}; supported: {supported}")
 
 
 def load_architecture(path: str | Path) -> Architecture:
@@ -278,25 +137,24 @@ def load_architecture(path: str | Path) -> Architecture:
             f"no diffusers transformer config (config.json or transformer/config.json) in {root}"
         )
     config = json.loads((folder / "config.json").read_text())
-    family = _family_of(config.get("_class_name", ""))
-    facts = FAMILIES[family]
-    config = dict(facts.model_class.load_config(folder))
+    adapter = adapter_for_class_name(config.get("_class_name", ""))
+    config = dict(adapter.model_class.load_config(folder))
 
-    text_tokens = facts.default_text_tokens
+    text_tokens = adapter.default_text_tokens
     scheduler_config: dict[str, Any] = {}
     if folder != root:
         index = root / "model_index.json"
         if index.is_file():
             pipeline = json.loads(index.read_text()).get("_class_name", "")
-            text_tokens = TEXT_TOKENS_BY_PIPELINE.get(pipeline, text_tokens)
+            text_tokens = adapter.text_tokens_by_pipeline.get(pipeline, text_tokens)
         if (root / "scheduler" / "scheduler_config.json").is_file():
-            scheduler_config = dict(facts.scheduler_class.load_config(root / "scheduler"))
+            scheduler_config = dict(adapter.scheduler_class.load_config(root / "scheduler"))
     return Architecture(
         root.name or str(root),
-        family,
+        adapter.family,
         config,
         text_tokens=text_tokens,
-        default_steps=facts.default_steps,
+        default_steps=adapter.default_steps,
         scheduler_config=scheduler_config,
         weights=folder,
     )

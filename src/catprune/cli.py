@@ -7,6 +7,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from .errors import UserError
+
 TOOL_MODULES = (
     "catprune.tools.demo",
     "catprune.tools.macs",
@@ -17,10 +19,6 @@ TOOL_MODULES = (
     "catprune.tools.eval",
 )
 """Each module defines ``register(subparsers)``, which adds its subcommand with ``func=run(args) -> int``."""
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, TypeError, FileNotFoundError) as error:
+    except (UserError, ValueError, TypeError, FileNotFoundError) as error:
         print(f"catprune {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from .strategies import STRATEGIES
+
 RowPairing = Literal["none", "cfg"]
 
 
@@ -31,12 +33,15 @@ class CATPruningConfig:
         kmeans_iterations: Lloyd iterations of the KMeans, fixed so that clustering needs no host sync.
             scikit-learn (used by the authors) stops at convergence, which on token grids takes about 10-30.
         seed: seed of the KMeans++ initialisation (authors' code: ``random_state=0``).
-        strategy: how tokens are chosen, by name (``catprune.strategies``): ``"cat"`` (the paper's method)
-            or an ablation at the same budget: ``"noise"``, ``"noise+balance"``, ``"rows"``, ``"random"``.
+        strategy: how tokens are chosen, by name (``catprune.strategies``): ``"cat"`` (the paper's method),
+            an ablation at the same budget (``"noise"``, ``"noise+balance"``, ``"rows"``, ``"random"``) or the
+            AT-EDM baseline (``"at-edm"``: attention PageRank).
         row_pairing: how batch rows pair up when the model is used without a pipeline. ``"none"``: each row
             is its own prompt. ``"cfg"``: the batch is ``[uncond..., cond...]`` as diffusers pipelines build
             it under classifier-free guidance, and the two rows of a prompt share one selection computed
             from the conditional row. Ignored when applied to a pipeline, which knows when CFG is on.
+        prune: False runs every step unpruned while the state still tracks steps and counts MACs: the
+            "full model" baseline of measurements (see :meth:`unpruned`).
     """
 
     keep_ratio: float = 0.3
@@ -49,6 +54,12 @@ class CATPruningConfig:
     seed: int = 0
     strategy: str = "cat"
     row_pairing: RowPairing = "none"
+    prune: bool = True
+
+    @classmethod
+    def unpruned(cls) -> CATPruningConfig:
+        """No pruning: the unpatched computation at every step, with steps and MACs still counted."""
+        return cls(prune=False)
 
     def __post_init__(self) -> None:
         def require(condition: bool, message: str) -> None:
@@ -79,6 +90,10 @@ class CATPruningConfig:
             f"kmeans_iterations must be a positive integer, got {self.kmeans_iterations!r}",
         )
         require(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        require(
+            self.strategy in STRATEGIES,
+            f"unknown token-choice strategy {self.strategy!r}; known: {', '.join(sorted(STRATEGIES))}",
+        )
         require(
             self.row_pairing in ("none", "cfg"),
             f"row_pairing must be 'none' or 'cfg', got {self.row_pairing!r}",

@@ -29,11 +29,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import CATPruningConfig
-from .integration import apply_cat_pruning, remove_cat_pruning
-from .measure import timed
 from .prompts import load_prompts
+from .runtime import format_count, load_pipeline, psnr, run_generation
 from .strategies import STRATEGIES
-from .tools.macs import format_count
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 ALIGNMENT_KEYS = ("full", "background", "count", "colour", "shape", "size", "position")
@@ -101,11 +99,11 @@ class EvalSettings:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         CATPruningConfig(keep_ratio=self.keep_ratio, start_step=self.start_step)  # validates both
 
-    def pruning_config(self, method: Method, steps: int) -> CATPruningConfig:
-        """The method's pruning settings; unpruned methods get a start step past the last step, so the
-        model computes exactly as without pruning while the mechanism still counts its MACs."""
+    def pruning_config(self, method: Method) -> CATPruningConfig:
+        """The method's pruning settings; unpruned methods get :meth:`CATPruningConfig.unpruned` (the model
+        computes exactly as without pruning while the mechanism still counts its MACs)."""
         if method.strategy is None:
-            return CATPruningConfig(start_step=steps + 1)
+            return CATPruningConfig.unpruned()
         return CATPruningConfig(
             keep_ratio=self.keep_ratio,
             start_step=self.start_step + method.start_delay,
@@ -114,51 +112,18 @@ class EvalSettings:
         )
 
 
-# --- pipelines and per-image metrics -------------------------------------------------------------------
-
-
-def torch_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
-def load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """A shapes model (shipped name or folder) or any diffusers pipeline folder / hub id with a supported
-    transformer, on ``device``, without progress bars."""
-    from .shapes.pipelines import SHIPPED_MODELS, load_shapes_pipeline, shapes_pipeline_class
-
-    if model in SHIPPED_MODELS or shapes_pipeline_class(model) is not None:
-        pipe = load_shapes_pipeline(model)
-    else:
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    pipe = pipe.to(device)
-    return pipe if pipe.dtype == dtype else pipe.to(dtype=dtype)
-
-
-def generate(pipe: Any, prompt: str, steps: int, seed: int, guidance_scale: float | None) -> np.ndarray:
-    """One image (H, W, 3) uint8; the initial noise comes from a CPU generator seeded with ``seed``, so it
-    is the same on every device and in every process."""
-    kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
-    generator = torch.Generator().manual_seed(seed)
-    image = pipe(prompt, num_inference_steps=steps, generator=generator, output_type="pil", **kwargs)
-    return np.array(image.images[0].convert("RGB"))
+# --- per-image metrics ---------------------------------------------------------------------------------
 
 
 def fidelity(image: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """(PSNR in dB, SSIM) of a uint8 image against the full model's (torchmetrics, data range 255)."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    """(PSNR in dB, SSIM) of a uint8 image against the full model's (SSIM: torchmetrics, data range 255)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
     def as_batch(pixels: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(pixels).permute(2, 0, 1)[None].double()
 
-    preds, target = as_batch(image), as_batch(reference)
-    psnr = peak_signal_noise_ratio(preds, target, data_range=255.0)
-    ssim = structural_similarity_index_measure(preds, target, data_range=255.0)
-    return float(psnr), float(ssim)
+    ssim = structural_similarity_index_measure(as_batch(image), as_batch(reference), data_range=255.0)
+    return psnr(image, reference), float(ssim)
 
 
 def shapes_alignment(image: np.ndarray, prompt: str) -> dict[str, float]:
@@ -297,13 +262,17 @@ def equal_macs_steps(pipe: Any, prompt: str, settings: EvalSettings) -> int:
     CAT generation (t0 full steps and one pruned step; a step's MACs do not depend on the prompt)."""
     if settings.start_step >= settings.steps:
         return settings.steps
-    state = apply_cat_pruning(pipe, settings.pruning_config(Method("cat", "cat"), settings.steps))
-    try:
-        generate(pipe, prompt, settings.start_step + 1, settings.seed, settings.guidance_scale)
-    finally:
-        remove_cat_pruning(pipe)
-    full_step = state.stats.full_macs / state.stats.steps
-    pruned_step = state.stats.macs - settings.start_step * full_step
+    stats = run_generation(
+        pipe,
+        prompt,
+        settings.start_step + 1,
+        settings.seed,
+        config=settings.pruning_config(Method("cat", "cat")),
+        guidance_scale=settings.guidance_scale,
+    ).stats
+    assert stats is not None
+    full_step = stats.full_macs / stats.steps
+    pruned_step = stats.macs - settings.start_step * full_step
     cat_macs = settings.start_step * full_step + (settings.steps - settings.start_step) * pruned_step
     return max(1, min(settings.steps, round(cat_macs / full_step)))
 
@@ -315,7 +284,6 @@ class ItemContext:
     pipe: Any
     settings: EvalSettings
     folder: RunFolder
-    device: torch.device
     prompts: Sequence[str]
     fewer_steps: int
     alignment: bool
@@ -327,21 +295,24 @@ def run_item(context: ItemContext, method: Method, index: int) -> dict[str, Any]
     settings, prompt = context.settings, context.prompts[index]
     steps = context.fewer_steps if method.equal_macs else settings.steps
     seed = settings.seed + index
-    state = apply_cat_pruning(context.pipe, settings.pruning_config(method, steps))
-    try:
-        image, seconds = timed(
-            lambda: generate(context.pipe, prompt, steps, seed, settings.guidance_scale), context.device
-        )
-    finally:
-        remove_cat_pruning(context.pipe)
+    generation = run_generation(
+        context.pipe,
+        prompt,
+        steps,
+        seed,
+        config=settings.pruning_config(method),
+        guidance_scale=settings.guidance_scale,
+    )
+    assert generation.stats is not None
+    image = generation.images[0]
     record: dict[str, Any] = {
         "method": method.name,
         "index": index,
         "prompt": prompt,
         "seed": seed,
         "steps": steps,
-        "macs": state.stats.macs,
-        "seconds": seconds,
+        "macs": generation.stats.macs,
+        "seconds": generation.seconds,
     }
     if method.name != "full":
         record["psnr"], record["ssim"] = fidelity(image, context.folder.read_image("full", index))
@@ -380,7 +351,7 @@ def run_evaluation(
         if process.is_main_process:
             folder.start(settings, prompts)
 
-    pipe = load_pipeline(settings.model, target, torch_dtype(settings.dtype, target))
+    pipe = load_pipeline(settings.model, str(target), settings.dtype)
     clip, why = (None, "")
     if settings.clip_model is not None:
         clip, why = load_clip_scorer(settings.clip_model, target)
@@ -388,7 +359,7 @@ def run_evaluation(
         echo(why)
     fewer = equal_macs_steps(pipe, prompts[0], settings) if any(m.equal_macs for m in methods) else 0
     context = ItemContext(
-        pipe, settings, folder, target, prompts, fewer, alignment=settings.prompts == "shapes", clip=clip
+        pipe, settings, folder, prompts, fewer, alignment=settings.prompts == "shapes", clip=clip
     )
 
     with process.split_between_processes(list(range(len(prompts)))) as mine:

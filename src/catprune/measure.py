@@ -23,7 +23,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .adapters import adapter_for
 from .architectures import Architecture
 from .config import CATPruningConfig
 from .integration import apply_cat_pruning
@@ -245,21 +244,22 @@ def count_selection(
     row per prompt (under CFG it looks at the conditional half only), the token grid of ``resolution``,
     the noise channels of each output token (p * p * C)."""
     model = architecture.build("meta")
-    patch = model.config.patch_size
-    side = architecture.latent_shape(1, resolution)[-1] // patch
-    shape = (batch, side * side, adapter_for(model).noise_channels(model) * patch * patch)
+    adapter = architecture.adapter
+    height, width = adapter.image_grid(architecture.config, resolution)
+    output_channels = model.get_submodule(adapter.output_projection).out_features  # p*p*C_out per token
+    shape = (batch, height * width, output_channels * adapter.noise_channels(model) // model.out_channels)
     generator = torch.Generator().manual_seed(0)
     reference = torch.randn(shape, generator=generator)
     selector = TokenSelector(config)
     selector.set_reference(reference)
-    num_kept = config.num_kept(side * side)
+    num_kept = config.num_kept(height * width)
     counts, matmuls = [], flop_counter()
     with torch.inference_mode(), matmuls:
         for _ in range(2):
             noise = reference + 0.1 * torch.randn(shape, generator=generator)
             counter = _ElementOps()
             with counter:
-                selector.select(noise, side, side, num_kept)
+                selector.select(noise, height, width, num_kept)
             counts.append(counter.ops)
     return SelectionCost(counts[0], counts[1], matmuls.get_total_flops() // 2, shape)
 
@@ -341,6 +341,6 @@ def denoise(
         if cfg:
             uncond, cond = output.chunk(2)
             output = uncond + architecture.guidance_scale * (cond - uncond)
-        noise = architecture.noise_prediction(output)
+        noise = architecture.noise_prediction(model, output)
         latents = scheduler.step(noise, t, latents, return_dict=False)[0]
     return latents

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import CATPruningConfig
 from .selection import (
     cluster_adjacency,
     cluster_max_pool,
@@ -32,6 +31,9 @@ from .selection import (
     top_cluster_quotas,
     update_selection_counts,
 )
+
+if TYPE_CHECKING:  # the config validates strategy names against this module's registry
+    from .config import CATPruningConfig
 
 
 @dataclass
@@ -201,6 +203,12 @@ class TokenSelector:
 
     def set_reference(self, noise: torch.Tensor) -> None:
         self.reference = noise.detach().clone()
+
+    @property
+    def cluster_labels(self) -> torch.Tensor | None:
+        """(P, N) cluster of each token, once a clustering strategy has clustered (it keeps them in its
+        memory under ``"labels"``); None otherwise."""
+        return self.memory.get("labels")
 
     @property
     def needs_attention(self) -> bool:

@@ -3,8 +3,9 @@
 Each figure is two small functions: ``collect_*`` runs the pipeline with pruning applied and returns the
 plotted data as a :class:`FigureData`; ``draw_*`` turns those data into a matplotlib figure. Keeping them
 apart lets :func:`save_figure` write the data beside the PNG, so a figure can be checked against what was
-measured. Measurement goes through a :class:`GenerationRecorder`, a forward hook on the transformer that
-reads the pruning state after each call: which tokens were recomputed, the output noise, the clusters.
+measured. Generations run through :func:`catprune.runtime.run_generation`; measurement goes through a
+:class:`GenerationRecorder`, an observer that the pruning state calls after each denoising step with its
+:class:`~catprune.pruning.StepRecord`: which tokens were recomputed, the output noise, the clusters.
 
 Figures use matplotlib's object API (``Figure`` with the Agg canvas), so nothing depends on pyplot's
 global backend.
@@ -28,9 +29,9 @@ from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from . import runtime
 from .config import CATPruningConfig
-from .integration import apply_cat_pruning, remove_cat_pruning
-from .pruning import GenerationStats, PruningState, StepMode
+from .pruning import StepMode, StepRecord
 from .selection import relative_noise
 
 PANEL_INCHES = 1.8
@@ -41,74 +42,56 @@ PANEL_INCHES = 1.8
 
 
 @dataclass
-class StepRecord:
-    """One denoising step as the pruning state saw it (one row per prompt: conditional rows under CFG)."""
+class RecordedStep:
+    """One denoising step as recorded (one row per prompt: the conditional rows under CFG), on the CPU."""
 
     step: int
     mode: StepMode
     indices: torch.Tensor | None
-    """(P, K) tokens recomputed at a pruned step; None at a full step (all tokens computed)."""
+    """(P, K) tokens recomputed at a pruned step; None at a full or fill step (all tokens computed)."""
     noise: torch.Tensor | None
     """(P, N, p*p*C) float32 noise channels of the step's output tokens, from the fill step on (if kept)."""
 
 
-class GenerationRecorder:
-    """Records the steps of the latest generation of a pruned transformer, with a forward hook.
+def _host_copy(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A CPU copy of ``tensor`` (a copy even when it is already there: the state may reuse its tensors)."""
+    return tensor.detach().to("cpu", dtype, copy=True)
 
-    PyTorch runs forward hooks after the module's forward, hence after pruning's own step hook: the state
-    then describes the call that just ran. Auxiliary calls (not denoising steps) are skipped; a call at
-    step 0 starts a new record. Use as a context manager (the hook is removed on exit).
+
+class GenerationRecorder:
+    """Records the steps of the latest generation, as an observer of the pruning state.
+
+    Pass it to :func:`catprune.runtime.run_generation` (``observers=[recorder]``) or to
+    :meth:`PruningState.add_observer`: it is called with each step's :class:`StepRecord`, and keeps CPU
+    copies of what the figures plot. A record of step 0 starts a new generation (what was recorded before
+    is dropped).
     """
 
-    def __init__(self, state: PruningState, keep_noise: bool = False) -> None:
-        self.state = state
+    def __init__(self, keep_noise: bool = False) -> None:
         self.keep_noise = keep_noise
-        self.steps: list[StepRecord] = []
+        self.steps: list[RecordedStep] = []
         self.num_prompts = 0
         self.height = self.width = 0
         self.reference: torch.Tensor | None = None
         """(P, N, p*p*C) the reference noise n_t0 of the selector (output of step t0 - 2)."""
         self.labels: torch.Tensor | None = None
         """(P, N) the KMeans cluster labels of the "cat" strategy, once clustered."""
-        self._handle: Any = None
 
-    def __enter__(self) -> GenerationRecorder:
-        self._handle = self.state.model.register_forward_hook(self._after_call, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._handle.remove()
-
-    def _prompt_rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens[tokens.shape[0] // 2 :] if self.state.paired_rows else tokens
-
-    def _after_call(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        state = self.state
-        if not state.counting:
-            return
-        step = state.step - 1  # end_step has already counted this call
-        if step == 0:
+    def __call__(self, record: StepRecord) -> None:
+        if record.step == 0:
             self.steps.clear()
-            hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            rows = hidden_states.shape[0]
-            self.num_prompts = rows // 2 if state.paired_rows else rows
-            self.height, self.width = state.height, state.width
-        pruned = state.mode is StepMode.PRUNED
-        indices = self._prompt_rows(state.indices).detach().cpu() if pruned else None
+            self.reference = self.labels = None
+            self.num_prompts = record.noise.shape[0]
+            self.height, self.width = record.height, record.width
+        indices = _host_copy(record.indices) if record.indices is not None else None
         noise = None
-        if self.keep_noise and state.mode is not StepMode.FULL and state.last_output is not None:
-            tokens = state.adapter.noise_tokens(module, self._prompt_rows(state.last_output))
-            noise = tokens.detach().float().cpu()
-        self.steps.append(StepRecord(step, state.mode, indices, noise))
-        selector = state.selector
-        if selector.reference is not None:
-            self.reference = selector.reference.detach().float().cpu()
-        if "labels" in selector.memory:
-            self.labels = selector.memory["labels"].detach().cpu()
-
-    @property
-    def patch_size(self) -> int:
-        return int(self.state.model.config.patch_size)
+        if self.keep_noise and record.mode is not StepMode.FULL:
+            noise = _host_copy(record.noise, torch.float32)
+        self.steps.append(RecordedStep(record.step, record.mode, indices, noise))
+        if record.reference is not None:
+            self.reference = _host_copy(record.reference, torch.float32)
+        if record.cluster_labels is not None:
+            self.labels = _host_copy(record.cluster_labels)
 
     def frequency(self) -> torch.Tensor:
         """(P, N) how many pruned steps recomputed each token (full steps recompute every token)."""
@@ -119,45 +102,30 @@ class GenerationRecorder:
         return counts
 
 
-@dataclass
-class Generation:
-    """One pipeline call: its images (P, H, W, 3) uint8, what was recorded and the pruning statistics."""
-
-    images: np.ndarray
-    recorder: GenerationRecorder
-    stats: GenerationStats
-
-
-def unpruned_config(steps: int) -> CATPruningConfig:
-    """A config under which a generation of ``steps`` steps runs the unpatched model at every step (steps
-    before ``start_step - 1`` are full) while the state still counts its MACs: the "full" baseline."""
-    return CATPruningConfig(start_step=steps + 1)
-
-
-def generate(
+def record_generation(
     pipe: Any,
     prompts: Sequence[str],
     config: CATPruningConfig,
     steps: int,
     seed: int,
     keep_noise: bool = False,
-) -> Generation:
-    """Run ``pipe`` on ``prompts`` (one batch, seeded) with pruning applied, recording every step.
+) -> tuple[runtime.Generation, GenerationRecorder]:
+    """Run ``pipe`` on ``prompts`` (one batch, seeded) with pruning applied, recording every step."""
+    recorder = GenerationRecorder(keep_noise=keep_noise)
+    generation = runtime.run_generation(pipe, prompts, steps, seed, config=config, observers=[recorder])
+    return generation, recorder
 
-    Only the arguments every diffusers text-to-image pipeline takes are passed, so shapes and real
-    pipelines run the same way."""
-    state = apply_cat_pruning(pipe, config)
-    try:
-        with GenerationRecorder(state, keep_noise=keep_noise) as recorder:
-            output = pipe(
-                prompt=list(prompts),
-                num_inference_steps=steps,
-                generator=torch.Generator().manual_seed(seed),
-            )
-    finally:
-        remove_cat_pruning(pipe)
-    images = np.stack([np.asarray(image.convert("RGB")) for image in output.images])
-    return Generation(images, recorder, state.stats)
+
+def _macs(generation: runtime.Generation, prompts: Sequence[str]) -> tuple[float, float]:
+    """MACs and full-model MACs per image of a generation run with pruning applied."""
+    stats = generation.stats
+    assert stats is not None
+    return stats.macs / len(prompts), stats.full_macs / len(prompts)
+
+
+def _patch_size(pipe: Any) -> int:
+    """The transformer's patch size p, to lay its output tokens out as an image."""
+    return int(pipe.transformer.config.patch_size)
 
 
 def unpatchify(tokens: torch.Tensor, height: int, width: int, patch: int) -> np.ndarray:
@@ -194,8 +162,7 @@ def collect_noise_correlation(
 ) -> FigureData:
     """Fig. 3: per-token norm of the relative noise n_t - n_t0 at step t against step t - 1, over all
     prompts, tokens and steps from the fill step on (keep_ratio 1.0 measures the unpruned model)."""
-    generation = generate(pipe, prompts, config, steps, seed, keep_noise=True)
-    recorder = generation.recorder
+    _, recorder = record_generation(pipe, prompts, config, steps, seed, keep_noise=True)
     records = [record for record in recorder.steps if record.noise is not None]
     if len(records) < 2 or recorder.reference is None:
         raise ValueError(
@@ -230,11 +197,11 @@ def collect_selection(
     """Fig. 4/5: for each strategy, the recomputed tokens and the predicted noise at ``panels`` pruned
     steps spread over the generation, how often each token was recomputed, and the final image."""
     masks, noises, frequencies, images = [], [], [], []
+    patch = _patch_size(pipe)
     for strategy in strategies:
-        generation = generate(
-            pipe, [prompt], dataclasses.replace(config, strategy=strategy), steps, seed, True
+        generation, recorder = record_generation(
+            pipe, [prompt], dataclasses.replace(config, strategy=strategy), steps, seed, keep_noise=True
         )
-        recorder = generation.recorder
         pruned = [record for record in recorder.steps if record.indices is not None]
         if not pruned:
             raise ValueError("selection needs pruned steps (steps > start_step)")
@@ -244,7 +211,7 @@ def collect_selection(
             row[record.indices[0]] = True
         masks.append(_grid(recorder, mask))
         noise = torch.stack([record.noise[0] for record in shown])
-        noises.append(unpatchify(noise, recorder.height, recorder.width, recorder.patch_size))
+        noises.append(unpatchify(noise, recorder.height, recorder.width, patch))
         frequencies.append(_grid(recorder, recorder.frequency())[0])
         images.append(generation.images[0])
     return FigureData(
@@ -274,13 +241,17 @@ def collect_strategies(
 ) -> FigureData:
     """Fig. 6: images of each strategy at the same budget, and of the full model, for each prompt."""
     configs = [dataclasses.replace(config, strategy=strategy) for strategy in strategies]
-    runs = [generate(pipe, prompts, c, steps, seed) for c in [*configs, unpruned_config(steps)]]
+    runs = [
+        runtime.run_generation(pipe, prompts, steps, seed, config=c)
+        for c in [*configs, CATPruningConfig.unpruned()]
+    ]
+    macs = np.array([_macs(run, prompts) for run in runs])
     return FigureData(
         "strategies",
         {
             "images": np.stack([run.images for run in runs], axis=1),
-            "macs": np.array([run.stats.macs / len(prompts) for run in runs]),
-            "full_macs": np.array([run.stats.full_macs / len(prompts) for run in runs]),
+            "macs": macs[:, 0],
+            "full_macs": macs[:, 1],
         },
         {**_settings(config, steps, seed, prompts), "columns": [*strategies, "full"]},
     )
@@ -292,13 +263,13 @@ def collect_clusters(
     """Fig. 7: the KMeans clusters of the "cat" strategy (made once, at the first pruned step) and the
     final images."""
     config = dataclasses.replace(config, strategy="cat")
-    generation = generate(pipe, prompts, config, steps, seed)
-    labels = generation.recorder.labels
+    generation, recorder = record_generation(pipe, prompts, config, steps, seed)
+    labels = recorder.labels
     if labels is None:
         raise ValueError("clusters needs a pruned step (steps > start_step)")
     return FigureData(
         "clusters",
-        {"labels": _grid(generation.recorder, labels), "images": generation.images},
+        {"labels": _grid(recorder, labels), "images": generation.images},
         {**_settings(config, steps, seed, prompts), "num_clusters": int(labels.max()) + 1},
     )
 
@@ -312,23 +283,19 @@ def collect_alpha_sweep(
     seed: int,
 ) -> FigureData:
     """Fig. 8/9: images for each keep ratio alpha (1.0: the full model) and their MACs per image."""
-    runs = [
-        generate(
-            pipe,
-            prompts,
-            unpruned_config(steps) if ratio == 1.0 else dataclasses.replace(config, keep_ratio=ratio),
-            steps,
-            seed,
-        )
+    configs = [
+        CATPruningConfig.unpruned() if ratio == 1.0 else dataclasses.replace(config, keep_ratio=ratio)
         for ratio in keep_ratios
     ]
+    runs = [runtime.run_generation(pipe, prompts, steps, seed, config=c) for c in configs]
+    macs = np.array([_macs(run, prompts) for run in runs])
     return FigureData(
         "alpha-sweep",
         {
             "images": np.stack([run.images for run in runs], axis=1),
             "keep_ratios": np.array(keep_ratios, dtype=float),
-            "macs": np.array([run.stats.macs / len(prompts) for run in runs]),
-            "full_macs": np.array([run.stats.full_macs / len(prompts) for run in runs]),
+            "macs": macs[:, 0],
+            "full_macs": macs[:, 1],
         },
         _settings(config, steps, seed, prompts),
     )
@@ -338,8 +305,8 @@ def collect_frequency(
     pipe: Any, prompts: Sequence[str], config: CATPruningConfig, steps: int, seed: int
 ) -> FigureData:
     """How many of the pruned steps recomputed each token over one generation, with the final images."""
-    generation = generate(pipe, prompts, config, steps, seed)
-    recorder = generation.recorder
+    generation, recorder = record_generation(pipe, prompts, config, steps, seed)
+    assert generation.stats is not None
     return FigureData(
         "frequency",
         {"frequency": _grid(recorder, recorder.frequency()), "images": generation.images},
@@ -400,13 +367,6 @@ def _colorbar(figure: Figure, mappable: Any, axes: Any, label: str) -> None:
     bar.set_label(label, fontsize=7)
     bar.ax.tick_params(labelsize=6)
     bar.solids.set_alpha(1.0)
-
-
-def _format_macs(macs: float) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
-        if macs >= scale:
-            return f"{macs / scale:.3g} {unit}"
-    return f"{macs:.3g} "
 
 
 def draw_noise_correlation(data: FigureData) -> Figure:
@@ -527,7 +487,8 @@ def draw_alpha_sweep(data: FigureData) -> Figure:
     figure = _figure(*images.shape[:2], extra_height=1.0)
     axes = _image_grid(figure, images, info["prompts"], titles)
     for ax, macs, full in zip(axes[-1], arrays["macs"], arrays["full_macs"], strict=True):
-        ax.set_xlabel(f"{_format_macs(macs)}MACs/image\n({macs / full:.2f}x of full)", fontsize=7)
+        label = f"{runtime.format_count(macs, digits=3)} MACs/image\n({macs / full:.2f}x of full)"
+        ax.set_xlabel(label, fontsize=7)
     config = info["config"]
     _title(
         figure,

@@ -1,25 +1,66 @@
-"""Per-model adapters: which modules a transformer class has and which attention is which."""
+"""Per-model adapters and their one registry: a new model is one adapter file and one line here."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from .base import ModelAdapter
+from .base import REQUIRED_ATTRIBUTES, ModelAdapter, PublicModel, TensorFactory
 from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
 
-ADAPTERS: tuple[ModelAdapter, ...] = (SD3Adapter(), PixArtAdapter())
+ADAPTERS: dict[str, ModelAdapter] = {}
+"""Registered adapters by family name."""
+
+
+def register_adapter(adapter_class: type[ModelAdapter]) -> ModelAdapter:
+    """Check that ``adapter_class`` says everything an adapter must say, then register an instance.
+
+    Raises TypeError naming what is missing, so that an incomplete adapter fails here rather than at the
+    first pruned step."""
+    missing = [name for name in REQUIRED_ATTRIBUTES if not hasattr(adapter_class, name)]
+    abstract = sorted(getattr(adapter_class, "__abstractmethods__", ()))
+    if missing or abstract:
+        what = [*(f"attribute {name}" for name in missing), *(f"method {name}()" for name in abstract)]
+        raise TypeError(f"adapter {adapter_class.__name__} does not define {', '.join(what)}")
+    if adapter_class.family in ADAPTERS:
+        raise ValueError(f"an adapter for family {adapter_class.family!r} is already registered")
+    adapter = adapter_class()
+    ADAPTERS[adapter.family] = adapter
+    return adapter
+
+
+for _adapter_class in (SD3Adapter, PixArtAdapter):
+    register_adapter(_adapter_class)
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter of ``model``'s class, or a TypeError naming the supported classes."""
-    for adapter in ADAPTERS:
+    for adapter in ADAPTERS.values():
         if isinstance(model, adapter.model_class):
             return adapter
-    supported = ", ".join(adapter.model_class.__name__ for adapter in ADAPTERS)
+    supported = ", ".join(adapter.model_class.__name__ for adapter in ADAPTERS.values())
     raise TypeError(
         f"CAT pruning does not support {type(model).__name__}; supported transformers: {supported}"
     )
 
 
-__all__ = ["ADAPTERS", "ModelAdapter", "PixArtAdapter", "SD3Adapter", "adapter_for"]
+def adapter_for_class_name(class_name: str) -> ModelAdapter:
+    """The adapter of a transformer class named in a saved config (``_class_name``)."""
+    for adapter in ADAPTERS.values():
+        if adapter.model_class.__name__ == class_name:
+            return adapter
+    supported = ", ".join(adapter.model_class.__name__ for adapter in ADAPTERS.values())
+    raise ValueError(f"unsupported transformer class {class_name!r}; supported: {supported}")
+
+
+__all__ = [
+    "ADAPTERS",
+    "ModelAdapter",
+    "PixArtAdapter",
+    "PublicModel",
+    "SD3Adapter",
+    "TensorFactory",
+    "adapter_for",
+    "adapter_for_class_name",
+    "register_adapter",
+]

@@ -1,14 +1,64 @@
-"""What an adapter tells the shared mechanism about one transformer class."""
+"""What an adapter tells the rest of catprune about one transformer class, and the checks at registration.
+
+An adapter owns everything model-specific: which modules gather and scatter, its attention processors,
+the token grid, text tokens, noise channels, the MAC formula, the public configs of its checkpoints and
+the pipeline facts that set their cost (text tokens, scheduler, default steps and guidance). The base class
+has no model's defaults: what an adapter must say is listed in :data:`REQUIRED_ATTRIBUTES` and the
+abstract methods, and :func:`catprune.adapters.register_adapter` refuses an adapter that omits any of it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
-from ..pruning import Processor, PruningState
+from ..pruning import CachingProcessor, PruningState
+
+REQUIRED_ATTRIBUTES = (
+    "family",
+    "model_class",
+    "embedder",
+    "output_projection",
+    "text_embedder",
+    "blocks",
+    "scheduler_class",
+    "scheduler_config",
+    "default_steps",
+    "guidance_scale",
+    "default_text_tokens",
+    "text_tokens_by_pipeline",
+    "public_models",
+)
+"""Class attributes every adapter defines (see :class:`ModelAdapter`)."""
+
+
+@dataclass(frozen=True)
+class TensorFactory:
+    """Makes the inputs of a transformer call on one device and dtype; random ones from ``generator``."""
+
+    device: torch.device | str | None = None
+    dtype: torch.dtype | None = None
+    generator: torch.Generator | None = None
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
+
+    def full(self, shape: tuple[int, ...], value: float) -> torch.Tensor:
+        return torch.full(shape, value, device=self.device, dtype=self.dtype)
+
+
+@dataclass(frozen=True)
+class PublicModel:
+    """A published checkpoint's transformer config and how many text tokens its pipeline feeds it."""
+
+    config: Mapping[str, Any]
+    text_tokens: int
 
 
 def linear_macs(*modules: nn.Module | None) -> int:
@@ -22,25 +72,46 @@ def linear_macs(*modules: nn.Module | None) -> int:
     )
 
 
-class ModelAdapter:
-    """Names the modules of a transformer class and says which attention is which.
+class ModelAdapter(ABC):
+    """Everything catprune knows about one transformer class.
 
-    The mechanism (``catprune.pruning``) gathers the selected tokens after ``embedder``, scatters them
-    back after ``output_projection`` and installs the processors returned by ``attention_processors``.
+    The mechanism (``catprune.pruning``) gathers the selected tokens after ``embedder``, scatters them back
+    after ``output_projection`` and installs :meth:`processors`; measurement and the tools read the
+    pipeline facts and ``public_models``.
     """
 
+    family: ClassVar[str]
+    """Short name of the model family (``"sd3"``), used by ``catprune.architectures``."""
     model_class: ClassVar[type[nn.Module]]
-    embedder: ClassVar[str] = "pos_embed"
-    output_projection: ClassVar[str] = "proj_out"
+    embedder: ClassVar[str]
+    """Submodule whose output is the image tokens (B, N, D): the gather happens after it."""
+    output_projection: ClassVar[str]
+    """Submodule whose output is the output tokens (B, n, p*p*C) before unpatchify: the scatter point."""
+    text_embedder: ClassVar[str]
+    """Submodule that projects the text embeddings (run on every step, for every text token)."""
+    blocks: ClassVar[str]
+    """The ``nn.ModuleList`` of transformer blocks."""
 
-    def token_grid(self, model: nn.Module, hidden_states: torch.Tensor) -> tuple[int, int]:
-        """The (height, width) of the image token grid for a latent batch (B, C, H, W)."""
-        patch = model.config.patch_size
-        return hidden_states.shape[-2] // patch, hidden_states.shape[-1] // patch
+    scheduler_class: ClassVar[type[SchedulerMixin]]
+    scheduler_config: ClassVar[Mapping[str, Any]]
+    default_steps: ClassVar[int]
+    guidance_scale: ClassVar[float]
+    default_text_tokens: ClassVar[int]
+    """Text tokens the family's main pipeline feeds the transformer."""
+    text_tokens_by_pipeline: ClassVar[Mapping[str, int]]
+    """Text tokens by pipeline class name, for a local pipeline folder whose ``model_index.json`` names it."""
+    public_models: ClassVar[Mapping[str, PublicModel]]
+    """Named public architectures (``catprune macs --model NAME``)."""
 
+    # --- the mechanism's questions
+
+    @abstractmethod
+    def token_grid(self, model: nn.Module, arguments: dict[str, Any]) -> tuple[int, int]:
+        """The (height, width) of the image token grid of a call, from its bound arguments."""
+
+    @abstractmethod
     def noise_channels(self, model: nn.Module) -> int:
-        """How many leading output channels form the noise prediction (all of them by default)."""
-        return model.out_channels
+        """How many leading output channels form the noise prediction."""
 
     def noise_tokens(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         """Output tokens (B, N, p*p*C_out) -> their noise channels (B, N, p*p*C_noise)."""
@@ -50,18 +121,42 @@ class ModelAdapter:
         return tokens.unflatten(-1, (-1, model.out_channels))[..., :kept].flatten(-2)
 
     def is_auxiliary_call(self, arguments: dict[str, Any]) -> bool:
-        """Whether a call is an extra evaluation inside a step (runs unpruned, is not counted as a step)."""
+        """Whether a call is an extra evaluation inside a step (runs unpruned, is not counted as a step).
+        No auxiliary calls unless an adapter says so."""
         return False
 
+    @abstractmethod
     def text_tokens(self, arguments: dict[str, Any]) -> int:
-        text = arguments.get("encoder_hidden_states")
-        return 0 if text is None else text.shape[1]
+        """Text tokens of a call, from its bound arguments."""
 
-    def attention_processors(self, model: nn.Module, state: PruningState) -> Iterator[Processor]:
-        raise NotImplementedError
+    @abstractmethod
+    def attention_processors(self, model: nn.Module, state: PruningState) -> Iterator[CachingProcessor]:
+        """One caching processor per attention layer that pruning replaces."""
 
-    text_embedder: ClassVar[str]
-    """The module that projects the text embeddings (run on every step, for every text token)."""
+    def processors(self, model: nn.Module, state: PruningState) -> list[CachingProcessor]:
+        """:meth:`attention_processors`, with the attention map captured in the middle self-attention
+        layer when the strategy needs one (AT-EDM)."""
+        processors = list(self.attention_processors(model, state))
+        if state.selector.needs_attention:
+            capturing = [p for p in processors if hasattr(p, "capture_attention")]
+            if not capturing:
+                raise TypeError(
+                    f"{type(self).__name__} cannot capture attention maps for {state.config.strategy}"
+                )
+            capturing[len(capturing) // 2].capture_attention = True
+        return processors
+
+    # --- cost
+
+    @abstractmethod
+    def embedder_macs(self, model: nn.Module) -> int:
+        """MACs per image token of the image-token embedder."""
+
+    @abstractmethod
+    def block_macs(
+        self, block: nn.Module, image_queries: int, image_tokens: int, text_tokens: int, pruned: bool
+    ) -> int:
+        """MACs of one block per sample (see :meth:`step_macs`)."""
 
     def step_macs(
         self, model: nn.Module, image_queries: int, image_tokens: int, text_tokens: int, pruned: bool
@@ -69,17 +164,59 @@ class ModelAdapter:
         """MACs of one transformer call per sample, from the layer shapes: ``image_queries`` of the
         ``image_tokens`` go through the blocks. adaLN and timestep embeddings, the same in every step and
         tiny, are left out."""
-        embedder = model.get_submodule(self.embedder)
-        patchify = sum(conv.weight.numel() for conv in embedder.modules() if isinstance(conv, nn.Conv2d))
-        total = image_tokens * patchify
+        total = image_tokens * self.embedder_macs(model)
         total += image_queries * linear_macs(model.get_submodule(self.output_projection))
         total += text_tokens * linear_macs(model.get_submodule(self.text_embedder))
-        for block in model.transformer_blocks:
+        for block in model.get_submodule(self.blocks):
             total += self.block_macs(block, image_queries, image_tokens, text_tokens, pruned)
         return total
 
-    def block_macs(
-        self, block: nn.Module, image_queries: int, image_tokens: int, text_tokens: int, pruned: bool
-    ) -> int:
-        """MACs of one block per sample (see :meth:`step_macs`)."""
-        raise NotImplementedError
+    # --- the pipeline around the transformer (measurement without a pipeline)
+
+    @abstractmethod
+    def latent_shape(self, config: Mapping[str, Any], batch: int, resolution: int) -> tuple[int, ...]:
+        """The latents of ``batch`` square images of ``resolution`` pixels, as the pipeline makes them."""
+
+    @abstractmethod
+    def image_grid(self, config: Mapping[str, Any], resolution: int) -> tuple[int, int]:
+        """The image token grid (height, width) of a square image of ``resolution`` pixels."""
+
+    @abstractmethod
+    def conditioning(
+        self, model: nn.Module, rows: int, text_tokens: int, resolution: int, make: TensorFactory
+    ) -> dict[str, Any]:
+        """Transformer kwargs besides the latents and timestep, with random prompt embeddings of the shapes
+        the pipeline's text encoders give (text encoding is not part of the transformer's cost)."""
+
+    def noise_prediction(self, model: nn.Module, output: torch.Tensor) -> torch.Tensor:
+        """The channels of a (B, C, H, W) output that the scheduler steps with."""
+        kept = self.noise_channels(model)
+        return output if kept == output.shape[1] else output[:, :kept]
+
+
+class PatchedLatentAdapter(ModelAdapter):
+    """For transformers that take 4-D latents (B, C, H, W) and cut them into p x p patches with a
+    convolution (diffusers' ``PatchEmbed``: SD3, PixArt): grid, latent shape and embedder cost."""
+
+    vae_scale_factor: ClassVar[int] = 8
+
+    def token_grid(self, model: nn.Module, arguments: dict[str, Any]) -> tuple[int, int]:
+        patch, latents = model.config.patch_size, arguments["hidden_states"]
+        return latents.shape[-2] // patch, latents.shape[-1] // patch
+
+    def embedder_macs(self, model: nn.Module) -> int:
+        embedder = model.get_submodule(self.embedder)
+        return sum(conv.weight.numel() for conv in embedder.modules() if isinstance(conv, nn.Conv2d))
+
+    def latent_shape(self, config: Mapping[str, Any], batch: int, resolution: int) -> tuple[int, ...]:
+        patch = int(config["patch_size"])
+        if resolution % (self.vae_scale_factor * patch):
+            raise ValueError(
+                f"resolution must be a multiple of {self.vae_scale_factor * patch}, got {resolution}"
+            )
+        side = resolution // self.vae_scale_factor
+        return batch, int(config["in_channels"]), side, side
+
+    def image_grid(self, config: Mapping[str, Any], resolution: int) -> tuple[int, int]:
+        side = self.latent_shape(config, 1, resolution)[-1] // int(config["patch_size"])
+        return side, side

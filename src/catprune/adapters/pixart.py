@@ -3,29 +3,104 @@
 Text enters only through cross-attention, so a pruned step recomputes the selected image tokens alone:
 their self-attention reads the cached K/V of all image tokens, their cross-attention reuses the text's
 K/V (computed once per generation). With learned sigma the model outputs noise and variance channels;
-selection looks at the noise half.
+selection and the scheduler look at the noise half.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
-from diffusers import PixArtTransformer2DModel
-from torch import nn
+import torch
+from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
+from torch import Tensor, nn
 
-from ..pruning import CachedSelfAttentionProcessor, Processor, PruningState, ReusedTextAttentionProcessor
-from .base import ModelAdapter, linear_macs
+from ..pruning import CachingProcessor, PruningState
+from .attention import CachedSelfAttentionProcessor, attend, project_out, split_heads
+from .base import PatchedLatentAdapter, PublicModel, TensorFactory, linear_macs
+
+_PIXART_SIGMA = {
+    "sample_size": 128,
+    "num_layers": 28,
+    "num_attention_heads": 16,
+    "attention_head_dim": 72,
+    "in_channels": 4,
+    "out_channels": 8,
+    "patch_size": 2,
+    "attention_bias": True,
+    "cross_attention_dim": 1152,
+    "activation_fn": "gelu-approximate",
+    "num_embeds_ada_norm": 1000,
+    "norm_type": "ada_norm_single",
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-6,
+    "caption_channels": 4096,
+    "interpolation_scale": 2,
+    "use_additional_conditions": False,
+}
+"""``PixArt-alpha/PixArt-Sigma-XL-2-1024-MS``, ``transformer/config.json``."""
 
 
-class PixArtAdapter(ModelAdapter):
+def noise_channels(in_channels: int, out_channels: int) -> int:
+    """With learned sigma (twice the input channels out) the first half is the noise, the rest variance."""
+    return in_channels if out_channels == 2 * in_channels else out_channels
+
+
+class ReusedTextAttentionProcessor(CachingProcessor):
+    """Cross-attention from image tokens to text tokens: the text's K and V do not change between steps,
+    so from the fill step on they are computed once per generation and reused; queries are computed for
+    the image tokens that go through the block (the selected ones at a pruned step)."""
+
+    def reset(self) -> None:
+        self.release()
+
+    def attend(self, attn: Any, hidden_states: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+        batch, heads = hidden_states.shape[0], attn.heads
+        if self.cache.empty:
+            key = split_heads(attn.to_k(context), heads)  # (B, T, h, d)
+            value = split_heads(attn.to_v(context), heads)  # (B, T, h, d)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            self.cache.keep(key, value)
+        query = split_heads(attn.to_q(hidden_states), heads)  # (B, n, h, d)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if mask is not None:
+            mask = attn.prepare_attention_mask(mask, self.cache.key.shape[1], batch)
+            mask = mask.view(batch, heads, -1, mask.shape[-1])  # (B, h, 1, T)
+        return project_out(attn, attend(query, self.cache.key, self.cache.value, mask), hidden_states)
+
+
+class PixArtAdapter(PatchedLatentAdapter):
+    family = "pixart"
     model_class = PixArtTransformer2DModel
+    embedder = "pos_embed"
+    output_projection = "proj_out"
     text_embedder = "caption_projection"
+    blocks = "transformer_blocks"
+
+    scheduler_class = DPMSolverMultistepScheduler
+    scheduler_config: ClassVar[Mapping[str, Any]] = {}
+    default_steps = 20
+    guidance_scale = 4.5
+    default_text_tokens = 300
+    """``PixArtSigmaPipeline``: max_sequence_length=300 T5 tokens, through cross-attention only."""
+    text_tokens_by_pipeline: ClassVar[Mapping[str, int]] = {
+        "PixArtSigmaPipeline": 300,
+        "PixArtAlphaPipeline": 120,
+    }
+    public_models: ClassVar[Mapping[str, PublicModel]] = {
+        "pixart-sigma": PublicModel(_PIXART_SIGMA, 300),
+        "pixart-alpha": PublicModel({**_PIXART_SIGMA, "use_additional_conditions": True}, 120),
+    }
 
     def noise_channels(self, model: nn.Module) -> int:
-        learned_sigma = model.out_channels == 2 * model.config.in_channels
-        return model.config.in_channels if learned_sigma else model.out_channels
+        return noise_channels(model.config.in_channels, model.out_channels)
 
-    def attention_processors(self, model: nn.Module, state: PruningState) -> Iterator[Processor]:
+    def text_tokens(self, arguments: dict[str, Any]) -> int:
+        return arguments["encoder_hidden_states"].shape[1]
+
+    def attention_processors(self, model: nn.Module, state: PruningState) -> Iterator[CachingProcessor]:
         for block in model.transformer_blocks:
             yield CachedSelfAttentionProcessor(block.attn1, state)
             yield ReusedTextAttentionProcessor(block.attn2, state)
@@ -41,3 +116,18 @@ class PixArtAdapter(ModelAdapter):
             2 * image_queries * (image_tokens * self_attn.inner_dim + text_tokens * cross_attn.inner_dim)
         )
         return image_queries * image + text_kv + attention
+
+    def conditioning(
+        self, model: nn.Module, rows: int, text_tokens: int, resolution: int, make: TensorFactory
+    ) -> dict[str, Any]:
+        micro_conditions: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
+        if model.use_additional_conditions:  # PixArt-alpha's pipeline passes the image size
+            micro_conditions = {
+                "resolution": make.full((rows, 2), resolution),
+                "aspect_ratio": make.full((rows, 1), 1),
+            }
+        return {
+            "encoder_hidden_states": make.randn(rows, text_tokens, model.config.caption_channels),
+            "encoder_attention_mask": make.full((rows, text_tokens), 1),
+            "added_cond_kwargs": micro_conditions,
+        }

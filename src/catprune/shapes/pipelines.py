@@ -27,6 +27,7 @@ from diffusers import (
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
+from ..adapters import ADAPTERS
 from .text import ShapesTextEncoder
 
 SHIPPED_MODELS: tuple[str, ...] = ("shapes-mmdit", "shapes-pixart")
@@ -174,7 +175,7 @@ class ShapesPixArtPipeline(ShapesPipeline):
         ).sample
 
     def prediction(self, output: torch.Tensor) -> torch.Tensor:
-        return output[:, : self.transformer.config.in_channels]
+        return ADAPTERS["pixart"].noise_prediction(self.transformer, output)
 
 
 PIPELINE_CLASSES: dict[str, type[ShapesPipeline]] = {

@@ -11,13 +11,13 @@ import torch
 from tqdm import tqdm
 
 from ..architectures import ARCHITECTURES, resolve_architecture
-from ..cli import CLIError
 from ..config import CATPruningConfig
+from ..errors import UserError
 from ..integration import apply_cat_pruning
 from ..measure import SelectionTimer, denoise, shared_weight_copy, timed
-from .macs import format_count
+from ..runtime import DTYPES, format_count, resolve_device, resolve_dtype
+from . import add_pruning_arguments
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TIMED_PART = (
     "denoising loop only (transformer + scheduler); text encoding and VAE excluded: random prompt embeddings"
 )
@@ -43,9 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--layers", type=int, help="keep only the first N blocks (width kept; random weights)"
     )
     parser.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
-    parser.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
-    parser.add_argument("--keep-ratio", type=float, default=0.3, help="alpha (default: 0.3)")
-    parser.add_argument("--start-step", type=int, default=8, help="t0, the first pruned step (default: 8)")
+    add_pruning_arguments(parser, steps=None)
     parser.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--repeats", type=int, default=3, help="timed generations of each kind (default: 3)")
@@ -60,29 +58,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
 def _spread(seconds: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds), "all": seconds}
 
 
 def run(args: argparse.Namespace) -> int:
     if args.repeats < 1:
-        raise CLIError(f"--repeats must be >= 1, got {args.repeats}")
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
     architecture = resolve_architecture(args.model)
     if architecture.weights is None and not args.random_weights:
-        raise CLIError(f"{args.model} is a named architecture without weights: add --random-weights")
+        raise UserError(f"{args.model} is a named architecture without weights: add --random-weights")
     if args.layers is not None and not args.random_weights:
-        raise CLIError("--layers needs --random-weights (a checkpoint's blocks are not cut)")
+        raise UserError("--layers needs --random-weights (a checkpoint's blocks are not cut)")
     architecture = architecture.with_layers(args.layers)
-    device = _device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     steps = args.steps or architecture.default_steps
     cfg = not args.no_cfg
     rows = args.batch * (architecture.cfg_batch if cfg else 1)

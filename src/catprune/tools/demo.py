@@ -1,61 +1,48 @@
 """``catprune demo``: full vs CAT-pruned generation on a small random-weight SD3 model, offline, in seconds.
 
-The model has SD3's architecture at a small width with random weights: it shows the mechanism and its
-cost (time, MACs), not image quality.
+The model (``catprune.adapters.sd3.MINIATURE``) has SD3's architecture at a small width with random weights:
+it shows the mechanism and its cost (time, MACs), not image quality.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
+from ..adapters.sd3 import MINIATURE, SD3Adapter
+from ..architectures import Architecture
 from ..config import CATPruningConfig
 from ..integration import apply_cat_pruning, remove_cat_pruning
+from ..measure import timed
+from . import add_pruning_arguments
 
-TEXT_TOKENS = 333
-"""As many text tokens as SD3's pipeline feeds its transformer (77 CLIP + 256 T5)."""
+MODEL = Architecture(
+    "sd3-miniature", SD3Adapter.family, MINIATURE.config, MINIATURE.text_tokens, SD3Adapter.default_steps
+)
+"""SD3's structure at width 256 (4 heads x 64), 4 blocks, fed as many text tokens as SD3's pipeline."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo", help="full vs CAT-pruned generation on a small random-weight SD3 model (offline, seconds)"
     )
-    parser.add_argument("--steps", type=int, default=28, help="denoising steps (default: 28)")
-    parser.add_argument(
-        "--keep-ratio", type=float, default=0.3, help="share of tokens recomputed (default: 0.3)"
-    )
-    parser.add_argument("--start-step", type=int, default=8, help="first pruned step (default: 8)")
+    add_pruning_arguments(parser, steps=MODEL.default_steps)
     parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default: 512)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)
 
 
 def build_pipeline(seed: int) -> Any:
-    """SD3's structure at width 256 (4 heads x 64), 4 blocks; no text encoders or VAE are needed."""
+    """:data:`MODEL` with random weights (seeded by ``seed``) in SD3's pipeline, without text encoders or VAE:
+    the demo feeds prompt embeddings and latents and takes latents out."""
     # Imported here: diffusers' SD3 pipeline needs transformers, which the other commands do not.
     from diffusers import StableDiffusion3Pipeline
 
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=64,
-        patch_size=2,
-        in_channels=16,
-        num_layers=4,
-        attention_head_dim=64,
-        num_attention_heads=4,
-        joint_attention_dim=256,
-        caption_projection_dim=256,
-        pooled_projection_dim=64,
-        out_channels=16,
-        pos_embed_max_size=96,
-    ).eval()
     return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=MODEL.build("cpu", seed=seed),
+        scheduler=MODEL.make_scheduler(),
         vae=None,
         text_encoder=None,
         tokenizer=None,
@@ -73,34 +60,39 @@ def run(args: argparse.Namespace) -> int:
     if args.resolution % 16:
         raise ValueError(f"--resolution must be a multiple of 16, got {args.resolution}")
     pipe = build_pipeline(args.seed)
+    device = pipe.transformer.device
     generator = torch.Generator().manual_seed(args.seed)
-    width = pipe.transformer.config.joint_attention_dim
-    pooled = pipe.transformer.config.pooled_projection_dim
+    # Random prompt embeddings of the shapes SD3's text encoders give: row 0 the prompt, row 1 the negative.
+    conditioning = MODEL.conditioning(pipe.transformer, 2, args.resolution, generator=generator)
+    embeds, pooled = conditioning["encoder_hidden_states"], conditioning["pooled_projections"]
     prompts = {
-        "prompt_embeds": torch.randn(1, TEXT_TOKENS, width, generator=generator),
-        "negative_prompt_embeds": torch.randn(1, TEXT_TOKENS, width, generator=generator),
-        "pooled_prompt_embeds": torch.randn(1, pooled, generator=generator),
-        "negative_pooled_prompt_embeds": torch.randn(1, pooled, generator=generator),
+        "prompt_embeds": embeds[:1],
+        "negative_prompt_embeds": embeds[1:],
+        "pooled_prompt_embeds": pooled[:1],
+        "negative_pooled_prompt_embeds": pooled[1:],
     }
-    latent_side = args.resolution // 8
-    latents = torch.randn(1, 16, latent_side, latent_side, generator=generator)
+    latents = torch.randn(MODEL.latent_shape(1, args.resolution), generator=generator)
 
     def generate(steps: int = args.steps) -> tuple[torch.Tensor, float]:
-        start = time.perf_counter()
-        images = pipe(
-            height=args.resolution,
-            width=args.resolution,
-            num_inference_steps=steps,
-            guidance_scale=7.0,
-            latents=latents,
-            output_type="latent",
-            **prompts,
-        ).images
-        return images, time.perf_counter() - start
+        def call() -> torch.Tensor:
+            return pipe(
+                height=args.resolution,
+                width=args.resolution,
+                num_inference_steps=steps,
+                guidance_scale=MODEL.guidance_scale,
+                latents=latents,
+                output_type="latent",
+                **prompts,
+            ).images
 
+        return timed(call, device)
+
+    width = MODEL.config["num_attention_heads"] * MODEL.config["attention_head_dim"]
     print(
-        f"SD3 architecture, random weights, width 256, 4 blocks, {args.resolution}x{args.resolution} "
-        f"({(latent_side // 2) ** 2} image tokens + {TEXT_TOKENS} text tokens), {args.steps} steps, CFG"
+        f"SD3 architecture, random weights, width {width}, {MODEL.config['num_layers']} blocks, "
+        f"{args.resolution}x{args.resolution} "
+        f"({MODEL.image_tokens(args.resolution)} image tokens + {MODEL.text_tokens} text tokens), "
+        f"{args.steps} steps, CFG"
     )
     pipe.set_progress_bar_config(leave=False)
     generate(steps=2)  # warm-up: first calls pay one-time allocation and dispatch costs

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import CLIError
+from ..errors import UserError
 from ..evaluation import DEFAULT_CLIP_MODEL, EvalSettings, method_names, resolve_methods, run_evaluation
 from ..prompts import PROMPT_SETS, PromptSetError
+from . import add_pruning_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,9 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"comma-separated, from {', '.join(method_names())} (default: all); full always runs",
     )
     parser.add_argument("--num-prompts", type=int, default=64, help="the first N prompts (default: 64)")
-    parser.add_argument("--steps", type=int, default=28, help="denoising steps (default: 28)")
-    parser.add_argument("--keep-ratio", type=float, default=0.3, help="alpha (default: 0.3)")
-    parser.add_argument("--start-step", type=int, default=8, help="t0, the first pruned step (default: 8)")
+    add_pruning_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
     parser.add_argument("--guidance-scale", type=float, help="default: the pipeline's")
     parser.add_argument(
@@ -64,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             settings, methods, args.num_prompts, args.out, args.device, progress=not args.no_progress
         )
     except PromptSetError as error:
-        raise CLIError(str(error)) from error
+        raise UserError(str(error)) from error
     if rows is not None:
         print((Path(args.out) / "summary.md").read_text(), end="")
     return 0

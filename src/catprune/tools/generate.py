@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +15,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..cli import CLIError
 from ..config import CATPruningConfig
-from ..integration import apply_cat_pruning, remove_cat_pruning
-from ..pruning import GenerationStats, PruningState, StepMode
-from ..shapes.pipelines import SHIPPED_MODELS, load_shapes_pipeline, shapes_pipeline_class
+from ..errors import UserError
+from ..pruning import GenerationStats, StepRecord
+from ..runtime import load_pipeline, psnr, run_generation
+from ..shapes.pipelines import SHIPPED_MODELS
+from . import add_pruning_arguments
 
 PANEL = 256
 """Side of each panel in pixels: the 32x32 shapes images are upscaled (nearest) to it."""
@@ -47,11 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="shapes-mmdit",
         help=f"{' or '.join(SHIPPED_MODELS)} (shipped), a hub id or a pipeline folder (default: %(default)s)",
     )
-    parser.add_argument("--steps", type=int, default=28, help="denoising steps (default: 28)")
-    parser.add_argument(
-        "--keep-ratio", type=float, default=0.3, help="share of tokens recomputed (default: 0.3)"
-    )
-    parser.add_argument("--start-step", type=int, default=8, help="first pruned step (default: 8)")
+    add_pruning_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument(
@@ -63,80 +58,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def load_pipeline(model: str) -> Any:
-    """A shipped or saved shapes pipeline, else any diffusers pipeline (fp16 on CUDA when available)."""
-    from diffusers.utils import logging
-
-    logging.set_verbosity_error()  # the outcome is reported in one line; hub retries are noise here
-    logging.disable_progress_bar()
-    if model in SHIPPED_MODELS or shapes_pipeline_class(model) is not None:
-        return load_shapes_pipeline(model)
-    from diffusers import DiffusionPipeline
-
-    cuda = torch.cuda.is_available()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch_dtype: renamed in newer diffusers only
-            pipe = DiffusionPipeline.from_pretrained(
-                model, torch_dtype=torch.float16 if cuda else torch.float32
-            )
-    except Exception as error:  # hub, network and format errors all mean the same thing to the user
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CLIError(
-            f"cannot load model {model!r} (not a shipped model, a local pipeline folder, or a hub id whose "
-            f"weights are available here): {reason}"
-        ) from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to("cuda") if cuda else pipe
-
-
-def generate(
-    pipe: Any, prompt: str, steps: int, guidance: float | None, seed: int
-) -> tuple[Image.Image, float]:
-    """One image and its wall time in seconds."""
-    device = pipe.transformer.device
-    kwargs: dict[str, Any] = {
-        "num_inference_steps": steps,
-        "generator": torch.Generator(device).manual_seed(seed),
-    }
-    if guidance is not None:
-        kwargs["guidance_scale"] = guidance
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    image = pipe(prompt, **kwargs).images[0]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return image.convert("RGB"), time.perf_counter() - start
-
-
 class SelectionCounter:
-    """Counts, per image token, the pruned steps that recomputed it (the conditional row under CFG)."""
+    """A pruning observer: counts, per image token, the pruned steps that recomputed it in the last prompt
+    row (the conditional row of the last prompt under CFG). Counts stay on the device: no host reads."""
 
-    def __init__(self, state: PruningState) -> None:
-        self.state = state
+    def __init__(self) -> None:
         self.counts: torch.Tensor | None = None
+        self.pruned_steps = 0
+        self.num_tokens = 0
 
-    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if self.state.mode is not StepMode.PRUNED or self.state.indices is None:
+    def __call__(self, record: StepRecord) -> None:
+        self.num_tokens = record.height * record.width
+        if record.indices is None:
             return
-        # On the device, without a host read: bincount would sync to size its output.
-        indices = self.state.indices[-1]
+        # scatter_add_ on the device: bincount would read the indices' maximum on the host to size its output.
+        indices = record.indices[-1]
         if self.counts is None:
-            self.counts = torch.zeros(self.state.num_tokens, dtype=torch.long, device=indices.device)
+            self.counts = torch.zeros(self.num_tokens, dtype=torch.long, device=indices.device)
         self.counts.scatter_add_(0, indices, torch.ones_like(indices))
+        self.pruned_steps += 1
 
     def frequency(self) -> np.ndarray:
         """(tokens,) share of pruned steps that recomputed each token."""
-        if self.counts is None or not self.state.stats.pruned_steps:
-            return np.zeros(self.state.stats.image_tokens)
-        return (self.counts.float() / self.state.stats.pruned_steps).cpu().numpy()
-
-
-def psnr(a: Image.Image, b: Image.Image) -> float:
-    """PSNR in dB between two 8-bit images (inf when identical)."""
-    error = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return math.inf if error == 0 else 10 * math.log10(255.0**2 / error)
+        if self.counts is None or not self.pruned_steps:
+            return np.zeros(self.num_tokens)
+        return (self.counts.float() / self.pruned_steps).cpu().numpy()
 
 
 def heat_colours(values: np.ndarray) -> np.ndarray:
@@ -209,15 +155,12 @@ def generate_with_cat(
     pipe: Any, args: argparse.Namespace, config: CATPruningConfig, steps: int
 ) -> tuple[Image.Image, float, GenerationStats, np.ndarray]:
     """A CAT-pruned image, its wall time, the pruning statistics and each token's selection frequency."""
-    state = apply_cat_pruning(pipe, config)
-    counter = SelectionCounter(state)
-    handle = pipe.transformer.register_forward_hook(counter)
-    try:
-        image, seconds = generate(pipe, args.prompt, steps, args.guidance, args.seed)
-    finally:
-        handle.remove()
-        remove_cat_pruning(pipe)
-    return image, seconds, state.stats, counter.frequency()
+    counter = SelectionCounter()
+    result = run_generation(
+        pipe, args.prompt, steps, args.seed, config, guidance_scale=args.guidance, observers=[counter]
+    )
+    assert result.stats is not None  # pruning was applied
+    return Image.fromarray(result.images[0]), result.seconds, result.stats, counter.frequency()
 
 
 def _report(name: str, seconds: float, macs: int, full_macs: int) -> str:
@@ -227,23 +170,24 @@ def _report(name: str, seconds: float, macs: int, full_macs: int) -> str:
 def run(args: argparse.Namespace) -> int:
     config = CATPruningConfig(keep_ratio=args.keep_ratio, start_step=args.start_step)
     if args.steps <= config.start_step:
-        raise CLIError(f"--steps ({args.steps}) must be larger than --start-step ({config.start_step})")
+        raise UserError(f"--steps ({args.steps}) must be larger than --start-step ({config.start_step})")
     if args.out.suffix.lower() != ".png":
-        raise CLIError(f"--out must be a .png file, got {args.out}")
+        raise UserError(f"--out must be a .png file, got {args.out}")
     pipe = load_pipeline(args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.compare:
         # A short pruned generation runs the full and the pruned code paths once, so that neither timed
         # run pays for one-off initialisation.
         generate_with_cat(pipe, args, config, config.start_step + 2)
-        full, full_seconds = generate(pipe, args.prompt, args.steps, args.guidance, args.seed)
+        reference = run_generation(pipe, args.prompt, args.steps, args.seed, guidance_scale=args.guidance)
+        full, full_seconds = Image.fromarray(reference.images[0]), reference.seconds
     cat, cat_seconds, stats, frequency = generate_with_cat(pipe, args, config, args.steps)
     if not args.compare:
         (panel(cat) if cat.width < PANEL else cat).save(args.out)
         print(_report("CAT", cat_seconds, stats.macs, stats.full_macs))
         print(f"wrote {args.out}")
         return 0
-    quality = psnr(full, cat)
+    quality = psnr(np.asarray(full), np.asarray(cat))
     labels = [
         f"full ({args.steps} steps)",
         f"CAT (keep {config.keep_ratio:.0%} from step {config.start_step})",

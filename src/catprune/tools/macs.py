@@ -9,14 +9,8 @@ from typing import Any
 from ..architectures import ARCHITECTURES, resolve_architecture
 from ..config import CATPruningConfig
 from ..measure import MacsReport, SelectionCost, StepMacs, count_macs, count_selection
-
-
-def format_count(value: float, unit: str = "", digits: int = 4) -> str:
-    """1.2345e13 -> '12.35T' (SI prefixes, ``digits`` significant digits)."""
-    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.{digits}g}{prefix}{unit}"
-    return f"{value:.{digits}g}{unit}"
+from ..runtime import format_count
+from . import add_pruning_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,11 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model", required=True, help=f"one of {', '.join(ARCHITECTURES)}, or a local folder"
     )
-    parser.add_argument(
-        "--steps", type=int, default=28, help="denoising steps (default: 28, as in the paper)"
-    )
-    parser.add_argument("--keep-ratio", type=float, default=0.3, help="alpha (default: 0.3)")
-    parser.add_argument("--start-step", type=int, default=8, help="t0, the first pruned step (default: 8)")
+    add_pruning_arguments(parser)
     parser.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
     parser.add_argument("--batch", type=int, default=1, help="prompts per call (default: 1)")
     parser.add_argument(

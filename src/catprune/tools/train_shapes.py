@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import CLIError
+from ..errors import UserError
 from ..shapes.training import ARCHES, TrainConfig, Trainer
 
 
@@ -54,14 +54,14 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.checkpoint_every < 1:
-        raise CLIError(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
+        raise UserError(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
     if args.data_workers < 0:
-        raise CLIError(f"--data-workers must be 0 or more, got {args.data_workers}")
+        raise UserError(f"--data-workers must be 0 or more, got {args.data_workers}")
     try:
         device = torch.device(args.device)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as error:
-        raise CLIError(f"cannot train on --device {args.device}: {str(error).splitlines()[0]}") from None
+        raise UserError(f"cannot train on --device {args.device}: {str(error).splitlines()[0]}") from None
     config = TrainConfig(
         arch=args.arch,
         width=args.width,

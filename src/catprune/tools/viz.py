@@ -1,6 +1,7 @@
 """``catprune viz FIGURE``: the paper's diagnostic figures as PNGs, from a shapes model or a real pipeline.
 
-Each figure writes ``--out`` (PNG) and the plotted data beside it (same name, .npz and .json).
+Each figure writes ``--out`` (PNG) and the plotted data beside it (same name, .npz and .json). Without
+``--prompts`` a figure draws a built-in set of shapes prompts (:data:`DEFAULT_PROMPTS`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from ..cli import CLIError
 from ..config import CATPruningConfig
+from ..errors import UserError
+from ..runtime import load_pipeline
 from ..strategies import STRATEGIES
-from .generate import load_pipeline
+from . import add_pruning_arguments
 
 if TYPE_CHECKING:
     from ..viz import FigureData
@@ -29,6 +31,29 @@ FIGURE_HELP = {
     "alpha-sweep": "Fig. 8/9: images by keep ratio alpha, with MACs per image under each column",
     "frequency": "heat map of how many pruned steps recomputed each token over a generation",
 }
+
+DEFAULT_PROMPTS = (
+    "a large red circle in the center on a white background",
+    "a small blue square at the top left and a large green triangle at the bottom right on a gray background",
+    "a large purple square on the left and a small orange circle on the right on a black background",
+)
+"""The prompts a figure draws without ``--prompts``: shapes scenes (the figures of docs/figures.md)."""
+
+SELECTION_PROMPT = DEFAULT_PROMPTS[1]
+"""The one prompt ``selection`` draws without ``--prompts``."""
+
+
+def default_prompts(figure: str) -> list[str]:
+    """The prompts ``figure`` draws when ``--prompts`` is not given."""
+    return [SELECTION_PROMPT] if figure == "selection" else list(DEFAULT_PROMPTS)
+
+
+def _prompts_help(figure: str) -> str:
+    defaults = default_prompts(figure)
+    quoted = " ".join(f'"{prompt}"' for prompt in defaults)
+    if figure == "selection":
+        return f"one prompt (default: the shapes prompt {quoted})"
+    return f"one or more prompts (default: {len(defaults)} shapes prompts: {quoted})"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,10 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common.add_argument(
         "--model", required=True, help="shapes-mmdit, shapes-pixart, a local pipeline folder or a hub id"
     )
-    common.add_argument("--prompts", nargs="+", required=True, help="one or more prompts")
     common.add_argument("--out", type=Path, required=True, help="the PNG to write")
-    common.add_argument("--steps", type=int, default=28, help="denoising steps (default: 28)")
-    common.add_argument("--start-step", type=int, default=8, help="t0, the first pruned step (default: 8)")
     common.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
     common.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default: 100)")
 
@@ -55,13 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         figure = figures.add_parser(
             name, parents=[common], help=FIGURE_HELP[name], description=FIGURE_HELP[name]
         )
-        if keep_ratio is not None:
-            figure.add_argument(
-                "--keep-ratio",
-                type=float,
-                default=keep_ratio,
-                help=f"alpha, share of tokens kept (default: {keep_ratio})",
-            )
+        figure.add_argument("--prompts", nargs="+", metavar="PROMPT", help=_prompts_help(name))
+        add_pruning_arguments(figure, keep_ratio=keep_ratio)
         figure.set_defaults(func=run)
         return figure
 
@@ -94,7 +111,7 @@ def _viz_library() -> ModuleType:
     except ModuleNotFoundError as error:
         if (error.name or "").split(".")[0] != "matplotlib":
             raise
-        raise CLIError("catprune viz needs matplotlib: pip install matplotlib") from None
+        raise UserError("catprune viz needs matplotlib: pip install matplotlib") from None
 
 
 def _collect(viz: ModuleType, args: argparse.Namespace, pipe: Any) -> FigureData:
@@ -115,14 +132,16 @@ def _collect(viz: ModuleType, args: argparse.Namespace, pipe: Any) -> FigureData
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.prompts is None:
+        args.prompts = default_prompts(args.figure)
     if args.steps <= args.start_step:
-        raise CLIError(f"--steps ({args.steps}) must be larger than --start-step ({args.start_step})")
+        raise UserError(f"--steps ({args.steps}) must be larger than --start-step ({args.start_step})")
     if args.figure == "selection" and len(args.prompts) != 1:
-        raise CLIError(f"selection shows one prompt, got {len(args.prompts)}")
+        raise UserError(f"selection shows one prompt, got {len(args.prompts)}")
     if getattr(args, "panels", 1) < 1:
-        raise CLIError(f"--panels must be >= 1, got {args.panels}")
+        raise UserError(f"--panels must be >= 1, got {args.panels}")
     if args.out.suffix.lower() != ".png":
-        raise CLIError(f"--out must name a .png file, got {args.out}")
+        raise UserError(f"--out must name a .png file, got {args.out}")
     viz = _viz_library()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

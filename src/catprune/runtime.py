@@ -1,0 +1,159 @@
+"""What every tool and benchmark does the same way: load a pipeline, pick a device and dtype, run one
+generation (pruned or not) and compare or report its results.
+
+Tools (``catprune.tools``), the evaluation, the figures and the benchmark scripts use these functions
+instead of their own copies, so that "a generation" means one thing everywhere: the same seeding (a CPU
+generator, so images do not depend on the device), the same timing (device work included) and the same
+statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import CATPruningConfig
+from .errors import UserError
+from .integration import apply_cat_pruning, remove_cat_pruning
+from .measure import timed
+from .pruning import GenerationStats, StepRecord
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """``name``, or CUDA when available, else the CPU; a CUDA request without CUDA is a :class:`UserError`."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name}: no CUDA device is available")
+    return device
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """A dtype by name; ``None`` or ``"auto"``: float16 on CUDA, float32 elsewhere."""
+    if name in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; known: auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost cause of ``error`` (hub errors wrap the one that says why)."""
+    while True:
+        inner = error.__cause__ or error.__context__
+        if inner is None or not str(inner).strip():
+            break
+        error = inner
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_pipeline(model: str, device: str | None = None, dtype: str | None = "auto") -> Any:
+    """A shipped shapes model by name, a saved shapes pipeline folder, or any diffusers pipeline (local
+    folder or hub id), on ``device`` in ``dtype``, without progress bars. By default a shapes model runs on
+    the CPU in float32 (it is small: a GPU gains little), any other on CUDA in float16 when available. A
+    model that cannot be loaded is a :class:`UserError` of one line that says why."""
+    from diffusers.utils import logging
+
+    from .shapes.pipelines import SHIPPED_MODELS, load_shapes_pipeline, shapes_pipeline_class
+
+    logging.disable_progress_bar()
+    shapes = model in SHIPPED_MODELS or shapes_pipeline_class(model) is not None
+    target = resolve_device("cpu" if shapes and device is None else device)
+    torch_dtype = resolve_dtype(dtype, target)
+    if shapes:
+        pipe = load_shapes_pipeline(model)
+    else:
+        from diffusers import DiffusionPipeline
+
+        logging.set_verbosity_error()  # the outcome is reported in one line; hub retries are noise here
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch_dtype: renamed in newer diffusers only
+                pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+        except Exception as error:  # hub, network and format errors all mean the same thing to the user
+            raise UserError(
+                f"cannot load model {model!r} (not a shipped model ({', '.join(SHIPPED_MODELS)}), a local "
+                f"pipeline folder, or a hub id whose weights are available here): {_root_cause(error)}"
+            ) from None
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(target)
+    return pipe if pipe.dtype == torch_dtype else pipe.to(dtype=torch_dtype)
+
+
+@dataclass
+class Generation:
+    """One pipeline call: its images, wall time and what pruning did."""
+
+    images: np.ndarray
+    """(P, H, W, 3) uint8, one per prompt."""
+    seconds: float
+    """Wall time of the pipeline call, the device's queued work included."""
+    stats: GenerationStats | None
+    """None when the call ran without pruning applied (``config=None``)."""
+
+
+def run_generation(
+    pipe: Any,
+    prompts: str | Sequence[str],
+    steps: int,
+    seed: int,
+    config: CATPruningConfig | None = None,
+    guidance_scale: float | None = None,
+    observers: Sequence[Callable[[StepRecord], None]] = (),
+) -> Generation:
+    """Generate one image per prompt with ``pipe``: unpatched when ``config`` is None, else with pruning
+    applied for this call only (``CATPruningConfig.unpruned()`` counts MACs without pruning).
+
+    The initial noise comes from a CPU generator seeded with ``seed``, so it is the same on every device
+    and in every process. Only arguments every diffusers text-to-image pipeline takes are passed."""
+    kwargs: dict[str, Any] = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+    prompt = prompts if isinstance(prompts, str) else list(prompts)
+    device = pipe.transformer.device
+
+    def call() -> Any:
+        generator = torch.Generator().manual_seed(seed)
+        return pipe(prompt, num_inference_steps=steps, generator=generator, **kwargs)
+
+    if config is None:
+        output, seconds = timed(call, device)
+        stats = None
+    else:
+        state = apply_cat_pruning(pipe, config)
+        removers = [state.add_observer(observer) for observer in observers]
+        try:
+            output, seconds = timed(call, device)
+        finally:
+            for remove in removers:
+                remove()
+            remove_cat_pruning(pipe)
+        stats = state.stats
+    images = np.stack([np.asarray(image.convert("RGB")) for image in output.images])
+    return Generation(images, seconds, stats)
+
+
+def psnr(image: np.ndarray, reference: np.ndarray) -> float:
+    """PSNR in dB between two 8-bit images (inf when identical)."""
+    error = np.mean((np.asarray(image, np.float64) - np.asarray(reference, np.float64)) ** 2)
+    return math.inf if error == 0 else 10 * math.log10(255.0**2 / error)
+
+
+def format_count(value: float, unit: str = "", digits: int = 4) -> str:
+    """1.2345e13 -> '12.35T' (SI prefixes, ``digits`` significant digits)."""
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.{digits}g}{prefix}{unit}"
+    return f"{value:.{digits}g}{unit}"

@@ -1,0 +1,106 @@
+"""The mechanism's public surface: observers, the plain "no pruning" config, and the adapter registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import seeded_latents, tiny_sd3
+from test_pipelines import CASES, CONFIG, START, STEPS, generate, record_indices
+
+from catprune import CATPruningConfig, apply_cat_pruning
+from catprune.adapters import ADAPTERS, ModelAdapter, SD3Adapter, register_adapter
+from catprune.pruning import StepMode, StepRecord
+
+
+@pytest.mark.parametrize("case_name", ["sd3", "pixart-sigma"])
+def test_observers_get_one_record_per_step_with_what_pruning_did(case_name: str) -> None:
+    case = CASES[case_name]
+    pipe = case.make_pipeline()
+    indices = record_indices(pipe)
+    state = apply_cat_pruning(pipe, CONFIG)
+    records: list[StepRecord] = []
+    remove = state.add_observer(records.append)
+    generate(pipe, case, case.prompts(2), seeded_latents(2))
+
+    modes = [StepMode.FULL] * (START - 1) + [StepMode.FILL] + [StepMode.PRUNED] * (STEPS - START)
+    assert [record.step for record in records] == list(range(STEPS))
+    assert [record.mode for record in records] == modes
+    grid = (records[0].height, records[0].width)
+    assert grid == (8, 8)
+    for record, step_indices in zip(records[START:], indices, strict=True):
+        assert torch.equal(record.indices, step_indices[2:])  # the conditional rows, one per prompt
+        assert record.noise.shape[:2] == (2, 64)
+    assert all(record.indices is None for record in records[:START])
+    assert records[START - 2].reference is not None and records[START - 3].reference is None
+    assert records[START].cluster_labels.shape == (2, 64) and records[START - 1].cluster_labels is None
+
+    remove()
+    generate(pipe, case, case.prompts(1), seeded_latents(1))
+    assert len(records) == STEPS
+
+
+def test_the_unpruned_config_runs_the_unpatched_model_and_counts_macs() -> None:
+    case = CASES["sd3"]
+    pipe = case.make_pipeline()
+    prompts, latents = case.prompts(1), seeded_latents(1)
+    reference = generate(pipe, case, prompts, latents)
+    state = apply_cat_pruning(pipe, CATPruningConfig.unpruned())
+    assert torch.equal(generate(pipe, case, prompts, latents), reference)
+    stats = state.stats
+    assert (stats.steps, stats.pruned_steps) == (STEPS, 0)
+    assert stats.macs == stats.full_macs > 0
+
+
+def test_an_unknown_strategy_is_refused_when_the_config_is_built_with_the_valid_names() -> None:
+    with pytest.raises(ValueError, match=r"unknown token-choice strategy 'best'; known: .*at-edm.*cat"):
+        CATPruningConfig(strategy="best")
+
+
+def test_an_incomplete_adapter_is_refused_at_registration_naming_what_is_missing() -> None:
+    class Bare(ModelAdapter):
+        family = "bare"
+        model_class = torch.nn.Linear
+        output_projection = "proj_out"
+
+    with pytest.raises(TypeError) as error:
+        register_adapter(Bare)
+    message = str(error.value)
+    assert message.startswith("adapter Bare does not define attribute embedder, attribute text_embedder")
+    assert "method token_grid()" in message and "method attention_processors()" in message
+    assert "output_projection" not in message and "bare" not in ADAPTERS
+
+
+def test_a_second_adapter_for_a_family_is_refused() -> None:
+    class AnotherSD3(SD3Adapter):
+        pass
+
+    with pytest.raises(ValueError, match="family 'sd3' is already registered"):
+        register_adapter(AnotherSD3)
+    assert isinstance(ADAPTERS["sd3"], SD3Adapter) and type(ADAPTERS["sd3"]) is SD3Adapter
+
+
+def test_records_are_built_without_host_reads_on_the_meta_device() -> None:
+    with torch.device("meta"):
+        transformer = tiny_sd3()
+    state = apply_cat_pruning(transformer, CATPruningConfig(start_step=2, row_pairing="cfg"))
+    records: list[StepRecord] = []
+    state.add_observer(records.append)
+    state.begin_generation()
+    inputs = {
+        "encoder_hidden_states": torch.empty(4, 7, 32, device="meta"),
+        "pooled_projections": torch.empty(4, 16, device="meta"),
+    }
+    with torch.no_grad():
+        for step in range(4):
+            transformer(
+                torch.empty(4, 4, 16, 16, device="meta"),
+                timestep=torch.full((4,), 900.0 - step, device="meta"),
+                **inputs,
+            )
+    assert [record.mode for record in records] == [
+        StepMode.FULL,
+        StepMode.FILL,
+        StepMode.PRUNED,
+        StepMode.PRUNED,
+    ]
+    assert records[-1].indices.shape == (2, round(0.3 * 64)) and records[-1].noise.device.type == "meta"
