@@ -6,8 +6,27 @@ Tools import the library, never each other; what several of them share lives her
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Any, TypeVar
 
 from ..config import CATPruningConfig
+
+Settings = TypeVar("Settings")
+
+
+def add_command(
+    subparsers: argparse._SubParsersAction, name: str, summary: str, details: str = ""
+) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` starts with the same one-line ``summary`` that ``catprune --help``
+    lists, followed by ``details``."""
+    description = f"{summary[0].upper()}{summary[1:]}." + (f" {details}" if details else "")
+    return subparsers.add_parser(name, help=summary, description=description)
+
+
+def settings_from_arguments(cls: type[Settings], args: argparse.Namespace, **overrides: Any) -> Settings:
+    """A settings dataclass built from the parsed arguments of the same names (``overrides`` win)."""
+    names = [field.name for field in dataclasses.fields(cls) if hasattr(args, field.name)]
+    return cls(**{**{name: getattr(args, name) for name in names}, **overrides})
 
 
 def add_pruning_arguments(

@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..integration import apply_cat_pruning
 from ..measure import SelectionTimer, denoise, shared_weight_copy, timed
 from ..runtime import DTYPES, format_count, resolve_device, resolve_dtype
-from . import add_pruning_arguments
+from . import add_command, add_pruning_arguments
 
 TIMED_PART = (
     "denoising loop only (transformer + scheduler); text encoding and VAE excluded: random prompt embeddings"
@@ -24,12 +24,13 @@ TIMED_PART = (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "bench",
-        help="time full vs CAT denoising loops and compare the speedup with the MAC bound",
-        description="Time the denoising loop (as the diffusers pipeline runs it, with its scheduler) in full "
-        "and with CAT pruning, alternating after a warm-up, and compare the speedup with the MAC bound. Text "
-        "encoding is excluded: the prompt embeddings are random tensors of the pipeline's shapes.",
+        "time full vs CAT denoising loops and compare the speedup with the MAC bound",
+        "The denoising loop runs as the diffusers pipeline runs it (with its scheduler), in full and with "
+        "CAT pruning, alternating after a warm-up. Text encoding is excluded: the prompt embeddings are "
+        "random tensors of the pipeline's shapes.",
     )
     parser.add_argument(
         "--model", required=True, help=f"one of {', '.join(ARCHITECTURES)}, or a local folder"

@@ -16,7 +16,7 @@ from ..architectures import Architecture
 from ..config import CATPruningConfig
 from ..integration import apply_cat_pruning, remove_cat_pruning
 from ..measure import timed
-from . import add_pruning_arguments
+from . import add_command, add_pruning_arguments
 
 MODEL = Architecture(
     "sd3-miniature", SD3Adapter.family, MINIATURE.config, MINIATURE.text_tokens, SD3Adapter.default_steps
@@ -25,8 +25,8 @@ MODEL = Architecture(
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "demo", help="full vs CAT-pruned generation on a small random-weight SD3 model (offline, seconds)"
+    parser = add_command(
+        subparsers, "demo", "full vs CAT-pruned generation on a small random-weight SD3 model (offline)"
     )
     add_pruning_arguments(parser, steps=MODEL.default_steps)
     parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default: 512)")

@@ -8,16 +8,17 @@ from pathlib import Path
 from ..errors import UserError
 from ..evaluation import DEFAULT_CLIP_MODEL, EvalSettings, method_names, resolve_methods, run_evaluation
 from ..prompts import PROMPT_SETS, PromptSetError
-from . import add_pruning_arguments
+from . import add_command, add_pruning_arguments, settings_from_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "eval",
-        help="compare methods at equal budget: MACs, throughput, CLIP/alignment, PSNR/SSIM vs full",
-        description="Generate one image per (method, prompt index), seeded by the prompt index, and "
-        "summarise them as the paper's Tables 2/3. Resumable (a rerun skips finished items); data-parallel "
-        "with `accelerate launch -m catprune eval ...`.",
+        "compare methods at equal budget: MACs, throughput, CLIP/alignment, PSNR/SSIM vs full",
+        "One image per (method, prompt index), seeded by the prompt index, summarised as the paper's Tables "
+        "2/3. Resumable (a rerun skips finished items); data-parallel with `accelerate launch -m catprune "
+        "eval ...`.",
     )
     parser.add_argument("--model", required=True, help="shapes-mmdit, shapes-pixart, or a diffusers pipeline")
     parser.add_argument(
@@ -47,16 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     methods = resolve_methods(name.strip() for name in args.methods.split(",") if name.strip())
-    settings = EvalSettings(
-        model=args.model,
-        prompts=args.prompts,
-        steps=args.steps,
-        keep_ratio=args.keep_ratio,
-        start_step=args.start_step,
-        seed=args.seed,
-        guidance_scale=args.guidance_scale,
-        dtype=args.dtype,
-        clip_model=None if args.clip_model.lower() == "none" else args.clip_model,
+    settings = settings_from_arguments(
+        EvalSettings, args, clip_model=None if args.clip_model.lower() == "none" else args.clip_model
     )
     try:
         rows = run_evaluation(

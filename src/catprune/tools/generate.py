@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..pruning import GenerationStats, StepRecord
 from ..runtime import load_pipeline, psnr, run_generation
 from ..shapes.pipelines import SHIPPED_MODELS
-from . import add_pruning_arguments
+from . import add_command, add_pruning_arguments
 
 PANEL = 256
 """Side of each panel in pixels: the 32x32 shapes images are upscaled (nearest) to it."""
@@ -36,9 +36,10 @@ HEAT_ANCHORS = np.array(
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "generate",
-        help="generate an image with CAT pruning (default: the shipped shapes-mmdit model, offline, seconds)",
+        "generate an image with CAT pruning (default: the shipped shapes-mmdit model, offline, seconds)",
     )
     parser.add_argument("prompt", help="text prompt (for the shapes models: words of their caption grammar)")
     parser.add_argument(

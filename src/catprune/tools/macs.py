@@ -10,15 +10,16 @@ from ..architectures import ARCHITECTURES, resolve_architecture
 from ..config import CATPruningConfig
 from ..measure import MacsReport, SelectionCost, StepMacs, count_macs, count_selection
 from ..runtime import format_count
-from . import add_pruning_arguments
+from . import add_command, add_pruning_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "macs",
-        help="count transformer MACs of full and CAT generations (no weights needed)",
-        description="Count the MACs of a full and a CAT-pruned generation with FlopCounterMode, running the "
-        "real forward (pruning applied) on the meta device: no weights, no memory, no GPU.",
+        "count transformer MACs of full and CAT generations (no weights needed)",
+        "FlopCounterMode counts them while the real forward runs (pruning applied) on the meta device: no "
+        "weights, no memory, no GPU.",
     )
     parser.add_argument(
         "--model", required=True, help=f"one of {', '.join(ARCHITECTURES)}, or a local folder"

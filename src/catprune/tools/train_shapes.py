@@ -11,13 +11,15 @@ import torch
 
 from ..errors import UserError
 from ..shapes.training import ARCHES, TrainConfig, Trainer
+from . import add_command, settings_from_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     defaults = TrainConfig(steps=1)
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "train-shapes",
-        help="train the shapes-mmdit or shapes-pixart model (resumes when --out holds a checkpoint)",
+        "train the shapes-mmdit or shapes-pixart model (resumes when --out holds a checkpoint)",
     )
     parser.add_argument("--arch", choices=ARCHES, required=True)
     parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoint/ and pipeline/")
@@ -62,19 +64,7 @@ def run(args: argparse.Namespace) -> int:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as error:
         raise UserError(f"cannot train on --device {args.device}: {str(error).splitlines()[0]}") from None
-    config = TrainConfig(
-        arch=args.arch,
-        width=args.width,
-        layers=args.layers,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        ema_decay=args.ema_decay,
-        bf16=args.bf16,
-        steps=args.steps,
-        minutes=args.minutes,
-        seed=args.seed,
-    )
+    config = settings_from_arguments(TrainConfig, args)
     trainer = Trainer(
         config,
         args.out,
