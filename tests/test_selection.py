@@ -90,8 +90,21 @@ def test_cluster_max_pool_and_graph_pool() -> None:
     assert torch.equal(pooled[0, :, 0], torch.tensor([3.0, 5.0, 0.0]))
     assert occupied.tolist() == [[True, True, False]]
     adjacency = torch.tensor([[[False, True, False], [True, False, False], [False, False, False]]])
-    # self + 2 * mean(neighbours) + max(neighbours); the isolated cluster keeps itself.
-    assert graph_pool(pooled, adjacency)[0, :, 0].tolist() == [3 + 2 * 5 + 5, 5 + 2 * 3 + 3, 0.0]
+    # sum + mean + max over the neighbours and the cluster itself; the isolated cluster: 3 x itself.
+    assert graph_pool(pooled, adjacency)[0, :, 0].tolist() == [8 + 4 + 5, 8 + 4 + 5, 0.0]
+
+
+def test_graph_pool_computes_what_the_authors_torch_geometric_layer_computes() -> None:
+    """The worked example of the reference note: a path graph 0 - 1 - 2 with features 1, 2, 4 gives
+    6.5, 13.33, 13.0 (sum + mean + max over {self} and the neighbours); a second channel and a second
+    sample with another graph (a triangle) check that channels and samples stay apart."""
+    features = torch.tensor([[[1.0, -1.0], [2.0, 0.0], [4.0, 3.0]], [[1.0, 0.0], [2.0, 0.0], [4.0, 0.0]]])
+    path = [[False, True, False], [True, False, True], [False, True, False]]
+    triangle = [[False, True, True], [True, False, True], [True, True, False]]
+    pooled = graph_pool(features, torch.tensor([path, triangle]))
+    torch.testing.assert_close(pooled[0, :, 0], torch.tensor([6.5, 7 + 7 / 3 + 4, 13.0]))
+    torch.testing.assert_close(pooled[0, :, 1], torch.tensor([-1 - 0.5 + 0, 2 + 2 / 3 + 3, 3 + 1.5 + 3]))
+    torch.testing.assert_close(pooled[1, :, 0], torch.full((3,), 7 + 7 / 3 + 4))
 
 
 def test_lexsort_and_ranks_within_clusters() -> None:

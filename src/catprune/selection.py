@@ -117,17 +117,22 @@ def cluster_max_pool(
 
 
 def graph_pool(features: torch.Tensor, adjacency: torch.Tensor) -> torch.Tensor:
-    """One non-trainable graph pooling layer: self + 2 * mean(neighbours) + max(neighbours).
+    """One non-trainable graph pooling layer, as the authors' code computes it: sum + mean + max over each
+    cluster's neighbours and itself, element-wise.
 
-    features (P, k, C), adjacency (P, k, k) bool -> (P, k, C). A cluster without neighbours keeps itself.
+    Their layer is torch-geometric's ``SimpleConv(aggr=MultiAggregation(['mean', 'mean', 'max'],
+    mode='sum'), combine_root='self_loop')``: self loops join the neighbourhood, and torch-geometric 2.3+
+    files the two 'mean' entries under one name, so the aggregations are sum, mean and max (see
+    docs/method.md). features (P, k, C), adjacency (P, k, k) bool without self loops -> (P, k, C).
     """
-    weights = adjacency.to(features.dtype)[..., None]
-    degree = weights.sum(dim=2)
-    mean = (weights * features[:, None]).sum(dim=2) / degree.clamp(min=1)
-    neighbour_max = features[:, None].expand(-1, features.shape[1], -1, -1)
-    neighbour_max = neighbour_max.masked_fill(~adjacency[..., None], float("-inf")).amax(dim=2)
-    neighbour_max = torch.where(degree > 0, neighbour_max, torch.zeros_like(neighbour_max))
-    return features + 2.0 * mean + neighbour_max
+    eye = torch.eye(adjacency.shape[-1], dtype=torch.bool, device=adjacency.device)
+    closed = adjacency | eye  # (P, k, k) neighbours and the cluster itself
+    weights = closed.to(features.dtype)[..., None]  # (P, k, k, 1)
+    total = (weights * features[:, None]).sum(dim=2)  # (P, k, C)
+    mean = total / weights.sum(dim=2)  # (P, k, C): every cluster counts itself, so no division by zero
+    largest = features[:, None].expand(-1, features.shape[1], -1, -1)  # (P, k, k, C) features of column j
+    largest = largest.masked_fill(~closed[..., None], float("-inf")).amax(dim=2)  # (P, k, C)
+    return total + mean + largest
 
 
 def cluster_ranks(features: torch.Tensor, occupied: torch.Tensor) -> torch.Tensor:
