@@ -20,13 +20,18 @@ import torch
 from catprune.cli import main
 from catprune.config import CATPruningConfig
 from catprune.evaluation import (
+    DEFAULT_CLIP_MODEL,
+    TIMING_RECORD_KEYS,
     EvalSettings,
     RunFolder,
     equal_macs_steps,
     fidelity,
     load_clip_scorer,
     pooled_psnr,
+    resolve_clip_model,
     resolve_methods,
+    summarize,
+    summary_markdown,
 )
 from catprune.prompts import PromptSetError, load_prompts
 from catprune.runtime import load_pipeline, run_generation
@@ -66,7 +71,7 @@ def eval_args(model: str, out: Path, methods: str, num_prompts: int = 3, *extra:
 
 def records_without_timing(out: Path) -> list[dict[str, Any]]:
     lines = (out / "results.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_RECORD_KEYS} for line in lines]
 
 
 def table_without_timing(out: Path) -> list[list[str]]:
@@ -220,6 +225,9 @@ def test_eval_writes_images_records_and_the_table(
     assert "psnr" not in full and cat["psnr"] > 0 and 0 < cat["ssim"] <= 1
     assert set(cat["alignment"]) == {"background", "colour", "shape", "size", "position", "count", "full"}
     assert 0 <= cat["clip_score"] <= 100 and cat["macs"] < full["macs"] and cat["seed"] == 0
+    assert len({r["session"] for r in records}) == 1 and all(r["cpus"] == os.cpu_count() for r in records)
+    assert all(r["load"] is None or r["load"] >= 0 for r in records)
+    assert list(cat)[:8] == ["method", "index", "prompt", "seed", "steps", "macs", "seconds", "session"]
     assert records[1]["seed"] == 1 and records[1]["prompt"] == heldout_captions(2)[1]
 
     # The full image is the unpatched pipeline's, from the prompt index's seed.
@@ -303,5 +311,121 @@ def test_two_processes_give_the_images_and_table_of_one(tiny_model: str, tmp_pat
     one = [sys.executable, "-m", "catprune", *eval_args(tiny_model, tmp_path / "one", methods, prompts)]
     subprocess.run(one, env=ENV, check=True, capture_output=True)
     assert same_images(tmp_path / "one", tmp_path / "two")
+    assert len({record["session"] for record in RunFolder(tmp_path / "two").records()}) == 1  # one launch
     assert records_without_timing(tmp_path / "one") == records_without_timing(tmp_path / "two")
     assert table_without_timing(tmp_path / "one") == table_without_timing(tmp_path / "two")
+
+
+# --- the CLIP model by default, timings that are not a measurement ------------------------------------
+
+
+def test_auto_clip_model_is_none_where_the_shapes_checker_measures_alignment(tiny_model: str) -> None:
+    for shapes_model in ("shapes-mmdit", "shapes-pixart", tiny_model):
+        assert resolve_clip_model("auto", shapes_model, "parti") is None
+    assert resolve_clip_model("auto", "stabilityai/stable-diffusion-3-medium-diffusers", "shapes") is None
+    assert resolve_clip_model("auto", "stabilityai/stable-diffusion-3-medium-diffusers", "parti") == (
+        DEFAULT_CLIP_MODEL
+    )
+    assert resolve_clip_model("AUTO", "some/model", "prompts.txt") == DEFAULT_CLIP_MODEL
+    assert resolve_clip_model("none", "some/model", "parti") is None
+    assert resolve_clip_model("None", "some/model", "parti") is None
+    assert resolve_clip_model(None, "some/model", "parti") is None
+    assert resolve_clip_model("my/clip", "shapes-mmdit", "shapes") == "my/clip"  # a name forces it
+
+
+def test_eval_of_a_shapes_model_by_default_has_no_clip_score(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def must_not_load(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("no CLIP model is loaded for a shapes run by default")
+
+    monkeypatch.setattr("catprune.evaluation.load_clip_scorer", must_not_load)
+    args = eval_args(tiny_model, tmp_path, "cat", 1)
+    del args[args.index("--clip-model") : args.index("--clip-model") + 2]
+    assert main(args) == 0
+    assert "clip" not in (tmp_path / "summary.md").read_text().lower()
+    assert json.loads((tmp_path / "run.json").read_text())["settings"]["clip_model"] is None  # resolved
+    assert main([*args, "--clip-model", "none"]) == 0  # the same settings: the run resumes
+
+
+def test_a_resumed_run_marks_its_timings(tiny_model: str, tmp_path: Path) -> None:
+    assert main(eval_args(tiny_model, tmp_path, "cat", 1)) == 0
+    assert "sessions" not in (tmp_path / "summary.md").read_text()
+    assert main(eval_args(tiny_model, tmp_path, "cat", 2)) == 0  # one more prompt, in a new session
+    summary = (tmp_path / "summary.md").read_text()
+    assert "mix timings from 2 sessions" in summary and "fresh `--out`" in summary
+    for line in summary.splitlines()[2:4]:
+        throughput, speedup = line.split("|")[3:5]
+        assert throughput.strip().endswith("*") and speedup.strip().endswith("x*")
+
+
+def timed_record(method: str, index: int, seconds: float, **timing: Any) -> dict[str, Any]:
+    return {"method": method, "index": index, "steps": 8, "macs": 100.0, "seconds": seconds, **timing}
+
+
+def timing_table(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[list[str]], str]:
+    """(rows, each row's throughput and speed-up cells, the notes) of a summary of ``records``."""
+    rows = summarize(records, ["full", "cat"])
+    markdown = summary_markdown(rows, EvalSettings(model="m", prompts="p", clip_model=None), 2)
+    lines = markdown.splitlines()
+    cells = [[cell.strip() for cell in line.split("|")[3:5]] for line in lines[2:4]]
+    return rows, cells, "\n".join(lines[5:])
+
+
+def test_timings_of_one_session_on_an_idle_machine_are_not_marked() -> None:
+    quiet = {"session": "a", "load": 1.0, "cpus": 8}
+    records = [timed_record(m, i, s, **quiet) for m, s in (("full", 2.0), ("cat", 1.0)) for i in (0, 1)]
+    rows, cells, notes = timing_table(records)
+    assert cells == [["0.500", "1.00x"], ["1.000", "2.00x"]]
+    assert "*" not in notes and "busy" not in notes and "sessions" not in notes
+    conditions = [(row["sessions"], row["load"], row["cpus"], row["busy"]) for row in rows]
+    assert conditions == [(["a"], 1.0, 8, False)] * 2
+
+
+def test_timings_from_two_sessions_are_marked() -> None:
+    records = [
+        timed_record("full", 0, 2.0, session="a", load=1.0, cpus=8),
+        timed_record("cat", 0, 1.0, session="a", load=1.0, cpus=8),
+        timed_record("full", 1, 2.0, session="b", load=1.0, cpus=8),
+        timed_record("cat", 1, 9.0, session="b", load=1.0, cpus=8),
+    ]
+    _, cells, notes = timing_table(records)
+    assert cells == [["0.500*", "1.00x*"], ["0.200*", "0.40x*"]]
+    assert "mix timings from 2 sessions" in notes and "resumed" in notes and "fresh `--out`" in notes
+    # A method added to a finished run: each row's timings are of one session, the table's of two.
+    records = [timed_record("full", 0, 2.0, session="a"), timed_record("cat", 0, 1.0, session="b")]
+    _, cells, notes = timing_table(records)
+    assert all(cell.endswith("*") for row in cells for cell in row) and "2 sessions" in notes
+
+
+def test_timings_on_a_busy_machine_are_marked() -> None:
+    loads = {"full": (1.0, 2.0, 3.0), "cat": (9.0, 20.0, 1.0)}  # cat's median: 9 on 8 cores
+    records = [
+        timed_record(method, i, 2.0 if method == "full" else 1.0, session="a", load=load, cpus=8)
+        for method in ("full", "cat")
+        for i, load in enumerate(loads[method])
+    ]
+    rows, cells, notes = timing_table(records)
+    assert [row["busy"] for row in rows] == [False, True] and rows[1]["load"] == 9.0
+    assert cells == [["0.500", "1.00x"], ["1.000*", "2.00x*"]]
+    assert "machine busy (load average 9.0 on 8 cores) while timing `cat`" in notes
+    assert "sessions" not in notes and "while timing `full`" not in notes
+    # full, the reference, timed on a busy machine: every speed-up is marked.
+    for record in records:
+        record["load"] = 12.0 if record["method"] == "full" else 1.0
+    _, cells, notes = timing_table(records)
+    assert cells == [["0.500*", "1.00x*"], ["1.000", "2.00x*"]]
+    assert "machine busy (load average 12.0 on 8 cores) while timing `full`" in notes
+
+
+def test_records_of_older_versions_are_one_unknown_session() -> None:
+    old = [timed_record(m, i, s) for m, s in (("full", 2.0), ("cat", 1.0)) for i in (0, 1)]
+    rows, cells, notes = timing_table(old)
+    assert cells == [["0.500", "1.00x"], ["1.000", "2.00x"]] and "*" not in notes
+    conditions = [(row["sessions"], row["load"], row["cpus"], row["busy"]) for row in rows]
+    assert conditions == [(["unknown"], None, None, False)] * 2
+    # resumed by this version: two sessions, one of them unknown
+    new = [timed_record(m, 2, s, session="b", load=None, cpus=None) for m, s in (("full", 2.0), ("cat", 1.0))]
+    _, cells, notes = timing_table(old + new)
+    assert cells == [["0.500*", "1.00x*"], ["1.000*", "2.00x*"]]
+    assert "mix timings from 2 sessions (some by a version that did not record sessions)" in notes

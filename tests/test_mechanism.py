@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import pytest
 import torch
 from conftest import seeded_latents, tiny_sd3
@@ -104,3 +107,29 @@ def test_records_are_built_without_host_reads_on_the_meta_device() -> None:
         StepMode.PRUNED,
     ]
     assert records[-1].indices.shape == (2, round(0.3 * 64)) and records[-1].noise.device.type == "meta"
+
+
+def catprune_warnings(run: Callable[[], object]) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()
+    return [str(warning.message) for warning in caught if "CAT pruning" in str(warning.message)]
+
+
+@pytest.mark.parametrize("case_name", ["sd3", "pixart-sigma"])
+def test_a_generation_too_short_to_prune_is_warned_about_once(case_name: str) -> None:
+    case = CASES[case_name]
+    pipe = case.make_pipeline()
+    state = apply_cat_pruning(pipe, CATPruningConfig(start_step=STEPS))
+    prompts, latents = case.prompts(1), seeded_latents(1)
+    with pytest.warns(UserWarning, match=f"{STEPS} steps never reaches start_step {STEPS}"):
+        generate(pipe, case, prompts, latents)
+    assert (state.stats.steps, state.stats.pruned_steps) == (STEPS, 0)
+    assert not catprune_warnings(lambda: generate(pipe, case, prompts, latents))  # said once
+
+
+def test_a_generation_that_prunes_is_not_warned_about() -> None:
+    case = CASES["sd3"]
+    pipe = case.make_pipeline()
+    apply_cat_pruning(pipe, CONFIG)
+    assert not catprune_warnings(lambda: generate(pipe, case, case.prompts(1), seeded_latents(1)))

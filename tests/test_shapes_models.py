@@ -245,6 +245,55 @@ def test_generate_errors_are_one_line(prompt, model, message, tiny_folders, tmp_
     assert message in error and "\n" not in error and "Traceback" not in error
 
 
+SWAPPED = (
+    "a small blue square at the bottom right and a large red circle at the top left on a white background"
+)
+
+
+def test_generate_reads_objects_in_any_order_as_the_canonical_caption(
+    tiny_folders: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    model = str(tiny_folders["mmdit"])
+    for prompt, name in ((PROMPT, "canonical.png"), (SWAPPED, "swapped.png")):
+        assert (
+            main(["generate", prompt, "--model", model, "--steps", "10", "--out", str(tmp_path / name)]) == 0
+        )
+    assert f"prompt read as: {PROMPT}" in capsys.readouterr().out
+    with Image.open(tmp_path / "canonical.png") as canonical, Image.open(tmp_path / "swapped.png") as swapped:
+        assert np.array_equal(np.asarray(canonical), np.asarray(swapped))
+
+
+@pytest.mark.parametrize(
+    ("prompt", "problem"),
+    [
+        ("", "empty prompt"),
+        ("red circle", "missing background"),
+        ("circle red a large on a white background", "got 'circle red a large'"),
+        (
+            "a large red circle at the top left and a small blue square at the top left on a white "
+            "background",
+            "two objects at the same position",
+        ),
+    ],
+)
+def test_generate_refuses_prompts_outside_the_grammar_showing_it(
+    prompt: str, problem: str, tiny_folders: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "x.png"
+    assert main(["generate", prompt, "--model", str(tiny_folders["mmdit"]), "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert problem in error and "\n" not in error and not out.exists()
+    assert 'e.g. "a large red circle at the top left on a white background"' in error
+
+
+def test_generate_help_shows_the_grammar(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = capsys.readouterr().out
+    assert "Prompts of the shipped shapes models" in help_text
+    assert all(word in help_text for word in ("at the bottom right", "triangle", "orange", "gray"))
+
+
 @pytest.mark.parametrize("name", SHIPPED_MODELS)
 def test_shipped_models_are_small_safetensors(name: str) -> None:
     folder = shipped_model_path(name)

@@ -7,7 +7,10 @@ makes runs data-parallel (``accelerate launch``, prompts split by index) and res
 PNG and one JSON record, each written to a temporary file and renamed into place (the record last), so
 a run killed at any moment leaves whole items only and a rerun skips them. Fidelity (PSNR, SSIM) is
 measured against the full model's image of the same prompt and seed, which is why ``full`` always runs
-first. ``docs/evaluation.md`` describes the outputs.
+first. Each record also says in which session (one launch of the command, all its processes alike) and
+under which machine load its image was timed, so that a table whose timings mix sessions (a resumed run)
+or come from a busy machine marks its throughput and speed-up instead of presenting them as results.
+``docs/evaluation.md`` describes the outputs.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import math
 import os
 import statistics
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
-from datetime import timedelta
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +32,25 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import CATPruningConfig
+from .measure import machine_load
 from .prompts import load_prompts
 from .runtime import format_count, load_pipeline, psnr, run_generation
 from .strategies import STRATEGIES
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+AUTO_CLIP = "auto"
+"""``--clip-model``'s default: no CLIP score where the shapes checker measures alignment (the shapes models,
+the shapes prompts), :data:`DEFAULT_CLIP_MODEL` elsewhere (see :func:`resolve_clip_model`)."""
 ALIGNMENT_KEYS = ("full", "background", "count", "colour", "shape", "size", "position")
 """What the shapes checker scores; ``full``: the image matches its caption in every respect."""
 TIMING_KEYS = ("throughput", "speedup")
 """Summary columns that depend on the machine and its load (the rest are reproducible bit for bit)."""
+TIMING_RECORD_KEYS = ("seconds", "session", "load", "cpus")
+"""Record fields that depend on when and where an item ran: its generation time, the session it ran in
+(one launch of ``catprune eval``), the machine's 1-minute load average right after it and the machine's
+CPU count (load and cpus None where unknown). Records of older versions have only ``seconds``."""
+UNKNOWN_SESSION = "unknown"
+"""The session of records written before records named theirs (all of them count as one session)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,27 @@ def resolve_methods(names: Iterable[str]) -> list[Method]:
     return [SPECIAL_METHODS.get(name, Method(name, name)) for name in dict.fromkeys(ordered)]
 
 
+def is_shapes_model(model: str | Path) -> bool:
+    """A shipped shapes model's name or a folder holding a saved shapes pipeline."""
+    from .shapes.pipelines import SHIPPED_MODELS, shapes_pipeline_class
+
+    return str(model) in SHIPPED_MODELS or shapes_pipeline_class(model) is not None
+
+
+def resolve_clip_model(clip_model: str | None, model: str | Path, prompts: str | Path) -> str | None:
+    """The CLIP model a run scores with, from ``--clip-model``: None (or ``none``) disables the CLIP
+    score, a name or path forces it, ``auto`` means none for the shapes models and the shapes prompts
+    (the shapes checker is the alignment metric there, and CLIP knows nothing of 32x32 shape images) and
+    :data:`DEFAULT_CLIP_MODEL` for any other model. Nothing is loaded or downloaded here."""
+    if clip_model is None or clip_model.strip().lower() == "none":
+        return None
+    if clip_model.strip().lower() != AUTO_CLIP:
+        return clip_model
+    if str(prompts) == "shapes" or is_shapes_model(model):
+        return None
+    return DEFAULT_CLIP_MODEL
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     """What fixes every image of a run; a rerun into the same folder must use the same settings."""
@@ -93,6 +127,8 @@ class EvalSettings:
     """None: the pipeline's default."""
     dtype: str = "auto"
     clip_model: str | None = DEFAULT_CLIP_MODEL
+    """The resolved CLIP model (:func:`resolve_clip_model`); None: no CLIP score. ``auto`` is resolved
+    by :func:`run_evaluation` before the settings are recorded or compared."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -277,6 +313,11 @@ def equal_macs_steps(pipe: Any, prompt: str, settings: EvalSettings) -> int:
     return max(1, min(settings.steps, round(cat_macs / full_step)))
 
 
+def new_session() -> str:
+    """An id for one launch of the evaluation: its UTC start time and the main process's pid."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S.%fZ}-{os.getpid()}"
+
+
 @dataclass
 class ItemContext:
     """What every item of a process shares."""
@@ -288,6 +329,8 @@ class ItemContext:
     fewer_steps: int
     alignment: bool
     clip: ClipScorer | None = None
+    session: str = UNKNOWN_SESSION
+    """The launch's session id (:func:`new_session`), the same in every process."""
 
 
 def run_item(context: ItemContext, method: Method, index: int) -> dict[str, Any]:
@@ -304,6 +347,7 @@ def run_item(context: ItemContext, method: Method, index: int) -> dict[str, Any]
         guidance_scale=settings.guidance_scale,
     )
     assert generation.stats is not None
+    load, cpus = machine_load()
     image = generation.images[0]
     record: dict[str, Any] = {
         "method": method.name,
@@ -313,6 +357,9 @@ def run_item(context: ItemContext, method: Method, index: int) -> dict[str, Any]
         "steps": steps,
         "macs": generation.stats.macs,
         "seconds": generation.seconds,
+        "session": context.session,
+        "load": load,
+        "cpus": cpus,
     }
     if method.name != "full":
         record["psnr"], record["ssim"] = fidelity(image, context.folder.read_image("full", index))
@@ -344,6 +391,15 @@ def run_evaluation(
     """Run (or resume) an evaluation into ``out``; returns the summary rows on the main process (None on
     the others) after writing ``results.jsonl`` and ``summary.md`` there."""
     process = _partial_state()
+    if settings.clip_model is not None and settings.clip_model.strip().lower() in (AUTO_CLIP, "none"):
+        settings = replace(
+            settings, clip_model=resolve_clip_model(settings.clip_model, settings.model, settings.prompts)
+        )
+    session = [new_session()]  # the main process's id, the same in every process of the launch
+    if process.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(session)
     target = torch.device(device) if device is not None else process.device
     folder = RunFolder(out)
     with process.main_process_first():  # the main process downloads a hub set once and sets the folder up
@@ -359,7 +415,14 @@ def run_evaluation(
         echo(why)
     fewer = equal_macs_steps(pipe, prompts[0], settings) if any(m.equal_macs for m in methods) else 0
     context = ItemContext(
-        pipe, settings, folder, prompts, fewer, alignment=settings.prompts == "shapes", clip=clip
+        pipe,
+        settings,
+        folder,
+        prompts,
+        fewer,
+        alignment=settings.prompts == "shapes",
+        clip=clip,
+        session=session[0],
     )
 
     with process.split_between_processes(list(range(len(prompts)))) as mine:
@@ -409,10 +472,26 @@ def pooled_psnr(psnrs: Sequence[float]) -> float | None:
     return -10 * math.log10(relative_mse) if relative_mse > 0 else math.inf
 
 
+def _timing_conditions(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Under what the records were timed: their sessions (records without one: :data:`UNKNOWN_SESSION`),
+    the median load average, the CPU count, and whether the load exceeded the CPUs (``busy``)."""
+    loads = [record["load"] for record in records if record.get("load") is not None]
+    cpus = [record["cpus"] for record in records if record.get("cpus")]
+    load = statistics.median(loads) if loads else None
+    cores = statistics.median_low(cpus) if cpus else None
+    return {
+        "sessions": sorted({str(record.get("session") or UNKNOWN_SESSION) for record in records}),
+        "load": load,
+        "cpus": cores,
+        "busy": load is not None and cores is not None and load > cores,
+    }
+
+
 def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
     """One row per method, in ``methods`` order: mean MACs per image, throughput (images per second from
     the median generation time, robust to the first call's warm-up), speed-up over ``full``, and the
-    means of the per-image metrics."""
+    means of the per-image metrics; also the conditions of its timings: ``sessions`` (the sessions its
+    records were timed in), ``load`` (median load average), ``cpus`` and ``busy`` (load above cpus)."""
     rows = []
     for name in methods:
         mine = [record for record in records if record["method"] == name]
@@ -431,6 +510,7 @@ def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> list
         }
         for key in ALIGNMENT_KEYS:
             row[f"alignment_{key}"] = _mean([100 * scores[key] for scores in alignment])
+        row.update(_timing_conditions(mine))
         rows.append(row)
     full = next((row for row in rows if row["method"] == "full"), None)
     for row in rows:
@@ -444,15 +524,69 @@ def _cell(value: float | None, spec: str) -> str:
     return "inf" if math.isinf(value) else format(value, spec)
 
 
+TIMING_MARK = "*"
+"""Marks a throughput or speed-up cell whose timings mix sessions or come from a busy machine."""
+
+
+def timing_notes(rows: Sequence[dict[str, Any]]) -> tuple[Callable[[dict[str, Any], str], bool], list[str]]:
+    """(whether a row's throughput or speed-up cell is to be marked, the notes that say why). Timings
+    from several sessions (a resumed run, or methods added to a finished one) mark every cell; a busy
+    machine marks the throughput and speed-up of the method timed on it, and every speed-up if that
+    method is ``full``, their reference."""
+    sessions = sorted({session for row in rows for session in row.get("sessions", ())})
+    mixed = len(sessions) > 1
+    busy = [row for row in rows if row.get("busy")]
+    full_busy = any(row["method"] == "full" for row in busy)
+
+    def marked(row: dict[str, Any], key: str) -> bool:
+        if row.get(key) is None:
+            return False
+        return mixed or bool(row.get("busy")) or (key == "speedup" and full_busy)
+
+    notes = []
+    if mixed:
+        older = " (some by a version that did not record sessions)" if UNKNOWN_SESSION in sessions else ""
+        notes.append(
+            f"`{TIMING_MARK}` Throughput and speed-up mix timings from {len(sessions)} sessions{older}: "
+            "the run was resumed or extended, so its images were timed at different times, possibly under "
+            "other loads, and the figures are not a measurement. To measure them, run the same command into "
+            "a fresh `--out` on an idle machine."
+        )
+    if busy:
+        details = "; ".join(
+            f"machine busy (load average {row['load']:.1f} on {row['cpus']} cores) while timing "
+            f"`{row['method']}`"
+            for row in busy
+        )
+        notes.append(
+            f"`{TIMING_MARK}` Throughput and speed-up timed on a busy machine: {details}. The marked figures "
+            "are not a measurement; to measure them, run the same command into a fresh `--out` on an idle "
+            "machine."
+        )
+    return marked, notes
+
+
 def summary_markdown(
     rows: Sequence[dict[str, Any]], settings: EvalSettings, num_prompts: int, clip_note: str = ""
 ) -> str:
-    """The paper's Table 2/3 layout (MACs, throughput, speed-up, CLIP score) plus alignment and fidelity."""
+    """The paper's Table 2/3 layout (MACs, throughput, speed-up, CLIP score) plus alignment and fidelity.
+    Throughput and speed-up cells timed across sessions or on a busy machine end in :data:`TIMING_MARK`
+    and a note says why (:func:`timing_notes`)."""
+    marked, timing = timing_notes(rows)
+
+    def mark(row: dict[str, Any], key: str) -> str:
+        return TIMING_MARK if marked(row, key) else ""
+
     columns: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         ("Method", lambda r: f"{r['method']} - {'/'.join(map(str, r['steps']))} steps"),
         ("MACs", lambda r: format_count(r["macs"], digits=4)),
-        ("Throughput (img/s)", lambda r: _cell(r["throughput"], ".3f")),
-        ("Speed-up", lambda r: _cell(r["speedup"], ".2f") + ("x" if r["speedup"] is not None else "")),
+        ("Throughput (img/s)", lambda r: _cell(r["throughput"], ".3f") + mark(r, "throughput")),
+        (
+            "Speed-up",
+            lambda r: (
+                _cell(r["speedup"], ".2f") + ("x" if r["speedup"] is not None else "") + mark(r, "speedup")
+            ),
+        ),
     ]
     if any(row["clip_score"] is not None for row in rows):
         columns.append(("CLIP score", lambda r: _cell(r["clip_score"], ".2f")))
@@ -488,4 +622,5 @@ def summary_markdown(
         )
     if clip_note:
         notes.append(clip_note)
+    notes += timing
     return "\n".join([header, rule, *body, "", *notes]) + "\n"

@@ -51,6 +51,7 @@ def apply_cat_pruning(target: Any, config: CATPruningConfig | None = None) -> Pr
     state = attach(transformer, adapter, config)
     if pipeline is not None:
         _watch_prompt_encoding(pipeline, state)
+        state.expected_steps = functools.partial(_steps_under_way, pipeline)
     return state
 
 
@@ -60,6 +61,17 @@ def remove_cat_pruning(target: Any) -> None:
     if pipeline is not None:
         pipeline.__dict__.pop("encode_prompt", None)
     detach(transformer)
+
+
+def _steps_under_way(pipeline: Any) -> int | None:
+    """Denoising steps of the pipeline call under way, read at its first step: diffusers pipelines record
+    them in ``_num_timesteps`` before the loop (SD3, Flux: after img2img's strength cut), others leave
+    them in their scheduler's timesteps."""
+    steps = getattr(pipeline, "_num_timesteps", None)
+    if steps is None:
+        timesteps = getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
+        steps = None if timesteps is None else len(timesteps)
+    return steps
 
 
 def _watch_prompt_encoding(pipeline: Any, state: PruningState) -> None:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -318,6 +320,36 @@ class SelectionTimer:
 
     def clear(self) -> None:
         self._spans = []
+
+
+def alternating_medians(calls: Mapping[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Run the ``calls`` in turn, ``repeats`` rounds (A, B, A, B...), each returning its own seconds; the
+    median of each. Alternating spreads a change of the machine's load over every call alike."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            seconds[name].append(call())
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def machine_load() -> tuple[float | None, int | None]:
+    """(1-minute load average, CPU count) of the machine, None where the platform cannot tell. The load
+    counts this process's own threads too."""
+    try:
+        load: float | None = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no getloadavg (Windows) or no load figure
+        load = None
+    return load, os.cpu_count()
+
+
+def busy_note() -> str:
+    """A note for printed timings: empty on an idle machine, else that it was busy and how busy."""
+    load, cores = machine_load()
+    if load is None or cores is None or load <= cores:
+        return ""
+    return f"the machine was busy (load average {load:.1f} on {cores} cores)"
 
 
 def denoise(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import inspect
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -267,6 +268,10 @@ class PruningState:
         self.selector = TokenSelector(config)
         self.processors: list[CachingProcessor] = []
         self.forced_indices: torch.Tensor | None = None
+        self.expected_steps: Callable[[], int | None] | None = None
+        """Tells at a generation's first step how many steps it will have, where the caller knows (a
+        pipeline does): a generation too short to reach ``start_step`` is then warned about, once."""
+        self._warned_unpruned = False
         self.clock = _GenerationClock()
         self._observers: list[Observer] = []
         self._signature = inspect.signature(model.forward)
@@ -377,6 +382,19 @@ class PruningState:
         )
         if mode is StepMode.PRUNED:
             self.indices = self._select() if self.forced_indices is None else self.forced_indices
+        elif self.step == 0 and self.expected_steps is not None and not self._warned_unpruned:
+            self._warn_if_never_pruned(self.expected_steps())
+
+    def _warn_if_never_pruned(self, steps: int | None) -> None:
+        if steps is None or not self.config.prune or steps > self.config.start_step:
+            return
+        self._warned_unpruned = True
+        warnings.warn(
+            f"CAT pruning: a generation of {steps} steps never reaches start_step "
+            f"{self.config.start_step}, so it runs unpruned (this is said once); lower start_step in "
+            "CATPruningConfig to prune short generations",
+            stacklevel=2,
+        )
 
     def _mode(self, step: int) -> StepMode:
         start = self.config.start_step

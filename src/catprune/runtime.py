@@ -24,6 +24,9 @@ from .integration import apply_cat_pruning, remove_cat_pruning
 from .measure import timed
 from .pruning import GenerationStats, StepRecord
 
+SMALL_MODEL_PARAMETERS = 100_000_000
+"""Transformers below this size run on one CPU thread by default (:func:`use_cpu_threads`)."""
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -50,6 +53,28 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def use_cpu_threads(model: torch.nn.Module, threads: int | None = None) -> int:
+    """Set torch's CPU threads for work with ``model`` and return how many it uses: ``threads`` when
+    given, else one for a model on the CPU with fewer than :data:`SMALL_MODEL_PARAMETERS` parameters
+    (torch's default otherwise).
+
+    A small model's kernels are too short to share among threads: a second thread saves little on an
+    idle machine, and on a busy one every kernel waits for a descheduled worker. A pruned step has as
+    many kernels as a full one on a third of the tokens, so that wait alone can make it slower than full.
+    """
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    elif next(model.parameters()).device.type == "cpu" and _parameters(model) < SMALL_MODEL_PARAMETERS:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
+def _parameters(model: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
 def _root_cause(error: BaseException) -> str:
     """The first line of the innermost cause of ``error`` (hub errors wrap the one that says why)."""
     while True:
@@ -68,10 +93,10 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = "au
     model that cannot be loaded is a :class:`UserError` of one line that says why."""
     from diffusers.utils import logging
 
-    from .shapes.pipelines import SHIPPED_MODELS, load_shapes_pipeline, shapes_pipeline_class
+    from .shapes.pipelines import SHIPPED_MODELS, is_shapes_model, load_shapes_pipeline
 
     logging.disable_progress_bar()
-    shapes = model in SHIPPED_MODELS or shapes_pipeline_class(model) is not None
+    shapes = is_shapes_model(model)
     target = resolve_device("cpu" if shapes and device is None else device)
     torch_dtype = resolve_dtype(dtype, target)
     if shapes:
@@ -114,13 +139,17 @@ def run_generation(
     config: CATPruningConfig | None = None,
     guidance_scale: float | None = None,
     observers: Sequence[Callable[[StepRecord], None]] = (),
+    **pipeline_kwargs: Any,
 ) -> Generation:
     """Generate one image per prompt with ``pipe``: unpatched when ``config`` is None, else with pruning
     applied for this call only (``CATPruningConfig.unpruned()`` counts MACs without pruning).
 
     The initial noise comes from a CPU generator seeded with ``seed``, so it is the same on every device
-    and in every process. Only arguments every diffusers text-to-image pipeline takes are passed."""
-    kwargs: dict[str, Any] = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+    and in every process. Besides the arguments every diffusers text-to-image pipeline takes, only
+    ``pipeline_kwargs`` (``height``, ``negative_prompt``...) are passed."""
+    kwargs: dict[str, Any] = dict(pipeline_kwargs)
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
     prompt = prompts if isinstance(prompts, str) else list(prompts)
     device = pipe.transformer.device
 

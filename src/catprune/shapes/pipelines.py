@@ -198,6 +198,11 @@ def shapes_pipeline_class(path: str | Path) -> type[ShapesPipeline] | None:
     return PIPELINE_CLASSES.get(json.loads(index.read_text()).get("_class_name"))
 
 
+def is_shapes_model(model: str | Path) -> bool:
+    """Whether ``model`` names a shipped shapes model or a folder holding a saved shapes pipeline."""
+    return str(model) in SHIPPED_MODELS or shapes_pipeline_class(model) is not None
+
+
 def load_shapes_pipeline(name_or_path: str | Path) -> ShapesPipeline:
     """Load a shipped model by name or a saved shapes pipeline folder (offline: nothing is downloaded)."""
     path = (

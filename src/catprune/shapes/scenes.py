@@ -4,12 +4,16 @@ A scene is a plain background with one or two coloured shapes, each centred in a
 of a 3x3 grid. Everything is a pure function of the scene (rendering, caption) or of a seed
 (sampling), so datasets can be regenerated bit-for-bit instead of being stored.
 
-Caption grammar (one fixed phrase per position, objects in position order)::
+Caption grammar (one fixed phrase per position)::
 
     caption  := object ("and" object)* "on a" BACKGROUND "background"
     object   := "a" SIZE COLOUR SHAPE PHRASE
     PHRASE   := "at the top left" | "at the top" | "at the top right" | "on the left" | "in the center"
               | "on the right" | "at the bottom left" | "at the bottom" | "at the bottom right"
+
+Training captions list their objects in position order, and the models read only that order, so
+user prompts go through ``normalize_prompt``: it accepts the objects in any order and refuses
+anything else the models were never trained on, with a one-line ``PromptGrammarError``.
 
 Composition split: the colour-shape pairs in ``HELDOUT_PAIRS`` never occur in training scenes; a
 scene is held-out as soon as one of its objects uses such a pair.
@@ -17,6 +21,7 @@ scene is held-out as soon as one of its objects uses such a pair.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,6 +38,8 @@ POSITIONS: tuple[str, ...] = (
     "bottom left", "bottom", "bottom right",
 )  # fmt: skip
 BACKGROUNDS: tuple[str, ...] = ("white", "black", "gray")
+# Most objects in a dataset scene (``sample_scene``); the models never saw a caption with more.
+MAX_OBJECTS = 2
 
 # Saturated colours at least 105 RGB units from each other and 140 from every background, so the
 # checker's colour lookup survives noise and blur (see checker.py).
@@ -129,7 +136,7 @@ class ShapeObject:
 class Scene:
     """A background plus objects, stored in canonical (position) order so equal scenes compare equal.
 
-    Dataset scenes have one or two objects in distinct cells; the class itself does not enforce
+    Dataset scenes have 1 to ``MAX_OBJECTS`` objects in distinct cells; the class itself does not enforce
     that because the checker also describes imperfect generated images with it.
     """
 
@@ -204,27 +211,76 @@ def caption(scene: Scene) -> str:
     return f"{objects} on a {scene.background} background"
 
 
+_OBJECT_PATTERN = "a SIZE COLOUR SHAPE POSITION"
+_EXAMPLE = caption(Scene(BACKGROUNDS[0], (ShapeObject(SHAPES[0], COLOURS[0], SIZES[-1], POSITIONS[0]),)))
+_SLOTS: dict[str, tuple[str, ...]] = {
+    "SIZE": SIZES,
+    "COLOUR": COLOURS,
+    "SHAPE": SHAPES,
+    "POSITION": tuple(POSITION_PHRASES[p] for p in POSITIONS),
+    "BACKGROUND": BACKGROUNDS,
+}
+_PATTERN = (
+    f"{_OBJECT_PATTERN} " + f"[and {_OBJECT_PATTERN}] " * (MAX_OBJECTS - 1) + "on a BACKGROUND background"
+)
+_GRAMMAR_LINE = f'expected: {_PATTERN}, e.g. "{_EXAMPLE}"; ' + "; ".join(
+    f"{slot}: {'|'.join(words)}" for slot, words in _SLOTS.items()
+)
+
+GRAMMAR_HELP: str = "\n".join(
+    [
+        "Prompts follow the caption grammar the shapes models were trained on:",
+        f"  {_PATTERN}",
+        f"with 1 to {MAX_OBJECTS} objects at different positions, in any order; case, extra spaces and",
+        f'a final period are ignored. Example: "{_EXAMPLE}"',
+        # No-break spaces inside each alternative keep textwrap from splitting a phrase across lines.
+        *(
+            textwrap.fill(
+                " | ".join(w.replace(" ", "\xa0") for w in words),
+                width=100,
+                initial_indent=f"  {slot + ':':12}",
+                subsequent_indent=" " * 14,
+            ).replace("\xa0", " ")
+            for slot, words in _SLOTS.items()
+        ),
+    ]
+)
+"""The prompt grammar and its vocabulary for a CLI's help; print it verbatim (argparse needs
+``RawDescriptionHelpFormatter`` to keep its line breaks in a description or epilog)."""
+
+
+class PromptGrammarError(ValueError):
+    """A prompt outside the grammar, which the models would draw wrong without saying so.
+
+    ``str()`` is one line, the problem (``args[0]``) and then the grammar with an example, so that a
+    CLI can print it as its whole error.
+    """
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}; {_GRAMMAR_LINE}"
+
+
 def _parse_object(words: list[str]) -> ShapeObject:
+    if not words:
+        raise ValueError("missing object before 'and' or 'on a ... background'")
+    text = " ".join(words)
     if len(words) < 5 or words[0] != "a":
-        raise ValueError(f"expected 'a <size> <colour> <shape> <position phrase>', got {' '.join(words)!r}")
+        raise ValueError(f"expected an object '{_OBJECT_PATTERN}', got {text!r}")
     size, colour, shape = words[1:4]
+    # Checked here in word order, not left to ShapeObject, so a swap is reported at its first word.
+    for slot, word in zip(("SIZE", "COLOUR", "SHAPE"), (size, colour, shape), strict=True):
+        if word not in _SLOTS[slot]:
+            raise ValueError(f"{word!r} is not a {slot} in {text!r}")
     phrase = " ".join(words[4:])
     if phrase not in _PHRASE_POSITIONS:
-        raise ValueError(f"unknown position phrase {phrase!r}; expected one of {sorted(_PHRASE_POSITIONS)}")
+        raise ValueError(f"unknown position phrase {phrase!r} in {text!r}")
     return ShapeObject(shape=shape, colour=colour, size=size, position=_PHRASE_POSITIONS[phrase])
 
 
-def parse_caption(text: str) -> Scene:
-    """Inverse of ``caption``: ``parse_caption(caption(s)) == s`` for every scene ``s``.
-
-    Case and surrounding whitespace are ignored; anything else outside the grammar raises ValueError.
-    """
-    words = text.lower().split()
-    unknown = sorted({w for w in words if w not in VOCABULARY})
-    if unknown:
-        raise ValueError(f"unknown word(s) {unknown} in {text!r}; vocabulary: {' '.join(VOCABULARY)}")
+def _scene_from_words(words: list[str]) -> Scene:
+    """The grammar shared by ``parse_caption`` and ``normalize_prompt``, on lower-case known words."""
     if len(words) < 4 or words[-4:-2] != ["on", "a"] or words[-1] != "background":
-        raise ValueError(f"caption must end with 'on a <background> background': {text!r}")
+        raise ValueError("missing background: the text must end with 'on a BACKGROUND background'")
     _check_member("background", words[-2], BACKGROUNDS)
     chunks: list[list[str]] = [[]]
     for word in words[:-4]:
@@ -233,6 +289,46 @@ def parse_caption(text: str) -> Scene:
         else:
             chunks[-1].append(word)
     return Scene(background=words[-2], objects=tuple(_parse_object(chunk) for chunk in chunks))
+
+
+def parse_caption(text: str) -> Scene:
+    """Inverse of ``caption``: ``parse_caption(caption(s)) == s`` for every scene ``s``.
+
+    Case and surrounding whitespace are ignored; anything else outside the grammar raises ValueError.
+    Any number of objects, even in one cell, is accepted because the checker scores imperfect scenes
+    too; prompts for the models go through the stricter ``normalize_prompt``.
+    """
+    words = text.lower().split()
+    unknown = sorted({w for w in words if w not in VOCABULARY})
+    if unknown:
+        raise ValueError(f"unknown word(s) {unknown} in {text!r}; vocabulary: {' '.join(VOCABULARY)}")
+    return _scene_from_words(words)
+
+
+def normalize_prompt(text: str) -> str:
+    """The canonical caption of a prompt, so the models see objects in the only order they were trained on.
+
+    Objects may come in any order; case, extra whitespace and a final period are ignored. Anything
+    the models cannot draw (outside the grammar, more than ``MAX_OBJECTS`` objects, two objects in one
+    cell) raises PromptGrammarError instead of being drawn wrong.
+    """
+    words = text.strip().removesuffix(".").lower().split()
+    if not words:
+        raise PromptGrammarError("empty prompt")
+    unknown = [w for w in dict.fromkeys(words) if w not in VOCABULARY]
+    if unknown:
+        raise PromptGrammarError(f"unknown word(s) {', '.join(map(repr, unknown))}")
+    try:
+        scene = _scene_from_words(words)
+    except ValueError as error:
+        raise PromptGrammarError(str(error)) from error
+    if len(scene.objects) > MAX_OBJECTS:
+        raise PromptGrammarError(f"too many objects: {len(scene.objects)}, at most {MAX_OBJECTS}")
+    positions = [obj.position for obj in scene.objects]
+    for position in positions:
+        if positions.count(position) > 1:
+            raise PromptGrammarError(f"two objects at the same position ({POSITION_PHRASES[position]})")
+    return caption(scene)
 
 
 def _random_object(rng: np.random.Generator, position: str) -> ShapeObject:
@@ -245,14 +341,14 @@ def _random_object(rng: np.random.Generator, position: str) -> ShapeObject:
 
 
 def sample_scene(rng: np.random.Generator, split: Split) -> Scene:
-    """Draw a scene of ``split`` uniformly, given its object count (1 or 2, each with probability 1/2).
+    """Draw a scene of ``split`` uniformly, given its object count (1 to ``MAX_OBJECTS``, equally likely).
 
     Rejection sampling keeps the draw uniform over the split's valid scenes: objects are drawn from
     all attribute combinations and the scene is redrawn until its held-out status matches ``split``.
     """
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    n_objects = 1 + int(rng.integers(2))
+    n_objects = 1 + int(rng.integers(MAX_OBJECTS))
     while True:
         cells = rng.choice(len(POSITIONS), size=n_objects, replace=False)
         scene = Scene(

@@ -15,7 +15,8 @@ from ..adapters.sd3 import MINIATURE, SD3Adapter
 from ..architectures import Architecture
 from ..config import CATPruningConfig
 from ..integration import apply_cat_pruning, remove_cat_pruning
-from ..measure import timed
+from ..measure import alternating_medians, busy_note, timed
+from ..runtime import use_cpu_threads
 from . import add_command, add_pruning_arguments
 
 MODEL = Architecture(
@@ -31,6 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_pruning_arguments(parser, steps=MODEL.default_steps)
     parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default: 512)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs of each, alternating after a warm-up (default: 3)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: 1: the model's kernels are too small to share)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -39,6 +48,9 @@ def build_pipeline(seed: int) -> Any:
     the demo feeds prompt embeddings and latents and takes latents out."""
     # Imported here: diffusers' SD3 pipeline needs transformers, which the other commands do not.
     from diffusers import StableDiffusion3Pipeline
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # its notes on optional image processors concern no part of the demo
 
     return StableDiffusion3Pipeline(
         transformer=MODEL.build("cpu", seed=seed),
@@ -94,13 +106,28 @@ def run(args: argparse.Namespace) -> int:
         f"({MODEL.image_tokens(args.resolution)} image tokens + {MODEL.text_tokens} text tokens), "
         f"{args.steps} steps, CFG"
     )
-    pipe.set_progress_bar_config(leave=False)
+    pipe.set_progress_bar_config(disable=True)
+    threads = use_cpu_threads(pipe.transformer, args.threads)
     generate(steps=2)  # warm-up: first calls pay one-time allocation and dispatch costs
-    full, full_seconds = generate()
-    state = apply_cat_pruning(pipe, config)
-    pruned, pruned_seconds = generate()
-    stats = state.stats
-    remove_cat_pruning(pipe)
+    results: dict[str, Any] = {}
+
+    def full_run() -> float:
+        results["full"], seconds = generate()
+        return seconds
+
+    def cat_run() -> float:
+        state = apply_cat_pruning(pipe, config)
+        try:
+            results["cat"], seconds = generate()
+        finally:
+            remove_cat_pruning(pipe)
+        results["stats"] = state.stats
+        return seconds
+
+    medians = alternating_medians({"full": full_run, "cat": cat_run}, args.repeats)
+    full, pruned, stats = results["full"], results["cat"], results["stats"]
+    full_seconds, pruned_seconds = medians["full"], medians["cat"]
+    busy = busy_note()
 
     error = (pruned - full).square().mean().sqrt() / full.square().mean().sqrt()
     print(f"full: {full_seconds:6.2f} s  {stats.full_macs / 1e9:8.1f} GMACs")
@@ -112,4 +139,7 @@ def run(args: argparse.Namespace) -> int:
         f"speed-up {full_seconds / pruned_seconds:.2f}x, MACs {stats.macs_fraction:.3f} of full "
         f"(bound {1 / stats.macs_fraction:.2f}x); relative RMS difference of the latents {float(error):.3f}"
     )
+    print(f"times: medians of {args.repeats} alternating runs after a warm-up, {threads} CPU thread(s)")
+    if busy:
+        print(f"note: {busy}; timings on a busy machine vary")
     return 0

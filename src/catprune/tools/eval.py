@@ -6,7 +6,15 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
-from ..evaluation import DEFAULT_CLIP_MODEL, EvalSettings, method_names, resolve_methods, run_evaluation
+from ..evaluation import (
+    AUTO_CLIP,
+    DEFAULT_CLIP_MODEL,
+    EvalSettings,
+    method_names,
+    resolve_clip_model,
+    resolve_methods,
+    run_evaluation,
+)
 from ..prompts import PROMPT_SETS, PromptSetError
 from . import add_command, add_pruning_arguments, settings_from_arguments
 
@@ -35,9 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--guidance-scale", type=float, help="default: the pipeline's")
     parser.add_argument(
         "--clip-model",
-        default=DEFAULT_CLIP_MODEL,
-        help=f"CLIP model for the CLIP score, or 'none' (default: {DEFAULT_CLIP_MODEL}; skipped if it "
-        "cannot be loaded)",
+        default=AUTO_CLIP,
+        help="CLIP model for the CLIP score (a hub id or folder; skipped with a note if it cannot be "
+        f"loaded), 'none', or '{AUTO_CLIP}' (default): none for the shapes models and --prompts shapes, "
+        f"whose shapes checker measures alignment, {DEFAULT_CLIP_MODEL} for other models",
     )
     parser.add_argument("--device", help="default: cuda when available (each process its own GPU)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
@@ -48,9 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     methods = resolve_methods(name.strip() for name in args.methods.split(",") if name.strip())
-    settings = settings_from_arguments(
-        EvalSettings, args, clip_model=None if args.clip_model.lower() == "none" else args.clip_model
-    )
+    # Resolved here, so that the run records (and a resumed run compares) the CLIP model actually used.
+    clip_model = resolve_clip_model(args.clip_model, args.model, args.prompts)
+    settings = settings_from_arguments(EvalSettings, args, clip_model=clip_model)
     try:
         rows = run_evaluation(
             settings, methods, args.num_prompts, args.out, args.device, progress=not args.no_progress

@@ -17,9 +17,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..config import CATPruningConfig
 from ..errors import UserError
+from ..measure import alternating_medians, busy_note
 from ..pruning import GenerationStats, StepRecord
-from ..runtime import load_pipeline, psnr, run_generation
-from ..shapes.pipelines import SHIPPED_MODELS
+from ..runtime import DTYPES, load_pipeline, psnr, run_generation, use_cpu_threads
+from ..shapes.pipelines import SHIPPED_MODELS, is_shapes_model
+from ..shapes.scenes import GRAMMAR_HELP, PromptGrammarError, normalize_prompt
 from . import add_command, add_pruning_arguments
 
 PANEL = 256
@@ -41,7 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "generate",
         "generate an image with CAT pruning (default: the shipped shapes-mmdit model, offline, seconds)",
     )
-    parser.add_argument("prompt", help="text prompt (for the shapes models: words of their caption grammar)")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = f"Prompts of the shipped shapes models:\n{GRAMMAR_HELP}"
+    parser.add_argument("prompt", help="text prompt (for the shapes models: their caption grammar, below)")
     parser.add_argument(
         "--model",
         default="shapes-mmdit",
@@ -55,7 +59,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="write full | CAT | difference | selection frequency, with timings",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="with --compare: timed runs of each, alternating after a warm-up; medians (default: 3)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output PNG")
+    real = parser.add_argument_group("real models (hub id or folder)")
+    real.add_argument("--height", type=int, help="image height in pixels (default: the pipeline's)")
+    real.add_argument("--width", type=int, help="image width in pixels (default: the pipeline's)")
+    real.add_argument("--negative-prompt", help="what the image should not show")
+    real.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
+    real.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="default: float16 on cuda")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: 1 for a model under 100M parameters, whose kernels are too "
+        "small to share; torch's default otherwise)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -153,12 +175,12 @@ def compare_figure(
 
 
 def generate_with_cat(
-    pipe: Any, args: argparse.Namespace, config: CATPruningConfig, steps: int
+    pipe: Any, args: argparse.Namespace, config: CATPruningConfig, steps: int, options: dict[str, Any]
 ) -> tuple[Image.Image, float, GenerationStats, np.ndarray]:
     """A CAT-pruned image, its wall time, the pruning statistics and each token's selection frequency."""
     counter = SelectionCounter()
     result = run_generation(
-        pipe, args.prompt, steps, args.seed, config, guidance_scale=args.guidance, observers=[counter]
+        pipe, args.prompt, steps, args.seed, config, args.guidance, observers=[counter], **options
     )
     assert result.stats is not None  # pruning was applied
     return Image.fromarray(result.images[0]), result.seconds, result.stats, counter.frequency()
@@ -168,26 +190,76 @@ def _report(name: str, seconds: float, macs: int, full_macs: int) -> str:
     return f"{name}: {seconds:.2f} s, {macs / 1e9:.2f} GMACs ({macs / full_macs:.0%} of full)"
 
 
+def _pipeline_options(args: argparse.Namespace, shapes: bool) -> dict[str, Any]:
+    """The real-model options that were given, as pipeline arguments (the shapes models take none)."""
+    options = {
+        name: value
+        for name, value in (
+            ("height", args.height),
+            ("width", args.width),
+            ("negative_prompt", args.negative_prompt),
+        )
+        if value is not None
+    }
+    if shapes and options:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in options)
+        raise UserError(f"{flags}: the shapes models draw 32x32 images from their caption grammar only")
+    return options
+
+
+def _prompt(prompt: str, shapes: bool) -> str:
+    """The prompt as the model reads it: a shapes model's caption in its canonical object order."""
+    if not shapes:
+        return prompt
+    try:
+        canonical = normalize_prompt(prompt)
+    except PromptGrammarError as error:
+        raise UserError(str(error)) from None
+    if canonical != prompt:
+        print(f"prompt read as: {canonical}")
+    return canonical
+
+
 def run(args: argparse.Namespace) -> int:
     config = CATPruningConfig(keep_ratio=args.keep_ratio, start_step=args.start_step)
     if args.steps <= config.start_step:
         raise UserError(f"--steps ({args.steps}) must be larger than --start-step ({config.start_step})")
     if args.out.suffix.lower() != ".png":
         raise UserError(f"--out must be a .png file, got {args.out}")
-    pipe = load_pipeline(args.model)
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    shapes = is_shapes_model(args.model)
+    options = _pipeline_options(args, shapes)
+    args.prompt = _prompt(args.prompt, shapes)
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    use_cpu_threads(pipe.transformer, args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.compare:
-        # A short pruned generation runs the full and the pruned code paths once, so that neither timed
-        # run pays for one-off initialisation.
-        generate_with_cat(pipe, args, config, config.start_step + 2)
-        reference = run_generation(pipe, args.prompt, args.steps, args.seed, guidance_scale=args.guidance)
-        full, full_seconds = Image.fromarray(reference.images[0]), reference.seconds
-    cat, cat_seconds, stats, frequency = generate_with_cat(pipe, args, config, args.steps)
     if not args.compare:
+        cat, cat_seconds, stats, frequency = generate_with_cat(pipe, args, config, args.steps, options)
         (panel(cat) if cat.width < PANEL else cat).save(args.out)
         print(_report("CAT", cat_seconds, stats.macs, stats.full_macs))
         print(f"wrote {args.out}")
         return 0
+    # A short pruned generation runs the full and the pruned code paths once, so that no timed run pays
+    # for one-off initialisation; then full and CAT alternate, and each time printed is their median.
+    generate_with_cat(pipe, args, config, config.start_step + 2, options)
+    runs: dict[str, Any] = {}
+
+    def full_run() -> float:
+        runs["full"] = run_generation(
+            pipe, args.prompt, args.steps, args.seed, guidance_scale=args.guidance, **options
+        )
+        return runs["full"].seconds
+
+    def cat_run() -> float:
+        runs["cat"] = generate_with_cat(pipe, args, config, args.steps, options)
+        return runs["cat"][1]
+
+    medians = alternating_medians({"full": full_run, "cat": cat_run}, args.repeats)
+    busy = busy_note()
+    full, full_seconds = Image.fromarray(runs["full"].images[0]), medians["full"]
+    cat, _, stats, frequency = runs["cat"]
+    cat_seconds = medians["cat"]
     quality = psnr(np.asarray(full), np.asarray(cat))
     labels = [
         f"full ({args.steps} steps)",
@@ -198,6 +270,13 @@ def run(args: argparse.Namespace) -> int:
     compare_figure(full, cat, frequency, labels).save(args.out)
     print(_report("full", full_seconds, stats.full_macs, stats.full_macs))
     print(_report("CAT ", cat_seconds, stats.macs, stats.full_macs))
+    threads = f", {torch.get_num_threads()} CPU thread(s)" if pipe.transformer.device.type == "cpu" else ""
+    print(
+        f"speed-up {full_seconds / cat_seconds:.2f}x (MAC bound {stats.full_macs / stats.macs:.2f}x); "
+        f"times are medians of {args.repeats} alternating runs{threads}"
+    )
+    if busy:
+        print(f"note: {busy}; timings on a busy machine vary")
     print(f"PSNR of CAT against full: {quality:.2f} dB")
     print(f"wrote {args.out}")
     return 0
