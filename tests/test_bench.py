@@ -21,7 +21,7 @@ from conftest import (
 )
 
 from catprune.architectures import Architecture
-from catprune.measure import denoise
+from catprune.measure import alternating_medians, busy_note, denoise
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
@@ -128,3 +128,25 @@ def test_bench_cli_needs_random_weights_for_a_named_architecture() -> None:
     result = run_bench("--model", "sd3-medium")
     assert result.returncode == 2 and "add --random-weights" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_alternating_medians_alternate_and_take_medians() -> None:
+    order: list[str] = []
+    times = {"a": iter([3.0, 1.0, 2.0]), "b": iter([5.0, 9.0, 4.0])}
+
+    def call(name: str) -> float:
+        order.append(name)
+        return next(times[name])
+
+    medians, cpu_share = alternating_medians({"a": lambda: call("a"), "b": lambda: call("b")}, 3)
+    assert order == ["a", "b"] * 3 and medians == {"a": 2.0, "b": 5.0} and cpu_share >= 0
+
+
+def test_busy_note_on_one_thread_reads_the_cpu_share() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert busy_note(1.0) == ""
+        assert busy_note(0.4).startswith("the machine was busy: the timed runs got 40% of a CPU core")
+    finally:
+        torch.set_num_threads(threads)

@@ -322,16 +322,27 @@ class SelectionTimer:
         self._spans = []
 
 
-def alternating_medians(calls: Mapping[str, Callable[[], float]], repeats: int) -> dict[str, float]:
-    """Run the ``calls`` in turn, ``repeats`` rounds (A, B, A, B...), each returning its own seconds; the
-    median of each. Alternating spreads a change of the machine's load over every call alike."""
+BUSY_CPU_SHARE = 0.8
+"""A single-threaded timing that got less than this share of a core ran on a busy machine."""
+
+
+def alternating_medians(
+    calls: Mapping[str, Callable[[], float]], repeats: int
+) -> tuple[dict[str, float], float]:
+    """Run the ``calls`` in turn, ``repeats`` rounds (A, B, A, B...), each returning its own seconds: the
+    median of each, and the CPU time this process got per second of wall time and torch thread (1.0: it
+    ran unhindered; on a CPU shared with other work, less). Alternating spreads a change of the
+    machine's load over every call alike."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     seconds: dict[str, list[float]] = {name: [] for name in calls}
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(repeats):
         for name, call in calls.items():
             seconds[name].append(call())
-    return {name: statistics.median(values) for name, values in seconds.items()}
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    return medians, cpu / (wall * torch.get_num_threads())
 
 
 def machine_load() -> tuple[float | None, int | None]:
@@ -344,12 +355,23 @@ def machine_load() -> tuple[float | None, int | None]:
     return load, os.cpu_count()
 
 
-def busy_note() -> str:
-    """A note for printed timings: empty on an idle machine, else that it was busy and how busy."""
+def busy_note(cpu_share: float) -> str:
+    """A note for CPU timings: empty when they ran unhindered, else that the machine was busy and how.
+
+    ``cpu_share`` is :func:`alternating_medians`'s: on one thread it shows directly whether other work
+    took the core (the load average lags by a minute); with several threads, whose serial parts leave
+    some idle anyway, the load average against the cores decides."""
     load, cores = machine_load()
-    if load is None or cores is None or load <= cores:
+    loaded = load is not None and cores is not None and load > cores
+    if torch.get_num_threads() == 1:
+        if cpu_share >= BUSY_CPU_SHARE:
+            return ""
+        note = f"the machine was busy: the timed runs got {cpu_share:.0%} of a CPU core"
+    elif not loaded:
         return ""
-    return f"the machine was busy (load average {load:.1f} on {cores} cores)"
+    else:
+        note = "the machine was busy"
+    return note + (f" (load average {load:.1f} on {cores} cores)" if load is not None else "")
 
 
 def denoise(

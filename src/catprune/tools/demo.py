@@ -124,10 +124,9 @@ def run(args: argparse.Namespace) -> int:
         results["stats"] = state.stats
         return seconds
 
-    medians = alternating_medians({"full": full_run, "cat": cat_run}, args.repeats)
+    medians, cpu_share = alternating_medians({"full": full_run, "cat": cat_run}, args.repeats)
     full, pruned, stats = results["full"], results["cat"], results["stats"]
     full_seconds, pruned_seconds = medians["full"], medians["cat"]
-    busy = busy_note()
 
     error = (pruned - full).square().mean().sqrt() / full.square().mean().sqrt()
     print(f"full: {full_seconds:6.2f} s  {stats.full_macs / 1e9:8.1f} GMACs")
@@ -140,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         f"(bound {1 / stats.macs_fraction:.2f}x); relative RMS difference of the latents {float(error):.3f}"
     )
     print(f"times: medians of {args.repeats} alternating runs after a warm-up, {threads} CPU thread(s)")
+    busy = busy_note(cpu_share)
     if busy:
         print(f"note: {busy}; timings on a busy machine vary")
     return 0

@@ -255,8 +255,7 @@ def run(args: argparse.Namespace) -> int:
         runs["cat"] = generate_with_cat(pipe, args, config, args.steps, options)
         return runs["cat"][1]
 
-    medians = alternating_medians({"full": full_run, "cat": cat_run}, args.repeats)
-    busy = busy_note()
+    medians, cpu_share = alternating_medians({"full": full_run, "cat": cat_run}, args.repeats)
     full, full_seconds = Image.fromarray(runs["full"].images[0]), medians["full"]
     cat, _, stats, frequency = runs["cat"]
     cat_seconds = medians["cat"]
@@ -275,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
         f"speed-up {full_seconds / cat_seconds:.2f}x (MAC bound {stats.full_macs / stats.macs:.2f}x); "
         f"times are medians of {args.repeats} alternating runs{threads}"
     )
+    busy = busy_note(cpu_share) if pipe.transformer.device.type == "cpu" else ""
     if busy:
         print(f"note: {busy}; timings on a busy machine vary")
     print(f"PSNR of CAT against full: {quality:.2f} dB")
