@@ -47,10 +47,10 @@ def build_pipeline(seed: int) -> Any:
     """:data:`MODEL` with random weights (seeded by ``seed``) in SD3's pipeline, without text encoders or VAE:
     the demo feeds prompt embeddings and latents and takes latents out."""
     # Imported here: diffusers' SD3 pipeline needs transformers, which the other commands do not.
-    from diffusers import StableDiffusion3Pipeline
     from transformers.utils import logging
 
-    logging.set_verbosity_error()  # its notes on optional image processors concern no part of the demo
+    logging.set_verbosity_error()  # its import-time notes on optional image processors concern no demo part
+    from diffusers import StableDiffusion3Pipeline
 
     return StableDiffusion3Pipeline(
         transformer=MODEL.build("cpu", seed=seed),
