@@ -68,7 +68,7 @@ def test_an_incomplete_adapter_is_refused_at_registration_naming_what_is_missing
     with pytest.raises(TypeError) as error:
         register_adapter(Bare)
     message = str(error.value)
-    assert message.startswith("adapter Bare does not define attribute embedder, attribute text_embedder")
+    assert message.startswith("adapter Bare does not define attribute embedder, attribute token_arguments")
     assert "method token_grid()" in message and "method attention_processors()" in message
     assert "output_projection" not in message and "bare" not in ADAPTERS
 

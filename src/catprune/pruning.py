@@ -114,6 +114,7 @@ class ModelFacts(Protocol):
 
     embedder: str
     output_projection: str
+    token_arguments: tuple[str, ...]
 
     def token_grid(self, model: torch.nn.Module, arguments: dict[str, Any]) -> tuple[int, int]: ...
 
@@ -359,11 +360,14 @@ class PruningState:
 
     # --- one call
 
-    def begin_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        arguments = self._signature.bind_partial(*args, **kwargs).arguments
+    def begin_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict]:
+        """Plan the call; at a pruned step, its per-token arguments (ControlNet residuals) are gathered
+        at the selected tokens like the image tokens themselves. Returns the call's arguments."""
+        bound = self._signature.bind_partial(*args, **kwargs)
+        arguments = bound.arguments
         if self.adapter.is_auxiliary_call(arguments):
             self.plan = None
-            return
+            return args, kwargs
         height, width = self.adapter.token_grid(self.model, arguments)
         rows = arguments["hidden_states"].shape[0]
         if self.clock.is_new((rows, height, width), arguments.get("timestep")):
@@ -382,8 +386,17 @@ class PruningState:
         )
         if mode is StepMode.PRUNED:
             self.indices = self._select() if self.forced_indices is None else self.forced_indices
+            gathered = {
+                name: [self.gather(tokens) for tokens in arguments[name]]
+                for name in self.adapter.token_arguments
+                if arguments.get(name) is not None
+            }
+            if gathered:
+                arguments.update(gathered)
+                return bound.args, bound.kwargs
         elif self.step == 0 and self.expected_steps is not None and not self._warned_unpruned:
             self._warn_if_never_pruned(self.expected_steps())
+        return args, kwargs
 
     def _warn_if_never_pruned(self, steps: int | None) -> None:
         if steps is None or not self.config.prune or steps > self.config.start_step:
@@ -493,8 +506,7 @@ class _StepHook(ModelHook):
         self.state = state
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any], dict]:
-        self.state.begin_step(args, kwargs)
-        return args, kwargs
+        return self.state.begin_step(args, kwargs)
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         self.state.end_step()

@@ -25,6 +25,7 @@ REQUIRED_ATTRIBUTES = (
     "model_class",
     "embedder",
     "output_projection",
+    "token_arguments",
     "text_embedder",
     "blocks",
     "scheduler_class",
@@ -87,6 +88,9 @@ class ModelAdapter(ABC):
     """Submodule whose output is the image tokens (B, N, D): the gather happens after it."""
     output_projection: ClassVar[str]
     """Submodule whose output is the output tokens (B, n, p*p*C) before unpatchify: the scatter point."""
+    token_arguments: ClassVar[tuple[str, ...]]
+    """Call arguments holding sequences of per-image-token tensors (B, N, D) that the blocks add to the image
+    tokens (ControlNet residuals): gathered at the selected tokens at a pruned step."""
     text_embedder: ClassVar[str]
     """Submodule that projects the text embeddings (run on every step, for every text token)."""
     blocks: ClassVar[str]

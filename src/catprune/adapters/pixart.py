@@ -76,6 +76,7 @@ class PixArtAdapter(PatchedLatentAdapter):
     model_class = PixArtTransformer2DModel
     embedder = "pos_embed"
     output_projection = "proj_out"
+    token_arguments = ()
     text_embedder = "caption_projection"
     blocks = "transformer_blocks"
 

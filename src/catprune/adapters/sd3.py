@@ -79,6 +79,7 @@ class SD3Adapter(PatchedLatentAdapter):
     model_class = SD3Transformer2DModel
     embedder = "pos_embed"
     output_projection = "proj_out"
+    token_arguments = ("block_controlnet_hidden_states",)
     text_embedder = "context_embedder"
     blocks = "transformer_blocks"
 
