@@ -5,16 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from ..architectures import ARCHITECTURES, resolve_architecture
+from ..architectures import ARCHITECTURES, Architecture, resolve_architecture
 from ..config import CATPruningConfig
 from ..errors import UserError
 from ..integration import apply_cat_pruning
 from ..measure import SelectionTimer, denoise, shared_weight_copy, timed
+from ..pruning import PruningState
 from ..runtime import DTYPES, format_count, resolve_device, resolve_dtype
 from . import add_command, add_pruning_arguments
 
@@ -63,7 +66,8 @@ def _spread(seconds: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds), "all": seconds}
 
 
-def run(args: argparse.Namespace) -> int:
+def _architecture(args: argparse.Namespace) -> Architecture:
+    """The architecture to time, with the arguments checked against it."""
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
     architecture = resolve_architecture(args.model)
@@ -71,7 +75,55 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.model} is a named architecture without weights: add --random-weights")
     if args.layers is not None and not args.random_weights:
         raise UserError("--layers needs --random-weights (a checkpoint's blocks are not cut)")
-    architecture = architecture.with_layers(args.layers)
+    return architecture.with_layers(args.layers)
+
+
+@dataclass
+class Timings:
+    """What one bench run measured."""
+
+    seconds: dict[str, list[float]]
+    """Wall time of each timed generation, by kind ("full", "cat")."""
+    selection_seconds: list[float]
+    """Time of the CAT generations' token selection, one entry per timed pair."""
+    kv_cache_bytes: int
+    peak_memory: dict[str, int]
+    """Peak device memory by kind (CUDA only)."""
+
+
+def _time_pairs(
+    generate: Callable[[torch.nn.Module], torch.Tensor],
+    models: dict[str, torch.nn.Module],
+    state: PruningState,
+    selection: SelectionTimer,
+    device: torch.device,
+    repeats: int,
+    quiet: bool,
+) -> Timings:
+    """A warm-up pair, then ``repeats`` timed pairs alternating full and CAT, then (CUDA) an untimed pair
+    for peak memory."""
+    timings = Timings({kind: [] for kind in models}, [], 0, {})
+    with torch.inference_mode():
+        for model in models.values():  # warm-up: kernels, allocator, caches
+            generate(model)
+        for _ in tqdm(range(repeats), desc="full / CAT", unit="pair", disable=quiet):
+            for kind, model in models.items():
+                timings.seconds[kind].append(timed(lambda model=model: generate(model), device)[1])
+            timings.selection_seconds.append(selection.seconds())
+        timings.kv_cache_bytes = sum(processor.cache_bytes() for processor in state.processors)
+        if device.type == "cuda":
+            # One more untimed pair for peak memory, the CAT caches freed first so that the full run's
+            # peak does not include them (between timed runs they stay allocated, as in a user's loop).
+            state.release_caches()
+            for kind, model in models.items():
+                torch.cuda.reset_peak_memory_stats(device)
+                generate(model)
+                timings.peak_memory[kind] = torch.cuda.max_memory_allocated(device)
+    return timings
+
+
+def run(args: argparse.Namespace) -> int:
+    architecture = _architecture(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     steps = args.steps or architecture.default_steps
@@ -103,28 +155,11 @@ def run(args: argparse.Namespace) -> int:
             selection.clear()
         return denoise(model, architecture, latents, conditioning, steps, cfg)
 
-    times: dict[str, list[float]] = {"full": [], "cat": []}
-    selection_seconds: list[float] = []
-    peak_memory: dict[str, int] = {}
-    with torch.inference_mode():
-        for model in (full_model, cat_model):  # warm-up: kernels, allocator, caches
-            generate(model)
-        for _ in tqdm(range(args.repeats), desc="full / CAT", unit="pair", disable=args.json):
-            for kind, model in (("full", full_model), ("cat", cat_model)):
-                times[kind].append(timed(lambda model=model: generate(model), device)[1])
-            selection_seconds.append(selection.seconds())
-        kv_cache_bytes = sum(processor.cache_bytes() for processor in state.processors)
-        if device.type == "cuda":
-            # One more untimed pair for peak memory, the CAT caches freed first so that the full run's
-            # peak does not include them (between timed runs they stay allocated, as in a user's loop).
-            state.release_caches()
-            for kind, model in (("full", full_model), ("cat", cat_model)):
-                torch.cuda.reset_peak_memory_stats(device)
-                generate(model)
-                peak_memory[kind] = torch.cuda.max_memory_allocated(device)
-
+    models = {"full": full_model, "cat": cat_model}
+    timings = _time_pairs(generate, models, state, selection, device, args.repeats, quiet=args.json)
+    selection_seconds = statistics.median(timings.selection_seconds)
     stats = state.stats
-    full, cat = _spread(times["full"]), _spread(times["cat"])
+    full, cat = _spread(timings.seconds["full"]), _spread(timings.seconds["cat"])
     speedup = full["median"] / cat["median"]
     mac_bound = stats.full_macs / stats.macs
     summary = {
@@ -154,10 +189,10 @@ def run(args: argparse.Namespace) -> int:
         "cat_macs": stats.macs,
         "mac_bound": mac_bound,
         "efficiency": speedup / mac_bound,
-        "selection_seconds": statistics.median(selection_seconds),
-        "selection_share": statistics.median(selection_seconds) / cat["median"],
-        "kv_cache_bytes": kv_cache_bytes,
-        "peak_memory_bytes": peak_memory or None,
+        "selection_seconds": selection_seconds,
+        "selection_share": selection_seconds / cat["median"],
+        "kv_cache_bytes": timings.kv_cache_bytes,
+        "peak_memory_bytes": timings.peak_memory or None,
     }
     print(json.dumps(summary, indent=2) if args.json else "\n".join(_lines(summary)))
     return 0

@@ -65,6 +65,21 @@ def build_pipeline(seed: int) -> Any:
     )
 
 
+def pipeline_inputs(pipe: Any, resolution: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Random prompt embeddings of the shapes SD3's text encoders give (a prompt and a negative prompt)
+    and the initial latents, seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    conditioning = MODEL.conditioning(pipe.transformer, 2, resolution, generator=generator)
+    embeds, pooled = conditioning["encoder_hidden_states"], conditioning["pooled_projections"]
+    prompts = {
+        "prompt_embeds": embeds[:1],
+        "negative_prompt_embeds": embeds[1:],
+        "pooled_prompt_embeds": pooled[:1],
+        "negative_pooled_prompt_embeds": pooled[1:],
+    }
+    return prompts, torch.randn(MODEL.latent_shape(1, resolution), generator=generator)
+
+
 def run(args: argparse.Namespace) -> int:
     config = CATPruningConfig(keep_ratio=args.keep_ratio, start_step=args.start_step)
     if args.steps <= config.start_step:
@@ -73,17 +88,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--resolution must be a multiple of 16, got {args.resolution}")
     pipe = build_pipeline(args.seed)
     device = pipe.transformer.device
-    generator = torch.Generator().manual_seed(args.seed)
-    # Random prompt embeddings of the shapes SD3's text encoders give: row 0 the prompt, row 1 the negative.
-    conditioning = MODEL.conditioning(pipe.transformer, 2, args.resolution, generator=generator)
-    embeds, pooled = conditioning["encoder_hidden_states"], conditioning["pooled_projections"]
-    prompts = {
-        "prompt_embeds": embeds[:1],
-        "negative_prompt_embeds": embeds[1:],
-        "pooled_prompt_embeds": pooled[:1],
-        "negative_pooled_prompt_embeds": pooled[1:],
-    }
-    latents = torch.randn(MODEL.latent_shape(1, args.resolution), generator=generator)
+    prompts, latents = pipeline_inputs(pipe, args.resolution, args.seed)
 
     def generate(steps: int = args.steps) -> tuple[torch.Tensor, float]:
         def call() -> torch.Tensor:
