@@ -13,6 +13,8 @@ from diffusers import (
     SD3ControlNetModel,
     SD3MultiControlNetModel,
     StableDiffusion3ControlNetPipeline,
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3Pipeline,
 )
 
 from catprune import CATPruningConfig, apply_cat_pruning
@@ -102,3 +104,73 @@ def test_controlnet_residuals_are_gathered_at_the_selected_tokens(controlnets: i
     assert (state.stats.steps, state.stats.pruned_steps) == (STEPS, STEPS - START)
     assert pruned.shape == reference.shape and torch.isfinite(pruned).all()
     assert not torch.allclose(pruned, reference, atol=1e-4)
+
+
+def sd3_pipeline_with_vae() -> StableDiffusion3Pipeline:
+    pipe = StableDiffusion3Pipeline(
+        transformer=tiny_sd3(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def image_to_image(pipe: StableDiffusion3Img2ImgPipeline) -> torch.Tensor:
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    return pipe(
+        image=image,
+        strength=0.7,
+        num_inference_steps=12,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(6),
+        output_type="latent",
+        **sd3_prompts(1),
+    ).images
+
+
+def test_pipelines_from_pipe_start_fresh_generations_whichever_runs() -> None:
+    """Regression: an img2img pipeline made with ``from_pipe`` after a text-to-image generation ran all its
+    steps pruned on the previous prompt's caches (21 steps counted, 17 pruned, for 9 steps at strength
+    0.7). The generation start now comes from the shared scheduler, so it is exact."""
+    config = CATPruningConfig(keep_ratio=0.3, start_step=START)
+    pipe = sd3_pipeline_with_vae()
+    state = apply_cat_pruning(pipe, config)
+    pipe(
+        num_inference_steps=12,
+        guidance_scale=5.0,
+        latents=seeded_latents(1),
+        output_type="latent",
+        **sd3_prompts(1, seed=2),
+    )
+    assert (state.stats.steps, state.stats.pruned_steps) == (12, 12 - START)
+    shared = image_to_image(StableDiffusion3Img2ImgPipeline.from_pipe(pipe))
+    assert (state.stats.steps, state.stats.pruned_steps) == (9, 9 - START)
+
+    fresh = StableDiffusion3Img2ImgPipeline.from_pipe(sd3_pipeline_with_vae())
+    apply_cat_pruning(fresh, config)
+    torch.testing.assert_close(shared, image_to_image(fresh), atol=0, rtol=0)
+
+
+def test_a_pipeline_with_another_scheduler_is_refused_clearly() -> None:
+    pipe = sd3_pipeline_with_vae()
+    apply_cat_pruning(pipe, CATPruningConfig(start_step=START))
+    other = StableDiffusion3Img2ImgPipeline.from_pipe(
+        pipe, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0)
+    )
+    with pytest.raises(RuntimeError, match="another pipeline with its own scheduler"):
+        image_to_image(other)
+
+
+def test_one_step_generations_in_a_row_are_each_a_generation() -> None:
+    pipe = sd3_pipeline_with_vae()
+    state = apply_cat_pruning(pipe, CATPruningConfig(start_step=START))
+    for _ in range(3):
+        pipe(num_inference_steps=1, latents=seeded_latents(1), output_type="latent", **sd3_prompts(1))
+        assert (state.stats.steps, state.stats.pruned_steps) == (1, 0)

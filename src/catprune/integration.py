@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any
 
 from torch import nn
@@ -30,8 +29,8 @@ def apply_cat_pruning(target: Any, config: CATPruningConfig | None = None) -> Pr
     """Turn CAT pruning on for a pipeline (``StableDiffusion3Pipeline``, ...) or its transformer.
 
     Important args:
-        target: the pipeline (recommended: it then knows when a generation starts and whether CFG is on)
-            or its transformer.
+        target: the pipeline (recommended: its scheduler then tells when a generation starts, for every
+            pipeline sharing it, e.g. made with ``from_pipe``) or its transformer.
         config: :class:`CATPruningConfig`; its defaults are the paper's (keep 30% of the tokens from step 8).
 
     Returns the pruning state: ``.stats`` describes the current (or last) generation, ``.reset()`` starts
@@ -49,43 +48,22 @@ def apply_cat_pruning(target: Any, config: CATPruningConfig | None = None) -> Pr
             "call remove_cat_pruning first to change its settings"
         )
     state = attach(transformer, adapter, config)
-    if pipeline is not None:
-        _watch_prompt_encoding(pipeline, state)
-        state.expected_steps = functools.partial(_steps_under_way, pipeline)
+    scheduler = getattr(pipeline, "scheduler", None)
+    if hasattr(scheduler, "step_index"):
+        state.clock.watch(scheduler)
+        state.expected_steps = functools.partial(_steps_under_way, scheduler)
     return state
 
 
 def remove_cat_pruning(target: Any) -> None:
     """Turn CAT pruning off: the model computes exactly as before ``apply_cat_pruning`` (a no-op if off)."""
-    pipeline, transformer = _split_target(target)
-    if pipeline is not None:
-        pipeline.__dict__.pop("encode_prompt", None)
-    detach(transformer)
+    detach(_split_target(target)[1])
 
 
-def _steps_under_way(pipeline: Any) -> int | None:
-    """Denoising steps of the pipeline call under way, read at its first step: diffusers pipelines record
-    them in ``_num_timesteps`` before the loop (SD3, Flux: after img2img's strength cut), others leave
-    them in their scheduler's timesteps."""
-    steps = getattr(pipeline, "_num_timesteps", None)
-    if steps is None:
-        timesteps = getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
-        steps = None if timesteps is None else len(timesteps)
-    return steps
-
-
-def _watch_prompt_encoding(pipeline: Any, state: PruningState) -> None:
-    """Every pipeline call encodes its prompt once before denoising: that starts a generation, and its
-    ``do_classifier_free_guidance`` argument says whether the batch holds [uncond..., cond...] pairs."""
-    encode_prompt = pipeline.encode_prompt
-    signature = inspect.signature(encode_prompt)
-    parameter = signature.parameters.get("do_classifier_free_guidance")
-    default_cfg = bool(parameter.default) if parameter is not None else False
-
-    @functools.wraps(encode_prompt)
-    def encode_prompt_and_begin_generation(*args: Any, **kwargs: Any) -> Any:
-        arguments = signature.bind_partial(*args, **kwargs).arguments
-        state.begin_generation(bool(arguments.get("do_classifier_free_guidance", default_cfg)))
-        return encode_prompt(*args, **kwargs)
-
-    pipeline.encode_prompt = encode_prompt_and_begin_generation
+def _steps_under_way(scheduler: Any) -> int | None:
+    """Denoising steps of the loop under way, read at its first step from the scheduler: its timesteps
+    after the begin index (img2img's strength cut)."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None:
+        return None
+    return (len(timesteps) - (getattr(scheduler, "begin_index", None) or 0)) // getattr(scheduler, "order", 1)

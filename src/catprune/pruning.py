@@ -221,14 +221,27 @@ class CachingProcessor:
 
 
 class _GenerationClock:
-    """Decides when a new generation starts: on :meth:`begin` (explicit), when the batch or token grid
-    changes, or, for a bare transformer that nobody starts explicitly, when the timestep does not decrease."""
+    """Decides when a new generation starts.
+
+    Applied to a pipeline, the pipeline's scheduler tells (:meth:`watch`): every pipeline call resets it
+    (``set_timesteps``), so a call while its step index is None is a generation's first step. The
+    scheduler is a shared component: every pipeline built from the same components (``from_pipe``) is
+    followed alike, whichever runs. Otherwise a generation starts on :meth:`begin` (explicit), when the
+    batch or token grid changes, or, for a bare transformer that nobody starts explicitly, when the
+    timestep does not decrease (one host read per call)."""
 
     def __init__(self) -> None:
         self.explicit = False
         """Set once a caller starts generations with :meth:`begin`; from then on timesteps are not read."""
         self.cfg: bool | None = None
+        self.scheduler: Any = None
+        self.last_position: tuple[int | None, int] | None = None
+        """The watched scheduler's (step index, identity of its timesteps) at the latest call."""
         self.forget()
+
+    def watch(self, scheduler: Any) -> None:
+        """Follow ``scheduler``'s step index (a diffusers scheduler: ``step_index``)."""
+        self.scheduler = scheduler
 
     def forget(self) -> None:
         self.shape: tuple[int, int, int] | None = None
@@ -242,11 +255,24 @@ class _GenerationClock:
     def is_new(self, shape: tuple[int, int, int], timestep: Any) -> bool:
         new_shape = self.shape is not None and shape != self.shape
         self.shape = shape
+        if self.scheduler is not None:
+            # A new loop replaces the scheduler's timesteps; each step advances its index. A call that
+            # finds both as the previous call left them was made by something that does not use it.
+            position = (self.scheduler.step_index, id(self.scheduler.timesteps))
+            if position == self.last_position:
+                raise RuntimeError(
+                    "CAT pruning: the transformer was called twice while the scheduler of the pipeline it "
+                    "was applied to neither stepped nor restarted: another pipeline with its own scheduler "
+                    "(or a loop of your own) is driving it. Call remove_cat_pruning on the first pipeline "
+                    "and apply_cat_pruning on the one you run."
+                )
+            self.last_position = position
+            return new_shape or position[0] is None
         if new_shape:
             return True
         if self.explicit or timestep is None:
             return False
-        # One scalar host read per call; pipelines avoid it (their prompt encoding starts a generation).
+        # One scalar host read per call; pipelines avoid it (their scheduler tells, see above).
         value = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         new = self.last_timestep is not None and value >= self.last_timestep
         self.last_timestep = value
@@ -257,9 +283,9 @@ class PruningState:
     """Pruning of one transformer: the current generation's step plan, selection, previous output and
     statistics, shared by the hooks and the attention processors.
 
-    A generation starts when the pipeline encodes its prompt (applied to a pipeline), when the timestep
-    does not decrease (applied to a bare transformer), when the batch or the token grid changes, or on
-    an explicit :meth:`begin_generation` or :meth:`reset`.
+    A generation starts when the pipeline's scheduler starts a new loop (applied to a pipeline), when the
+    timestep does not decrease (applied to a bare transformer), when the batch or the token grid changes,
+    or on an explicit :meth:`begin_generation` or :meth:`reset`.
     """
 
     def __init__(self, config: CATPruningConfig, adapter: ModelFacts, model: torch.nn.Module) -> None:
@@ -302,7 +328,7 @@ class PruningState:
 
     def begin_generation(self, cfg: bool | None = None) -> None:
         """Start a new generation explicitly; ``cfg`` says whether the batch is [uncond..., cond...] pairs
-        (None: as ``config.row_pairing`` says). Applied to a pipeline, its prompt encoding calls this."""
+        (None: as ``config.row_pairing`` says). Applied to a pipeline, its scheduler starts generations."""
         self.reset()
         self.clock.begin(cfg)
 
@@ -374,6 +400,8 @@ class PruningState:
             shape = self.clock.shape
             self.reset()
             self.clock.shape = shape
+            if self.clock.scheduler is not None:
+                self.clock.cfg = _is_cfg_batch(arguments["hidden_states"])
         mode = self._mode(self.step)
         self.plan = StepPlan(
             step=self.step,
@@ -494,6 +522,14 @@ class PruningState:
             self.last_output = tokens
         self._step_output = tokens
         return tokens
+
+
+def _is_cfg_batch(hidden_states: torch.Tensor) -> bool:
+    """Whether a pipeline's batch is ``[uncond..., cond...]`` pairs, as diffusers pipelines build it under
+    classifier-free guidance: both halves hold the same latents. One host read, at a generation's first
+    step (a full step)."""
+    rows = hidden_states.shape[0]
+    return rows % 2 == 0 and torch.equal(hidden_states[: rows // 2], hidden_states[rows // 2 :])
 
 
 class _StepHook(ModelHook):
