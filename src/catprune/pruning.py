@@ -299,6 +299,9 @@ class PruningState:
         """Tells at a generation's first step how many steps it will have, where the caller knows (a
         pipeline does): a generation too short to reach ``start_step`` is then warned about, once."""
         self._warned_unpruned = False
+        self.checks: list[Callable[[], None]] = []
+        """Run at every generation's first step: each raises when something combined with pruning since
+        it was applied cannot work with it (see ``catprune.integration``)."""
         self.clock = _GenerationClock()
         self._observers: list[Observer] = []
         self._signature = inspect.signature(model.forward)
@@ -402,6 +405,9 @@ class PruningState:
             self.clock.shape = shape
             if self.clock.scheduler is not None:
                 self.clock.cfg = _is_cfg_batch(arguments["hidden_states"])
+        if self.step == 0:
+            for check in self.checks:
+                check()
         mode = self._mode(self.step)
         self.plan = StepPlan(
             step=self.step,
