@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from .adapters import adapter_for
+from .compatibility import check_before_apply, generation_checks
 from .config import CATPruningConfig
 from .pruning import PruningState, attach, attached_state, detach
 
@@ -35,7 +36,9 @@ def apply_cat_pruning(target: Any, config: CATPruningConfig | None = None) -> Pr
 
     Returns the pruning state: ``.stats`` describes the current (or last) generation, ``.reset()`` starts
     a new one by hand. Raises TypeError for an unsupported model and RuntimeError when pruning is already
-    applied; nothing is changed when it raises.
+    applied or the model carries something pruning cannot be combined with (an IP-Adapter or another
+    non-default attention processor, a diffusers cache: see ``catprune.compatibility``, which also checks
+    at every generation's first step for what was added later); nothing is changed when it raises.
     """
     config = config if config is not None else CATPruningConfig()
     if not isinstance(config, CATPruningConfig):
@@ -47,7 +50,9 @@ def apply_cat_pruning(target: Any, config: CATPruningConfig | None = None) -> Pr
             f"CAT pruning is already applied to this {type(transformer).__name__}; "
             "call remove_cat_pruning first to change its settings"
         )
+    check_before_apply(transformer, adapter, config)
     state = attach(transformer, adapter, config)
+    state.checks.extend(generation_checks(transformer, state))
     scheduler = getattr(pipeline, "scheduler", None)
     if hasattr(scheduler, "step_index"):
         state.clock.watch(scheduler)

@@ -23,15 +23,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
 from torch import Tensor
 
 from .config import CATPruningConfig
 from .strategies import TokenSelector
-
-STEP_HOOK = "catprune_step"
-GATHER_HOOK = "catprune_gather"
-SCATTER_HOOK = "catprune_scatter"
 
 
 class StepMode(enum.Enum):
@@ -299,6 +294,8 @@ class PruningState:
         """Tells at a generation's first step how many steps it will have, where the caller knows (a
         pipeline does): a generation too short to reach ``start_step`` is then warned about, once."""
         self._warned_unpruned = False
+        self.hook_handles: list[Any] = []
+        """The module hooks :func:`attach` installed (removed by :func:`detach`)."""
         self.checks: list[Callable[[], None]] = []
         """Run at every generation's first step: each raises when something combined with pruning since
         it was applied cannot work with it (see ``catprune.integration``)."""
@@ -538,38 +535,6 @@ def _is_cfg_batch(hidden_states: torch.Tensor) -> bool:
     return rows % 2 == 0 and torch.equal(hidden_states[: rows // 2], hidden_states[rows // 2 :])
 
 
-class _StepHook(ModelHook):
-    """On the transformer: decides each call's mode before it runs and counts the step after."""
-
-    _is_stateful = True
-
-    def __init__(self, state: PruningState) -> None:
-        super().__init__()
-        self.state = state
-
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any], dict]:
-        return self.state.begin_step(args, kwargs)
-
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        self.state.end_step()
-        return output
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.state.reset()
-        return module
-
-
-class _OutputHook(ModelHook):
-    """Runs ``fn`` on a module's output (the embedder's gather, the output projection's scatter)."""
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def post_forward(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
-        return self.fn(output)
-
-
 def attached_state(model: torch.nn.Module) -> PruningState | None:
     """The pruning state of a transformer, or None when pruning is not applied to it."""
     return getattr(model, "_catprune_state", None)
@@ -581,12 +546,16 @@ def attach(model: torch.nn.Module, adapter: ModelFacts, config: CATPruningConfig
     state.processors = list(adapter.processors(model, state))
     embedder = model.get_submodule(adapter.embedder)
     projection = model.get_submodule(adapter.output_projection)
-
-    HookRegistry.check_if_exists_or_initialize(model).register_hook(_StepHook(state), STEP_HOOK)
-    HookRegistry.check_if_exists_or_initialize(embedder).register_hook(_OutputHook(state.gather), GATHER_HOOK)
-    HookRegistry.check_if_exists_or_initialize(projection).register_hook(
-        _OutputHook(state.scatter_output), SCATTER_HOOK
-    )
+    # PyTorch's own module hooks, not a replaced ``forward``: accelerate's offload hooks and diffusers'
+    # hook registry replace and restore ``forward`` on their own schedule, which would drop or revive ours.
+    state.hook_handles = [
+        model.register_forward_pre_hook(
+            lambda module, args, kwargs: state.begin_step(args, kwargs), with_kwargs=True
+        ),
+        model.register_forward_hook(lambda module, args, output: state.end_step()),
+        embedder.register_forward_hook(lambda module, args, output: state.gather(output)),
+        projection.register_forward_hook(lambda module, args, output: state.scatter_output(output)),
+    ]
     for processor in state.processors:
         processor.attention.set_processor(processor)
     model._catprune_state = state
@@ -594,18 +563,13 @@ def attach(model: torch.nn.Module, adapter: ModelFacts, config: CATPruningConfig
 
 
 def detach(model: torch.nn.Module) -> None:
-    """Exact inverse of :func:`attach`: the original processors and forward methods come back."""
+    """Exact inverse of :func:`attach`: the original processors come back and the module hooks go."""
     state = attached_state(model)
     if state is None:
         return
     for processor in state.processors:
         processor.attention.set_processor(processor.original)
         processor.release()
-    adapter = state.adapter
-    for module, name in (
-        (model.get_submodule(adapter.output_projection), SCATTER_HOOK),
-        (model.get_submodule(adapter.embedder), GATHER_HOOK),
-        (model, STEP_HOOK),
-    ):
-        HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
+    for handle in state.hook_handles:
+        handle.remove()
     del model._catprune_state
