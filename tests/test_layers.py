@@ -1,7 +1,8 @@
 """The package's layering: library modules import downward only, tools sit on top, and nothing cycles.
 
-Imports are read from the source (module level and inside functions, plus module names given as strings,
-as ``importlib.import_module`` takes them), so a cycle hidden by a late import is found too. Imports under
+Imports are read from the source (module level and inside functions), so a cycle hidden by a late import
+is found too. A module that calls ``importlib.import_module`` imports the modules named as strings in it
+and in the modules it imports (the command line imports the tool modules its table names). Imports under
 ``if TYPE_CHECKING:`` are for annotations only and never run, so they are not edges.
 """
 
@@ -23,8 +24,9 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(path): path for path in PACKAGE_ROOT.rglob("*.py")}
 
 
-def imported_modules(name: str) -> set[str]:
-    """The catprune modules that module ``name`` imports (a package's submodule when one is named)."""
+def read_imports(name: str) -> tuple[set[str], set[str], bool]:
+    """(the catprune modules that module ``name`` imports, the catprune modules it names as strings,
+    whether it calls ``importlib.import_module``)."""
     path = MODULES[name]
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     tree = ast.parse(path.read_text())
@@ -35,9 +37,13 @@ def imported_modules(name: str) -> set[str]:
         for inner in ast.walk(node)
     }
     found: set[str] = set()
+    named: set[str] = set()
+    dynamic = False
     for node in ast.walk(tree):
         if id(node) in typing_only:
             continue
+        if isinstance(node, ast.Attribute) and node.attr == "import_module":
+            dynamic = True
         targets: list[str] = []
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
@@ -48,13 +54,17 @@ def imported_modules(name: str) -> set[str]:
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
             targets = [base, *(f"{base}.{alias.name}" for alias in node.names)]
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            targets = [node.value]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in MODULES:
+            named.add(node.value)
         found.update(target for target in targets if target in MODULES and target != name)
-    return found
+    return found, named, dynamic
 
 
-GRAPH = {name: imported_modules(name) for name in MODULES}
+IMPORTS = {name: read_imports(name) for name in MODULES}
+GRAPH = {
+    name: found | ((named.union(*(IMPORTS[target][1] for target in found)) - {name}) if dynamic else set())
+    for name, (found, named, dynamic) in IMPORTS.items()
+}
 
 
 def is_tool(name: str) -> bool:
@@ -73,7 +83,9 @@ def test_library_modules_do_not_import_tools(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(name for name in MODULES if name.startswith("catprune.tools.")))
 def test_tools_do_not_import_each_other_or_the_cli(name: str) -> None:
-    assert not [target for target in GRAPH[name] if is_tool(target) and target != "catprune.tools"]
+    """Commands share only the command table and the argument helpers."""
+    shared = ("catprune.tools", "catprune.tools.arguments")
+    assert not [target for target in GRAPH[name] if is_tool(target) and target not in shared]
 
 
 def test_no_import_cycles() -> None:

@@ -2,7 +2,7 @@
 
 The tool modules import torch and diffusers, which take seconds, so the command line imports only the one
 that argv names. ``catprune --help`` (and an unknown or missing command) lists every subcommand from the
-``COMMANDS`` table below without importing any tool module.
+``COMMANDS`` table of ``catprune.tools`` without importing any tool module.
 """
 
 from __future__ import annotations
@@ -13,43 +13,9 @@ import sys
 from collections.abc import Sequence
 
 from .errors import UserError
+from .tools import COMMANDS
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": (
-        "catprune.tools.demo",
-        "full vs CAT-pruned generation on a small random-weight SD3 model (offline)",
-    ),
-    "macs": (
-        "catprune.tools.macs",
-        "count transformer MACs of full and CAT generations (no weights needed)",
-    ),
-    "bench": (
-        "catprune.tools.bench",
-        "time full vs CAT denoising loops and compare the speedup with the MAC bound",
-    ),
-    "generate": (
-        "catprune.tools.generate",
-        "generate an image with CAT pruning (default: the shipped shapes-mmdit model, offline, seconds)",
-    ),
-    "train-shapes": (
-        "catprune.tools.train_shapes",
-        "train the shapes-mmdit or shapes-pixart model (resumes when --out holds a checkpoint)",
-    ),
-    "viz": (
-        "catprune.tools.viz",
-        "diagnostic figures of the paper (figures 3-9) as PNGs",
-    ),
-    "eval": (
-        "catprune.tools.eval",
-        "compare methods at equal budget: MACs, throughput, CLIP/alignment, PSNR/SSIM vs full",
-    ),
-}
-"""Subcommand name -> (its tool module, its one-line summary as ``catprune --help`` lists it).
-
-Each module defines ``register(subparsers)``, which adds its subcommand (with the same summary, which
-tests/test_cli.py checks) and sets ``func=run(args) -> int``."""
-
-TOOL_MODULES = tuple(module for module, _ in COMMANDS.values())
+TOOL_MODULES = tuple(command.module for command in COMMANDS.values())
 
 
 def command_name(argv: Sequence[str]) -> str | None:
@@ -70,7 +36,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="catprune", description="CAT Pruning: cluster-aware token pruning for diffusion transformers."
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module, summary) in COMMANDS.items():
+    for name, (module, summary, _) in COMMANDS.items():
         if name == command:
             importlib.import_module(module).register(subparsers)
         else:

@@ -1,57 +1,65 @@
 """The command line's subcommands, one module each (``register(subparsers)`` adds its subcommand).
 
-Tools import the library, never each other; what several of them share lives here.
+Tools import the library, never each other; what several of them share lives in
+``catprune.tools.arguments``. This module is data only, so that ``catprune --help`` imports nothing heavy.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-from typing import Any, TypeVar
-
-from ..config import CATPruningConfig
-
-Settings = TypeVar("Settings")
+from typing import NamedTuple
 
 
-def add_command(
-    subparsers: argparse._SubParsersAction, name: str, summary: str, details: str = ""
-) -> argparse.ArgumentParser:
-    """A subcommand whose ``--help`` starts with the same one-line ``summary`` that ``catprune --help``
-    lists, followed by ``details``."""
-    description = f"{summary[0].upper()}{summary[1:]}." + (f" {details}" if details else "")
-    return subparsers.add_parser(name, help=summary, description=description)
+class Command(NamedTuple):
+    """One subcommand: where it lives and how its help describes it."""
+
+    module: str
+    summary: str
+    """The one line ``catprune --help`` lists; its ``--help`` starts with it."""
+    details: str = ""
+    """The rest of its ``--help`` description."""
 
 
-def settings_from_arguments(cls: type[Settings], args: argparse.Namespace, **overrides: Any) -> Settings:
-    """A settings dataclass built from the parsed arguments of the same names (``overrides`` win)."""
-    names = [field.name for field in dataclasses.fields(cls) if hasattr(args, field.name)]
-    return cls(**{**{name: getattr(args, name) for name in names}, **overrides})
+COMMANDS: dict[str, Command] = {
+    "demo": Command(
+        "catprune.tools.demo",
+        "full vs CAT-pruned generation on a small random-weight SD3 model (offline)",
+    ),
+    "macs": Command(
+        "catprune.tools.macs",
+        "count transformer MACs of full and CAT generations (no weights needed)",
+        "FlopCounterMode counts them while the real forward runs (pruning applied) on the meta device: no "
+        "weights, no memory, no GPU.",
+    ),
+    "bench": Command(
+        "catprune.tools.bench",
+        "time full vs CAT denoising loops and compare the speedup with the MAC bound",
+        "The denoising loop runs as the diffusers pipeline runs it (with its scheduler), in full and with "
+        "CAT pruning, alternating after a warm-up. Text encoding is excluded: the prompt embeddings are "
+        "random tensors of the pipeline's shapes.",
+    ),
+    "generate": Command(
+        "catprune.tools.generate",
+        "generate an image with CAT pruning (default: the shipped shapes-mmdit model, offline, seconds)",
+    ),
+    "train-shapes": Command(
+        "catprune.tools.train_shapes",
+        "train the shapes-mmdit or shapes-pixart model (resumes when --out holds a checkpoint)",
+    ),
+    "viz": Command(
+        "catprune.tools.viz",
+        "diagnostic figures of the paper (figures 3-9) as PNGs",
+        "Each figure is drawn from a real run; the plotted data are saved beside the PNG (same name, .npz "
+        "and .json).",
+    ),
+    "eval": Command(
+        "catprune.tools.eval",
+        "compare methods at equal budget: MACs, throughput, CLIP/alignment, PSNR/SSIM vs full",
+        "One image per (method, prompt index), seeded by the prompt index, summarised as the paper's Tables "
+        "2/3. Resumable (a rerun skips finished items); data-parallel with `accelerate launch -m catprune "
+        "eval ...`.",
+    ),
+}
+"""Every subcommand by name.
 
-
-def add_pruning_arguments(
-    parser: argparse.ArgumentParser,
-    steps: int | None = 28,
-    keep_ratio: float | None = CATPruningConfig.keep_ratio,
-) -> None:
-    """``--steps``, ``--start-step`` and ``--keep-ratio``, documented alike in every command.
-
-    ``steps`` None: the model's default number of steps; ``keep_ratio`` None: no ``--keep-ratio`` (the
-    command sets keep ratios its own way)."""
-    default_steps = "the model's" if steps is None else steps
-    parser.add_argument(
-        "--steps", type=int, default=steps, help=f"denoising steps (default: {default_steps})"
-    )
-    parser.add_argument(
-        "--start-step",
-        type=int,
-        default=CATPruningConfig.start_step,
-        help=f"t0, the first pruned step (default: {CATPruningConfig.start_step})",
-    )
-    if keep_ratio is not None:
-        parser.add_argument(
-            "--keep-ratio",
-            type=float,
-            default=keep_ratio,
-            help=f"alpha, the share of image tokens recomputed at each pruned step (default: {keep_ratio})",
-        )
+Each module defines ``register(subparsers)``, which adds its subcommand with
+:func:`catprune.tools.arguments.add_command` (the same summary) and sets ``func=run(args) -> int``."""

@@ -19,7 +19,7 @@ from ..integration import apply_cat_pruning
 from ..measure import SelectionTimer, denoise, shared_weight_copy, timed
 from ..pruning import PruningState
 from ..runtime import DTYPES, format_count, resolve_device, resolve_dtype
-from . import add_command, add_pruning_arguments
+from .arguments import add_command, add_pruning_arguments
 
 TIMED_PART = (
     "denoising loop only (transformer + scheduler); text encoding and VAE excluded: random prompt embeddings"
@@ -27,14 +27,7 @@ TIMED_PART = (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_command(
-        subparsers,
-        "bench",
-        "time full vs CAT denoising loops and compare the speedup with the MAC bound",
-        "The denoising loop runs as the diffusers pipeline runs it (with its scheduler), in full and with "
-        "CAT pruning, alternating after a warm-up. Text encoding is excluded: the prompt embeddings are "
-        "random tensors of the pipeline's shapes.",
-    )
+    parser = add_command(subparsers, "bench")
     parser.add_argument(
         "--model", required=True, help=f"one of {', '.join(ARCHITECTURES)}, or a local folder"
     )

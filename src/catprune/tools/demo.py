@@ -17,7 +17,7 @@ from ..config import CATPruningConfig
 from ..integration import apply_cat_pruning, remove_cat_pruning
 from ..measure import alternating_medians, busy_note, timed
 from ..runtime import use_cpu_threads
-from . import add_command, add_pruning_arguments
+from .arguments import add_command, add_pruning_arguments
 
 MODEL = Architecture(
     "sd3-miniature", SD3Adapter.family, MINIATURE.config, MINIATURE.text_tokens, SD3Adapter.default_steps
@@ -26,9 +26,7 @@ MODEL = Architecture(
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_command(
-        subparsers, "demo", "full vs CAT-pruned generation on a small random-weight SD3 model (offline)"
-    )
+    parser = add_command(subparsers, "demo")
     add_pruning_arguments(parser, steps=MODEL.default_steps)
     parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default: 512)")
     parser.add_argument("--seed", type=int, default=0)

@@ -16,18 +16,11 @@ from ..evaluation import (
     run_evaluation,
 )
 from ..prompts import PROMPT_SETS, PromptSetError
-from . import add_command, add_pruning_arguments, settings_from_arguments
+from .arguments import add_command, add_pruning_arguments, settings_from_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_command(
-        subparsers,
-        "eval",
-        "compare methods at equal budget: MACs, throughput, CLIP/alignment, PSNR/SSIM vs full",
-        "One image per (method, prompt index), seeded by the prompt index, summarised as the paper's Tables "
-        "2/3. Resumable (a rerun skips finished items); data-parallel with `accelerate launch -m catprune "
-        "eval ...`.",
-    )
+    parser = add_command(subparsers, "eval")
     parser.add_argument("--model", required=True, help="shapes-mmdit, shapes-pixart, or a diffusers pipeline")
     parser.add_argument(
         "--prompts", required=True, help=f"{', '.join(PROMPT_SETS)}, or a file (one per line)"

@@ -22,7 +22,7 @@ from ..pruning import GenerationStats, StepRecord
 from ..runtime import DTYPES, load_pipeline, psnr, run_generation, use_cpu_threads
 from ..shapes.pipelines import SHIPPED_MODELS, is_shapes_model
 from ..shapes.scenes import GRAMMAR_HELP, PromptGrammarError, normalize_prompt
-from . import add_command, add_pruning_arguments
+from .arguments import add_command, add_pruning_arguments
 
 PANEL = 256
 """Side of each panel in pixels: the 32x32 shapes images are upscaled (nearest) to it."""
@@ -38,11 +38,7 @@ HEAT_ANCHORS = np.array(
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_command(
-        subparsers,
-        "generate",
-        "generate an image with CAT pruning (default: the shipped shapes-mmdit model, offline, seconds)",
-    )
+    parser = add_command(subparsers, "generate")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = f"Prompts of the shipped shapes models:\n{GRAMMAR_HELP}"
     parser.add_argument("prompt", help="text prompt (for the shapes models: their caption grammar, below)")

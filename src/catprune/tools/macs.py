@@ -10,17 +10,11 @@ from ..architectures import ARCHITECTURES, resolve_architecture
 from ..config import CATPruningConfig
 from ..measure import MacsReport, SelectionCost, StepMacs, count_macs, count_selection
 from ..runtime import format_count
-from . import add_command, add_pruning_arguments
+from .arguments import add_command, add_pruning_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_command(
-        subparsers,
-        "macs",
-        "count transformer MACs of full and CAT generations (no weights needed)",
-        "FlopCounterMode counts them while the real forward runs (pruning applied) on the meta device: no "
-        "weights, no memory, no GPU.",
-    )
+    parser = add_command(subparsers, "macs")
     parser.add_argument(
         "--model", required=True, help=f"one of {', '.join(ARCHITECTURES)}, or a local folder"
     )

@@ -11,16 +11,12 @@ import torch
 
 from ..errors import UserError
 from ..shapes.training import ARCHES, TrainConfig, Trainer
-from . import add_command, settings_from_arguments
+from .arguments import add_command, settings_from_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     defaults = TrainConfig(steps=1)
-    parser = add_command(
-        subparsers,
-        "train-shapes",
-        "train the shapes-mmdit or shapes-pixart model (resumes when --out holds a checkpoint)",
-    )
+    parser = add_command(subparsers, "train-shapes")
     parser.add_argument("--arch", choices=ARCHES, required=True)
     parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoint/ and pipeline/")
     budget = parser.add_mutually_exclusive_group(required=True)

@@ -18,7 +18,7 @@ from ..config import CATPruningConfig
 from ..errors import UserError
 from ..runtime import load_pipeline
 from ..strategies import STRATEGIES
-from . import add_command, add_pruning_arguments
+from .arguments import add_command, add_pruning_arguments
 
 if TYPE_CHECKING:
     from ..viz import FigureData
@@ -57,13 +57,7 @@ def _prompts_help(figure: str) -> str:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_command(
-        subparsers,
-        "viz",
-        "diagnostic figures of the paper (figures 3-9) as PNGs",
-        "Each figure is drawn from a real run; the plotted data are saved beside the PNG (same name, .npz "
-        "and .json).",
-    )
+    parser = add_command(subparsers, "viz")
     figures = parser.add_subparsers(dest="figure", required=True, metavar="FIGURE")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(

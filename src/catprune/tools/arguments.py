@@ -1,0 +1,54 @@
+"""Shared argument definitions of the subcommands, so that every command documents them alike."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, TypeVar
+
+from ..config import CATPruningConfig
+from . import COMMANDS
+
+Settings = TypeVar("Settings")
+
+
+def add_command(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    """Subcommand ``name`` as :data:`catprune.tools.COMMANDS` describes it: its ``--help`` starts with the
+    one-line summary that ``catprune --help`` lists, then the details."""
+    summary, details = COMMANDS[name].summary, COMMANDS[name].details
+    description = f"{summary[0].upper()}{summary[1:]}." + (f" {details}" if details else "")
+    return subparsers.add_parser(name, help=summary, description=description)
+
+
+def settings_from_arguments(cls: type[Settings], args: argparse.Namespace, **overrides: Any) -> Settings:
+    """A settings dataclass built from the parsed arguments of the same names (``overrides`` win)."""
+    names = [field.name for field in dataclasses.fields(cls) if hasattr(args, field.name)]
+    return cls(**{**{name: getattr(args, name) for name in names}, **overrides})
+
+
+def add_pruning_arguments(
+    parser: argparse.ArgumentParser,
+    steps: int | None = 28,
+    keep_ratio: float | None = CATPruningConfig.keep_ratio,
+) -> None:
+    """``--steps``, ``--start-step`` and ``--keep-ratio``, documented alike in every command.
+
+    ``steps`` None: the model's default number of steps; ``keep_ratio`` None: no ``--keep-ratio`` (the
+    command sets keep ratios its own way)."""
+    default_steps = "the model's" if steps is None else steps
+    parser.add_argument(
+        "--steps", type=int, default=steps, help=f"denoising steps (default: {default_steps})"
+    )
+    parser.add_argument(
+        "--start-step",
+        type=int,
+        default=CATPruningConfig.start_step,
+        help=f"t0, the first pruned step (default: {CATPruningConfig.start_step})",
+    )
+    if keep_ratio is not None:
+        parser.add_argument(
+            "--keep-ratio",
+            type=float,
+            default=keep_ratio,
+            help=f"alpha, the share of image tokens recomputed at each pruned step (default: {keep_ratio})",
+        )
