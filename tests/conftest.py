@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from diffusers import (
@@ -67,18 +69,25 @@ def tiny_pixart(additional_conditions: bool = False) -> PixArtTransformer2DModel
     ).eval()
 
 
-def sd3_pipeline(transformer: SD3Transformer2DModel) -> StableDiffusion3Pipeline:
-    """A real SD3 pipeline around ``transformer``, driven with prompt embeddings (no text encoder or VAE)."""
-    pipe = StableDiffusion3Pipeline(
+def sd3_pipeline(
+    transformer: SD3Transformer2DModel,
+    vae: Any = None,
+    pipeline_class: type = StableDiffusion3Pipeline,
+    **components: Any,
+) -> Any:
+    """A real SD3 pipeline (``pipeline_class``: text-to-image, ControlNet, PAG...) around ``transformer``,
+    driven with prompt embeddings (no text encoders), with ``vae`` and any other ``components``."""
+    pipe = pipeline_class(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=None,
+        vae=vae,
         text_encoder=None,
         tokenizer=None,
         text_encoder_2=None,
         tokenizer_2=None,
         text_encoder_3=None,
         tokenizer_3=None,
+        **components,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -22,7 +22,7 @@ from conftest import (
     tiny_pixart,
     tiny_sd3,
 )
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3PAGPipeline
+from diffusers import SD3Transformer2DModel, StableDiffusion3PAGPipeline
 from diffusers.hooks import (
     FasterCacheConfig,
     FirstBlockCacheConfig,
@@ -246,20 +246,7 @@ def test_a_processor_installed_after_apply_is_refused_and_remove_restores(name: 
 
 
 def pag_pipeline() -> StableDiffusion3PAGPipeline:
-    pipe = StableDiffusion3PAGPipeline(
-        transformer=tiny_sd3(),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=None,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        text_encoder_3=None,
-        tokenizer_3=None,
-        pag_applied_layers=["blocks.1"],
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return sd3_pipeline(tiny_sd3(), None, StableDiffusion3PAGPipeline, pag_applied_layers=["blocks.1"])
 
 
 def test_perturbed_attention_guidance_installing_its_processors_per_call_is_refused() -> None:

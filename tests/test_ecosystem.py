@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytest
 import torch
 from conftest import (
-    POOLED_DIM,
-    TEXT_DIM,
     pixart_pipeline,
     pixart_prompts,
+    sd3_pipeline,
     sd3_prompts,
     seeded_latents,
     tiny_pixart,
@@ -37,20 +37,10 @@ STEPS, START = 6, 3
 
 def tiny_controlnet(seed: int) -> SD3ControlNetModel:
     """An SD3 ControlNet matching ``tiny_sd3`` (one block: its residual is added to every block)."""
+    accepted = inspect.signature(SD3ControlNetModel.__init__).parameters
+    config = {key: value for key, value in tiny_sd3().config.items() if key in accepted}
     torch.manual_seed(seed)
-    return SD3ControlNetModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=4,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        joint_attention_dim=TEXT_DIM,
-        caption_projection_dim=32,
-        pooled_projection_dim=POOLED_DIM,
-        out_channels=4,
-        pos_embed_max_size=32,
-    ).eval()
+    return SD3ControlNetModel(**{**config, "num_layers": 1}).eval()
 
 
 def tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
@@ -72,20 +62,7 @@ def controlnet_pipeline(controlnets: int) -> StableDiffusion3ControlNetPipeline:
     controlnet: Any = tiny_controlnet(1)
     if controlnets > 1:
         controlnet = SD3MultiControlNetModel([tiny_controlnet(seed + 1) for seed in range(controlnets)])
-    pipe = StableDiffusion3ControlNetPipeline(
-        transformer=tiny_sd3(),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=tiny_vae(),
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        text_encoder_3=None,
-        tokenizer_3=None,
-        controlnet=controlnet,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return sd3_pipeline(tiny_sd3(), tiny_vae(), StableDiffusion3ControlNetPipeline, controlnet=controlnet)
 
 
 def generate_with_control(pipe: StableDiffusion3ControlNetPipeline, controlnets: int) -> torch.Tensor:
@@ -125,19 +102,7 @@ def sd3_pipeline_with_vae(latent_channels: int = 4) -> StableDiffusion3Pipeline:
         torch.manual_seed(0)
         config = {**transformer.config, "in_channels": latent_channels, "out_channels": latent_channels}
         transformer = SD3Transformer2DModel.from_config(config).eval()
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=tiny_vae(latent_channels),
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return sd3_pipeline(transformer, tiny_vae(latent_channels))
 
 
 def image_to_image(pipe: StableDiffusion3Img2ImgPipeline) -> torch.Tensor:
