@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 from diffusers import (
+    AutoencoderKL,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     PixArtAlphaPipeline,
@@ -66,6 +67,25 @@ def tiny_pixart(additional_conditions: bool = False) -> PixArtTransformer2DModel
         caption_channels=TEXT_DIM,
         interpolation_scale=1,
         use_additional_conditions=additional_conditions,
+    ).eval()
+
+
+def tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
+    """A VAE at toy size: downscale 2 (32x32 pixels -> 16x16 latents), 4 latent channels (SD3's 16 for
+    its inpainting pipeline)."""
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=1.5,
+        shift_factor=0.1,  # SD3's pipelines add the VAE's shift when decoding
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     ).eval()
 
 

@@ -15,9 +15,9 @@ from conftest import (
     seeded_latents,
     tiny_pixart,
     tiny_sd3,
+    tiny_vae,
 )
 from diffusers import (
-    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     PixArtSigmaPipeline,
     SD3ControlNetModel,
@@ -41,21 +41,6 @@ def tiny_controlnet(seed: int) -> SD3ControlNetModel:
     config = {key: value for key, value in tiny_sd3().config.items() if key in accepted}
     torch.manual_seed(seed)
     return SD3ControlNetModel(**{**config, "num_layers": 1}).eval()
-
-
-def tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
-    """4 latent channels (16 for inpainting), downscale 2 (32x32 pixels -> 16x16 latents)."""
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=32,
-        shift_factor=0.1,
-    ).eval()
 
 
 def controlnet_pipeline(controlnets: int) -> StableDiffusion3ControlNetPipeline:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_vae
 from diffusers import (
-    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
@@ -91,22 +91,7 @@ def tiny_sd3_pipeline() -> StableDiffusion3Pipeline:
         out_channels=LATENT_CHANNELS,
         pos_embed_max_size=32,
     ).eval()
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),  # vae_scale_factor 2
-        layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=4,
-        sample_size=32,
-        scaling_factor=1.5,
-        shift_factor=0.1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
+    vae = tiny_vae(LATENT_CHANNELS)
     torch.manual_seed(0)
     text_encoder_3 = T5EncoderModel(
         T5Config(
