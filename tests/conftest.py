@@ -10,6 +10,8 @@ from diffusers import (
     AutoencoderKL,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PixArtAlphaPipeline,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
@@ -68,6 +70,48 @@ def tiny_pixart(additional_conditions: bool = False) -> PixArtTransformer2DModel
         interpolation_scale=1,
         use_additional_conditions=additional_conditions,
     ).eval()
+
+
+def tiny_flux(
+    guidance: bool = True, num_layers: int = 1, num_single_layers: int = 2
+) -> FluxTransformer2DModel:
+    """FLUX.1's structure at toy width: double- then single-stream blocks, rotary axes summing to the
+    head width, 2x2-packed latents of 4 channels; ``guidance`` embeds the distilled guidance (dev)."""
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=POOLED_DIM,
+        guidance_embeds=guidance,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+def flux_pipeline(
+    transformer: FluxTransformer2DModel,
+    vae: Any = None,
+    pipeline_class: type = FluxPipeline,
+    **components: Any,
+) -> Any:
+    """A real Flux pipeline (``pipeline_class``: text-to-image, img2img, ControlNet...) around
+    ``transformer``, driven with prompt embeddings (no text encoders)."""
+    pipe = pipeline_class(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        **components,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def tiny_vae(latent_channels: int = 4) -> AutoencoderKL:

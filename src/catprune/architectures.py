@@ -28,8 +28,7 @@ class Architecture:
     """A transformer config plus the pipeline facts that matter for its cost.
 
     ``family`` names the adapter; ``config`` holds the constructor kwargs; ``text_tokens`` is how many text
-    tokens a pipeline call feeds the transformer; ``cfg_batch`` the rows per prompt under classifier-free
-    guidance.
+    tokens a pipeline call feeds the transformer.
     """
 
     name: str
@@ -38,7 +37,6 @@ class Architecture:
     text_tokens: int
     default_steps: int
     scheduler_config: Mapping[str, Any] = field(default_factory=dict)
-    cfg_batch: int = 2
     weights: Path | None = None
     """The transformer folder of a local model (its weights can be loaded), None for a named architecture."""
 
@@ -54,14 +52,20 @@ class Architecture:
     def guidance_scale(self) -> float:
         return self.adapter.guidance_scale
 
+    @property
+    def cfg_batch(self) -> int:
+        """Rows per prompt in a call under guidance (2: CFG as one batch; 1: guidance-distilled)."""
+        return self.adapter.cfg_batch
+
     def with_layers(self, num_layers: int | None) -> Architecture:
-        """The same architecture cut to ``num_layers`` blocks (width kept); None keeps it whole."""
+        """The same architecture cut to ``num_layers`` blocks of each kind (width kept); None keeps it whole."""
         if num_layers is None:
             return self
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         name = f"{self.name} ({num_layers} layers)"
-        return dataclasses.replace(self, name=name, config={**self.config, "num_layers": num_layers})
+        depth = dict.fromkeys(self.adapter.depth_keys, num_layers)
+        return dataclasses.replace(self, name=name, config={**self.config, **depth})
 
     def build(
         self, device: torch.device | str = "meta", dtype: torch.dtype | None = None, seed: int = 0
@@ -120,7 +124,9 @@ class Architecture:
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    name: Architecture(name, adapter.family, public.config, public.text_tokens, adapter.default_steps)
+    name: Architecture(
+        name, adapter.family, public.config, public.text_tokens, public.default_steps or adapter.default_steps
+    )
     for adapter in ADAPTERS.values()
     for name, public in adapter.public_models.items()
 }

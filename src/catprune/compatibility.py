@@ -39,8 +39,9 @@ PLAIN_PROCESSORS = (
     "FusedJointAttnProcessor2_0",
 )
 """diffusers' processors (by class name) that compute plain softmax attention through the layer's own
-projections, as CAT pruning's processors recompute it at pruned steps; only these may run a layer that
-pruning replaces. Exact classes: a subclass may add to the attention, so it is refused like any other."""
+projections, as CAT pruning's processors recompute it at pruned steps; only these (and a layer class's own
+default processor, see :func:`is_plain`) may run a layer that pruning replaces. Exact classes: a subclass
+may add to the attention, so it is refused like any other."""
 
 CACHE_HOOK_MODULES = {
     "first_block_cache": "FirstBlockCache",
@@ -65,6 +66,15 @@ def plain_processor_classes() -> tuple[type, ...]:
     """The classes of :data:`PLAIN_PROCESSORS` that this diffusers version has."""
     classes = (getattr(diffusers_processors, name, None) for name in PLAIN_PROCESSORS)
     return tuple(cls for cls in classes if isinstance(cls, type))
+
+
+def is_plain(layer: nn.Module) -> bool:
+    """Whether ``layer`` runs one of :data:`PLAIN_PROCESSORS` or its class's own default processor
+    (``FluxAttention``'s ``FluxAttnProcessor``: plain attention too, defined beside the model)."""
+    processor_class = type(layer.processor)
+    return processor_class in plain_processor_classes() or processor_class is getattr(
+        type(layer), "_default_processor_cls", None
+    )
 
 
 def is_ip_adapter_processor(processor: object) -> bool:
@@ -105,8 +115,7 @@ def check_attention_processors(model: nn.Module, layers: Iterable[nn.Module]) ->
     CAT pruning runs a layer's processor only at full steps; at the fill and pruned steps its own processor
     recomputes plain attention. Whatever another processor adds (an IP-Adapter's image prompt) would then
     be missing from every pruned step: a wrong image, with no error."""
-    plain = plain_processor_classes()
-    foreign = [(layer, layer.processor) for layer in layers if type(layer.processor) not in plain]
+    foreign = [(layer, layer.processor) for layer in layers if not is_plain(layer)]
     if not foreign:
         return
     where = f"{_layer_names(model, [layer for layer, _ in foreign])} of this {type(model).__name__}"

@@ -187,7 +187,7 @@ def count_macs(
     model = architecture.build("meta")
     # Counting needs one call of each kind: FULL (step 0), FILL (step 1), PRUNED (step 2).
     state = apply_cat_pruning(model, CATPruningConfig(keep_ratio=keep_ratio, start_step=2))
-    state.begin_generation(cfg)
+    state.begin_generation(cfg and architecture.cfg_batch == 2)
     num_tokens = architecture.image_tokens(resolution)
     num_kept = config.num_kept(num_tokens)
     state.force_indices(torch.arange(num_kept, device="meta").expand(rows, num_kept))
@@ -386,6 +386,7 @@ def denoise(
     ``[uncond..., cond...]``, guidance, learned-sigma split, scheduler step); no text encoding, no VAE."""
     scheduler = architecture.make_scheduler()
     scheduler.set_timesteps(steps, device=latents.device)
+    cfg = cfg and architecture.cfg_batch == 2  # guidance-distilled models take the guidance as an input
     for t in scheduler.timesteps:
         model_input = torch.cat([latents, latents]) if cfg else latents
         if hasattr(scheduler, "scale_model_input"):

@@ -9,16 +9,21 @@ step's output. Everything model-specific (which modules, which attention, the to
 from the model's adapter (``catprune.adapters``), which this module knows only through
 :class:`ModelFacts`.
 
+A step may take several transformer calls, "passes" (Flux's true CFG: a conditional and an unconditional
+call under diffusers' ``cache_context("cond")`` / ``("uncond")``): each pass keeps its own K/V caches and
+previous output, and all passes of a step recompute the tokens the first pass selected.
+
 After every denoising step the state hands a :class:`StepRecord` to the registered observers
 (:meth:`PruningState.add_observer`): tools read what pruning did from there, never from the state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import inspect
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,6 +41,17 @@ class StepMode(enum.Enum):
     """A full step that also fills the K/V caches: step t0 - 1."""
     PRUNED = "pruned"
     """Only the selected image tokens go through the blocks."""
+
+
+class CallKind(enum.Enum):
+    """How a denoising call relates to the previous one."""
+
+    GENERATION = "generation"
+    """The first step of a new generation."""
+    STEP = "step"
+    """The next step of the current generation."""
+    PASS = "pass"
+    """Another pass of the current step, under a cache context not yet seen in it (true CFG's "uncond")."""
 
 
 @dataclass
@@ -110,6 +126,7 @@ class ModelFacts(Protocol):
     embedder: str
     output_projection: str
     token_arguments: tuple[str, ...]
+    cfg_batch: int
 
     def token_grid(self, model: torch.nn.Module, arguments: dict[str, Any]) -> tuple[int, int]: ...
 
@@ -125,21 +142,36 @@ class ModelFacts(Protocol):
 
     def processors(self, model: torch.nn.Module, state: PruningState) -> Iterable[CachingProcessor]: ...
 
+    def hooks(self, model: torch.nn.Module, state: PruningState) -> list[Any]: ...
+
 
 class KVCache:
     """Keys and values of one attention layer for every token, reused by the tokens not recomputed.
 
-    Layout: ``(B, L, heads, head_dim)`` with the N image tokens first (raster order) and ``extra`` rows
-    after them (the text tokens of a joint attention, rewritten at every step). Kept allocated between
+    Layout: ``(B, L, heads, head_dim)``: the N image tokens (raster order) and ``extra`` rows (the text
+    tokens of a joint attention, rewritten at every step), after the image tokens or, with
+    ``extra_first``, before them, in the order the model attends over them (SD3: image first; Flux: text
+    first), so that the fill step computes exactly what the model computes. Kept allocated between
     generations of the same shape, dtype and device.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, extra_first: bool = False) -> None:
+        self.extra_first = extra_first
         self.key: torch.Tensor | None = None
         self.value: torch.Tensor | None = None
+        self.num_extra = 0
+
+    def image_rows(self, tensor: torch.Tensor, num_image: int) -> torch.Tensor:
+        """The image tokens' rows (B, N, h, d) of a tensor in this layout (a view)."""
+        start = self.num_extra if self.extra_first else 0
+        return tensor[:, start : start + num_image]
+
+    def extra_rows(self, tensor: torch.Tensor, num_image: int) -> torch.Tensor:
+        """The extra rows (B, T, h, d) of a tensor in this layout (a view)."""
+        return tensor[:, : self.num_extra] if self.extra_first else tensor[:, num_image:]
 
     def fill(self, key: torch.Tensor, value: torch.Tensor, extra: int = 0) -> None:
-        """All N image tokens' K/V (B, N, h, d), at the fill step; ``extra`` rows follow them."""
+        """All N image tokens' K/V (B, N, h, d), at the fill step; ``extra`` rows go with them."""
         shape = (key.shape[0], key.shape[1] + extra, *key.shape[2:])
         if self.key is None or (self.key.shape, self.key.dtype, self.key.device) != (
             shape,
@@ -148,20 +180,21 @@ class KVCache:
         ):
             self.key = key.new_empty(shape)  # (B, N + extra, h, d)
             self.value = key.new_empty(shape)  # (B, N + extra, h, d)
+        self.num_extra = extra
         num_image = key.shape[1]
-        self.key[:, :num_image] = key
-        self.value[:, :num_image] = value
+        self.image_rows(self.key, num_image).copy_(key)
+        self.image_rows(self.value, num_image).copy_(value)
 
     def update(self, indices: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_image: int) -> None:
         """The recomputed image tokens' K/V (B, K, h, d) written at their positions ``indices`` (B, K)."""
         index = indices[:, :, None, None].expand_as(key)  # (B, K, h, d)
-        self.key[:, :num_image].scatter_(1, index, key)
-        self.value[:, :num_image].scatter_(1, index, value)
+        self.image_rows(self.key, num_image).scatter_(1, index, key)
+        self.image_rows(self.value, num_image).scatter_(1, index, value)
 
     def write_extra(self, key: torch.Tensor, value: torch.Tensor, num_image: int) -> None:
-        """The extra rows (B, T, h, d) after the N image tokens."""
-        self.key[:, num_image:] = key
-        self.value[:, num_image:] = value
+        """The extra rows (B, T, h, d)."""
+        self.extra_rows(self.key, num_image).copy_(key)
+        self.extra_rows(self.value, num_image).copy_(value)
 
     def keep(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Hold K/V that do not change within a generation as they are (a cross-attention's text)."""
@@ -180,50 +213,58 @@ class KVCache:
 
 class CachingProcessor:
     """Base of the adapters' attention processors: full steps run the layer's original processor untouched,
-    the fill step and pruned steps run :meth:`attend` (the adapter's), with :attr:`cache` to keep K/V in."""
+    the fill step and pruned steps run :meth:`attend` (the adapter's), with :attr:`cache` to keep K/V in
+    (one per pass of a step, see :attr:`PruningState.pass_key`).
 
-    def __init__(self, attention: torch.nn.Module, state: PruningState) -> None:
+    ``extra_first``: the layer attends over [extra (text) tokens, image tokens] (Flux) rather than
+    [image, extra] (SD3): its caches and attention keep the model's order (see :class:`KVCache`)."""
+
+    def __init__(self, attention: torch.nn.Module, state: PruningState, extra_first: bool = False) -> None:
         self.attention = attention
         self.original = attention.processor
         self.state = state
-        self.cache = KVCache()
+        self.extra_first = extra_first
+        self.caches: dict[str | None, KVCache] = {}
+
+    @property
+    def cache(self) -> KVCache:
+        """The K/V cache of the current pass."""
+        key = self.state.pass_key
+        if key not in self.caches:
+            self.caches[key] = KVCache(self.extra_first)
+        return self.caches[key]
 
     def reset(self) -> None:
         """Forget what belongs to one generation (caches of all image tokens stay allocated for reuse)."""
 
     def release(self) -> None:
-        self.cache.release()
+        self.caches.clear()
 
     def cache_bytes(self) -> int:
-        return self.cache.nbytes()
+        return sum(cache.nbytes() for cache in self.caches.values())
 
-    def __call__(
-        self,
-        attn: torch.nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
+    def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.state.mode is StepMode.FULL:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
-        return self.attend(attn, hidden_states, encoder_hidden_states, attention_mask)
+            return self.original(attn, hidden_states, *args, **kwargs)
+        return self.attend(attn, hidden_states, *args, **kwargs)
 
-    def attend(self, attn: Any, hidden_states: Tensor, context: Tensor | None, mask: Tensor | None) -> Any:
-        """The layer's output at the fill step and at pruned steps: ``hidden_states`` (B, n, D) are the
-        image tokens that go through the block, ``context`` the other input (text), ``mask`` its mask."""
+    def attend(self, attn: Any, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The layer's output at the fill step and at pruned steps, called with the layer's processor
+        arguments: ``hidden_states`` (B, n, D) hold the image tokens that go through the block."""
         raise NotImplementedError
 
 
 class _GenerationClock:
-    """Decides when a new generation starts.
+    """Tells how each denoising call relates to the previous one (:class:`CallKind`).
 
     Applied to a pipeline, the pipeline's scheduler tells (:meth:`watch`): every pipeline call resets it
-    (``set_timesteps``), so a call while its step index is None is a generation's first step. The
-    scheduler is a shared component: every pipeline built from the same components (``from_pipe``) is
-    followed alike, whichever runs. Otherwise a generation starts on :meth:`begin` (explicit), when the
-    batch or token grid changes, or, for a bare transformer that nobody starts explicitly, when the
-    timestep does not decrease (one host read per call)."""
+    (``set_timesteps``), so a call while its step index is None is a generation's first step, and a call
+    that finds the index where the previous call left it is another pass of the same step (under a new
+    cache context) or a call from something that does not use the scheduler (an error). The scheduler is a
+    shared component: every pipeline built from the same components (``from_pipe``) is followed alike,
+    whichever runs. Otherwise a generation starts on :meth:`begin` (explicit), when the batch or token grid
+    changes, or, for a bare transformer that nobody starts explicitly, when the timestep does not decrease
+    (one host read per call); a call under a cache context not yet seen in the step is another pass."""
 
     def __init__(self) -> None:
         self.explicit = False
@@ -241,37 +282,47 @@ class _GenerationClock:
     def forget(self) -> None:
         self.shape: tuple[int, int, int] | None = None
         self.last_timestep: float | None = None
+        self.contexts: set[str | None] = set()
+        """The cache contexts of the current step's passes."""
 
     def begin(self, cfg: bool | None) -> None:
         self.forget()
         self.explicit = True
         self.cfg = cfg
 
-    def is_new(self, shape: tuple[int, int, int], timestep: Any) -> bool:
+    def advance(self, shape: tuple[int, int, int], timestep: Any, context: str | None) -> CallKind:
         new_shape = self.shape is not None and shape != self.shape
         self.shape = shape
+        another_pass = context is not None and bool(self.contexts) and context not in self.contexts
         if self.scheduler is not None:
-            # A new loop replaces the scheduler's timesteps; each step advances its index. A call that
-            # finds both as the previous call left them was made by something that does not use it.
+            # A new loop replaces the scheduler's timesteps; each step advances its index.
             position = (self.scheduler.step_index, id(self.scheduler.timesteps))
-            if position == self.last_position:
-                raise RuntimeError(
-                    "CAT pruning: the transformer was called twice while the scheduler of the pipeline it "
-                    "was applied to neither stepped nor restarted: another pipeline with its own scheduler "
-                    "(or a loop of your own) is driving it. Call remove_cat_pruning on the first pipeline "
-                    "and apply_cat_pruning on the one you run."
-                )
+            if position == self.last_position and not new_shape:
+                if not another_pass:
+                    raise RuntimeError(
+                        "CAT pruning: the transformer was called twice while the scheduler of the pipeline "
+                        "it was applied to neither stepped nor restarted: another pipeline with its own "
+                        "scheduler (or a loop of your own) is driving it. Call remove_cat_pruning on the "
+                        "first pipeline and apply_cat_pruning on the one you run."
+                    )
+                self.contexts.add(context)
+                return CallKind.PASS
             self.last_position = position
-            return new_shape or position[0] is None
+            self.contexts = {context}
+            return CallKind.GENERATION if new_shape or position[0] is None else CallKind.STEP
+        if another_pass and not new_shape:
+            self.contexts.add(context)
+            return CallKind.PASS
+        self.contexts = {context}
         if new_shape:
-            return True
+            return CallKind.GENERATION
         if self.explicit or timestep is None:
-            return False
+            return CallKind.STEP
         # One scalar host read per call; pipelines avoid it (their scheduler tells, see above).
         value = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         new = self.last_timestep is not None and value >= self.last_timestep
         self.last_timestep = value
-        return new
+        return CallKind.GENERATION if new else CallKind.STEP
 
 
 class PruningState:
@@ -280,7 +331,8 @@ class PruningState:
 
     A generation starts when the pipeline's scheduler starts a new loop (applied to a pipeline), when the
     timestep does not decrease (applied to a bare transformer), when the batch or the token grid changes,
-    or on an explicit :meth:`begin_generation` or :meth:`reset`.
+    or on an explicit :meth:`begin_generation` or :meth:`reset`. A step's further passes (see the module
+    docstring) are told apart by the cache context the caller names (``model.cache_context(name)``).
     """
 
     def __init__(self, config: CATPruningConfig, adapter: ModelFacts, model: torch.nn.Module) -> None:
@@ -303,6 +355,8 @@ class PruningState:
         self._observers: list[Observer] = []
         self._signature = inspect.signature(model.forward)
         self._macs_memo: dict[tuple[int, int, int, bool], int] = {}
+        self.context: str | None = None
+        """The cache context the caller runs the current call under (diffusers' ``cache_context``)."""
         self.reset()
 
     def reset(self) -> None:
@@ -312,9 +366,14 @@ class PruningState:
         self.plan: StepPlan | None = None
         """The latest call's plan; None for a call that is not a denoising step (and before the first)."""
         self.indices: torch.Tensor | None = None
-        """(B, K) the tokens recomputed at the latest pruned step."""
-        self.last_output: torch.Tensor | None = None
-        """(B, N, p*p*C) output tokens of the latest step from the fill step on: what pruned steps reuse."""
+        """(B, K) the tokens recomputed at the latest pruned step (chosen by its first pass)."""
+        self.pass_key: str | None = None
+        """The current pass's cache context: keys its K/V caches and previous output."""
+        self.first_pass = True
+        """Whether the current call is its step's first pass (the one that selects and is observed)."""
+        self.outputs: dict[str | None, torch.Tensor] = {}
+        """(B, N, p*p*C) output tokens of each pass at the latest step from the fill step on: what pruned
+        steps reuse."""
         self.attention_map: torch.Tensor | None = None
         """(P, M, M) attention probabilities of the latest step, kept only for attention strategies."""
         self._step_output: torch.Tensor | None = None
@@ -363,6 +422,11 @@ class PruningState:
         return StepMode.FULL if self.plan is None else self.plan.mode
 
     @property
+    def last_output(self) -> torch.Tensor | None:
+        """The current pass's output tokens at the latest step (None before the fill step)."""
+        return self.outputs.get(self.pass_key)
+
+    @property
     def num_tokens(self) -> int:
         assert self.plan is not None
         return self.plan.num_tokens
@@ -396,18 +460,23 @@ class PruningState:
             return args, kwargs
         height, width = self.adapter.token_grid(self.model, arguments)
         rows = arguments["hidden_states"].shape[0]
-        if self.clock.is_new((rows, height, width), arguments.get("timestep")):
+        kind = self.clock.advance((rows, height, width), arguments.get("timestep"), self.context)
+        if kind is CallKind.GENERATION:
             shape = self.clock.shape
             self.reset()
             self.clock.shape = shape
+            self.clock.contexts = {self.context}
             if self.clock.scheduler is not None:
-                self.clock.cfg = _is_cfg_batch(arguments["hidden_states"])
-        if self.step == 0:
+                self.clock.cfg = self.adapter.cfg_batch == 2 and _is_cfg_batch(arguments["hidden_states"])
+        self.first_pass = kind is not CallKind.PASS
+        self.pass_key = self.context
+        step = self.step if self.first_pass else self.step - 1
+        if step == 0 and self.first_pass:
             for check in self.checks:
                 check()
-        mode = self._mode(self.step)
+        mode = self._mode(step)
         self.plan = StepPlan(
-            step=self.step,
+            step=step,
             mode=mode,
             rows=rows,
             height=height,
@@ -416,7 +485,10 @@ class PruningState:
             text_tokens=self.adapter.text_tokens(arguments),
         )
         if mode is StepMode.PRUNED:
-            self.indices = self._select() if self.forced_indices is None else self.forced_indices
+            if self.forced_indices is not None:
+                self.indices = self.forced_indices
+            elif self.first_pass:
+                self.indices = self._select()
             gathered = {
                 name: [self.gather(tokens) for tokens in arguments[name]]
                 for name in self.adapter.token_arguments
@@ -425,7 +497,7 @@ class PruningState:
             if gathered:
                 arguments.update(gathered)
                 return bound.args, bound.kwargs
-        elif self.step == 0 and self.expected_steps is not None and not self._warned_unpruned:
+        elif step == 0 and self.first_pass and self.expected_steps is not None and not self._warned_unpruned:
             self._warn_if_never_pruned(self.expected_steps())
         return args, kwargs
 
@@ -452,15 +524,17 @@ class PruningState:
             return
         stats, tokens, text = self.stats, plan.num_tokens, plan.text_tokens
         full = plan.rows * self._step_macs(tokens, tokens, text, pruned=False)
-        stats.steps += 1
         stats.full_macs += full
         stats.image_tokens, stats.text_tokens = tokens, text
         if plan.mode is StepMode.PRUNED:
-            stats.pruned_steps += 1
             stats.kept_tokens = plan.num_kept
             stats.macs += plan.rows * self._step_macs(plan.num_kept, tokens, text, pruned=True)
         else:
             stats.macs += full
+        if not self.first_pass:
+            return
+        stats.steps += 1
+        stats.pruned_steps += plan.mode is StepMode.PRUNED
         self.step += 1
         if self._observers:
             self._notify(plan)
@@ -518,12 +592,13 @@ class PruningState:
             assert self.last_output is not None
             index = self.indices[..., None].expand(-1, -1, tokens.shape[-1])  # (B, K, p*p*C)
             tokens = self.last_output.scatter(1, index, tokens.to(self.last_output.dtype))  # (B, N, p*p*C)
-        start = self.config.start_step
-        if self.config.prune and self.step == start - 2:
+        start, step = self.config.start_step, self.plan.step
+        if self.config.prune and step == start - 2 and self.first_pass:
             self.selector.set_reference(self._prompt_rows(tokens))
-        if self.config.prune and self.step >= start - 1:
-            self.last_output = tokens
-        self._step_output = tokens
+        if self.config.prune and step >= start - 1:
+            self.outputs[self.pass_key] = tokens
+        if self.first_pass:
+            self._step_output = tokens
         return tokens
 
 
@@ -555,11 +630,29 @@ def attach(model: torch.nn.Module, adapter: ModelFacts, config: CATPruningConfig
         model.register_forward_hook(lambda module, args, output: state.end_step()),
         embedder.register_forward_hook(lambda module, args, output: state.gather(output)),
         projection.register_forward_hook(lambda module, args, output: state.scatter_output(output)),
+        *adapter.hooks(model, state),
     ]
     for processor in state.processors:
         processor.attention.set_processor(processor)
+    if hasattr(model, "cache_context"):
+        model.cache_context = _named_contexts(model.cache_context, state)
     model._catprune_state = state
     return state
+
+
+def _named_contexts(cache_context: Callable[..., Any], state: PruningState) -> Callable[..., Any]:
+    """diffusers' ``model.cache_context(name)``, also telling ``state`` which pass the calls under it are."""
+
+    @contextlib.contextmanager
+    def named_context(name: str, **kwargs: Any) -> Iterator[None]:
+        outer, state.context = state.context, name
+        try:
+            with cache_context(name, **kwargs):
+                yield
+        finally:
+            state.context = outer
+
+    return named_context
 
 
 def detach(model: torch.nn.Module) -> None:
@@ -572,4 +665,6 @@ def detach(model: torch.nn.Module) -> None:
         processor.release()
     for handle in state.hook_handles:
         handle.remove()
+    if "cache_context" in vars(model):
+        del model.cache_context
     del model._catprune_state

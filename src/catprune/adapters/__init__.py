@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import REQUIRED_ATTRIBUTES, ModelAdapter, PublicModel, TensorFactory
+from .flux import FluxAdapter
 from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
 
@@ -29,7 +30,7 @@ def register_adapter(adapter_class: type[ModelAdapter]) -> ModelAdapter:
     return adapter
 
 
-for _adapter_class in (SD3Adapter, PixArtAdapter):
+for _adapter_class in (SD3Adapter, PixArtAdapter, FluxAdapter):
     register_adapter(_adapter_class)
 
 
@@ -55,6 +56,7 @@ def adapter_for_class_name(class_name: str) -> ModelAdapter:
 
 __all__ = [
     "ADAPTERS",
+    "FluxAdapter",
     "ModelAdapter",
     "PixArtAdapter",
     "PublicModel",

@@ -1,10 +1,10 @@
-"""Caching processors for diffusers' ``Attention`` layers, shared by the adapters whose models use them.
+"""Caching processors for diffusers' attention layers, shared by the adapters whose models use them.
 
 :class:`CachedSelfAttentionProcessor` is image self-attention over all image tokens (PixArt's ``attn1``,
-SD3.5's image-only ``attn2``); an adapter whose attention also mixes in other tokens (SD3's joint
-attention) subclasses it and says how (:meth:`CachedSelfAttentionProcessor.extra_projections`,
-:meth:`CachedSelfAttentionProcessor.finish`). Tensors are (B, n, heads, head_dim) with tokens second,
-as in the caches.
+SD3.5's image-only ``attn2``); :class:`JointAttentionProcessor` adds the text tokens that every step
+recomputes (the joint attention of SD3's blocks and Flux's double-stream blocks). Where the model passes
+a rotary embedding (Flux) it is applied to queries and keys before K/V are cached: positions do not move.
+Tensors are (B, n, heads, head_dim) with tokens second, as in the caches.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..pruning import CachingProcessor, StepMode
+from .base import linear_macs
 
 Projections = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """(query, key, value), each (B, n, heads, head_dim)."""
@@ -37,20 +38,50 @@ def attend(
 
 
 def project_out(attn: Any, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """The output projection of diffusers' ``Attention`` (with its optional residual and rescaling)."""
+    """The output projection of diffusers' attention layers (with ``Attention``'s optional residual and
+    rescaling; ``FluxAttention`` has neither)."""
     out = attn.to_out[1](attn.to_out[0](out))
-    if attn.residual_connection:
+    if getattr(attn, "residual_connection", False):
         out = out + residual
-    return out / attn.rescale_output_factor
+    return out / getattr(attn, "rescale_output_factor", 1.0)
+
+
+Rotary = tuple[torch.Tensor, torch.Tensor]
+"""(cos, sin) of a rotary embedding: (S, d) for every row alike, or (B, S, d) per row (a pruned step's
+selected tokens, see ``catprune.adapters.flux``)."""
+
+
+def rotate(tensor: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """Rotary position embedding of (B, S, heads, d) queries or keys, channel pairs interleaved as
+    diffusers' ``apply_rotary_emb(..., use_real=True, sequence_dim=1)`` rotates them, in float32."""
+    cos, sin = (part[None] if part.ndim == 2 else part for part in rotary)  # (B or 1, S, d)
+    cos, sin = cos[:, :, None], sin[:, :, None]  # (B or 1, S, 1, d)
+    real, imaginary = tensor.unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, h, d/2) each
+    rotated = torch.stack([-imaginary, real], dim=-1).flatten(3)  # (B, S, h, d)
+    return (tensor.float() * cos + rotated.float() * sin).to(tensor.dtype)
+
+
+def split_rotary(rotary: Rotary | None, leading: int) -> tuple[Rotary | None, Rotary | None]:
+    """A rotary embedding over [``leading`` tokens, the rest] cut into the two parts (None stays None)."""
+    if rotary is None:
+        return None, None
+    cos, sin = rotary
+    return (cos[..., :leading, :], sin[..., :leading, :]), (cos[..., leading:, :], sin[..., leading:, :])
 
 
 IMAGE_PROJECTIONS = ("to_q", "to_k", "to_v", "norm_q", "norm_k")
 """Names of the layers that project the image tokens in diffusers' ``Attention``: Q, K, V, Q norm, K norm."""
 
 
-def projections(attn: Any, tokens: Tensor, names: tuple[str, str, str, str, str]) -> Projections:
+TEXT_PROJECTIONS = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")
+"""The layers of a joint attention (SD3, Flux) that project the text tokens: Q, K, V, Q norm, K norm."""
+
+
+def projections(
+    attn: Any, tokens: Tensor, names: tuple[str, str, str, str, str], rotary: Rotary | None = None
+) -> Projections:
     """Q, K, V of ``tokens`` (B, n, D) through the layers named ``names`` (see :data:`IMAGE_PROJECTIONS`),
-    q/k-normalised as the layer does."""
+    q/k-normalised as the layer does, then q/k rotated by ``rotary`` (n rows) if given."""
     to_q, to_k, to_v, norm_q, norm_k = (getattr(attn, name) for name in names)
     query = split_heads(to_q(tokens), attn.heads)  # (B, n, h, d)
     key = split_heads(to_k(tokens), attn.heads)  # (B, n, h, d)
@@ -59,6 +90,8 @@ def projections(attn: Any, tokens: Tensor, names: tuple[str, str, str, str, str]
         query = norm_q(query)
     if norm_k is not None:
         key = norm_k(key)
+    if rotary is not None:
+        query, key = rotate(query, rotary), rotate(key, rotary)
     return query, key, value
 
 
@@ -76,8 +109,8 @@ class CachedSelfAttentionProcessor(CachingProcessor):
 
     capture_attention = False
 
-    def __init__(self, attention: torch.nn.Module, state: Any) -> None:
-        super().__init__(attention, state)
+    def __init__(self, attention: torch.nn.Module, state: Any, extra_first: bool = False) -> None:
+        super().__init__(attention, state, extra_first)
         self.query: torch.Tensor | None = None
         """(B, N, h, d) image queries of every token, kept only when capturing attention."""
 
@@ -89,20 +122,32 @@ class CachedSelfAttentionProcessor(CachingProcessor):
         query = 0 if self.query is None else self.query.numel() * self.query.element_size()
         return super().cache_bytes() + query
 
-    def extra_projections(self, attn: Any, context: Tensor | None) -> Projections | None:
+    def extra_projections(
+        self, attn: Any, context: Tensor | None, rotary: Rotary | None
+    ) -> Projections | None:
         """Q, K, V of tokens that every step recomputes in full and that join the attention after the
-        image tokens (none for plain self-attention)."""
+        image tokens (none for plain self-attention); ``rotary`` has their rows."""
         return None
 
     def finish(self, attn: Any, image_out: Tensor, extra_out: Tensor | None) -> Any:
         """What the layer returns, from the projected image output and the extra tokens' attention output."""
         return image_out
 
-    def attend(self, attn: Any, hidden_states: Tensor, context: Tensor | None, mask: Tensor | None) -> Any:
-        if mask is not None:
+    def attend(
+        self,
+        attn: Any,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        image_rotary_emb: Rotary | None = None,
+    ) -> Any:
+        if attention_mask is not None:
             raise NotImplementedError("CAT pruning does not support masked image self-attention")
-        query, key, value = projections(attn, hidden_states, IMAGE_PROJECTIONS)  # (B, n, h, d), n = N or K
-        extra = self.extra_projections(attn, context)  # (B, T, h, d) each, or None
+        context = encoder_hidden_states
+        # A rotary embedding's rows: [text, image] (Flux's order); at a pruned step the selected image rows.
+        text_rotary, image_rotary = split_rotary(image_rotary_emb, 0 if context is None else context.shape[1])
+        query, key, value = projections(attn, hidden_states, IMAGE_PROJECTIONS, image_rotary)  # (B, n, h, d)
+        extra = self.extra_projections(attn, context, text_rotary)  # (B, T, h, d) each, or None
         num_image, num_queries = self.state.num_tokens, hidden_states.shape[1]
         if self.state.mode is StepMode.FILL:
             self.cache.fill(key, value, extra=0 if extra is None else extra[1].shape[1])
@@ -110,26 +155,41 @@ class CachedSelfAttentionProcessor(CachingProcessor):
             self.cache.update(self.state.indices, key, value, num_image)
         if extra is not None:
             self.cache.write_extra(extra[1], extra[2], num_image)
-            query = torch.cat([query, extra[0]], dim=1)  # (B, n + T, h, d)
         if self.capture_attention:
-            self._capture_attention(attn, query, num_queries)
-        out = attend(query, self.cache.key, self.cache.value)  # (B, n + T, h * d)
-        image_out = project_out(attn, out[:, :num_queries], hidden_states)
-        return self.finish(attn, image_out, None if extra is None else out[:, num_queries:])
+            self._capture_attention(attn, query, None if extra is None else extra[0])
+        if extra is None:
+            out = attend(query, self.cache.key, self.cache.value)  # (B, n, h * d)
+            return self.finish(attn, project_out(attn, out, hidden_states), None)
+        num_extra = extra[0].shape[1]
+        if self.extra_first:
+            out = attend(
+                torch.cat([extra[0], query], dim=1), self.cache.key, self.cache.value
+            )  # (B, T+n, h*d)
+            image_out, extra_out = out[:, num_extra:], out[:, :num_extra]
+        else:
+            out = attend(
+                torch.cat([query, extra[0]], dim=1), self.cache.key, self.cache.value
+            )  # (B, n+T, h*d)
+            image_out, extra_out = out[:, :num_queries], out[:, num_queries:]
+        return self.finish(attn, project_out(attn, image_out, hidden_states), extra_out)
 
-    def _capture_attention(self, attn: Any, query: torch.Tensor, num_queries: int) -> None:
-        """Update the image query cache from ``query`` ([recomputed image tokens, extra tokens]) and store
-        the head-averaged attention probabilities of the prompt rows over all tokens (image first); the
-        extra Q K^T product is added to the generation's MACs."""
-        image_query = query[:, :num_queries]
+    def _capture_attention(self, attn: Any, image_query: Tensor, extra_query: Tensor | None) -> None:
+        """Update the image query cache from ``image_query`` (the recomputed image tokens) and store the
+        head-averaged attention probabilities of the prompt rows over all tokens (image first, then the
+        extra tokens); the extra Q K^T product is added to the generation's MACs."""
         if self.state.mode is StepMode.FILL:
             self.query = image_query.clone()
         else:
             index = self.state.indices[:, :, None, None].expand_as(image_query)
             self.query.scatter_(1, index, image_query)
-        queries = torch.cat([self.query, query[:, num_queries:]], dim=1)  # (B, M, h, d)
+        extra_queries = () if extra_query is None else (extra_query,)
+        queries = torch.cat([self.query, *extra_queries], dim=1)  # (B, M, h, d)
+        cache, num_image = self.cache, self.state.num_tokens
+        keys = torch.cat(
+            [cache.image_rows(cache.key, num_image), cache.extra_rows(cache.key, num_image)], dim=1
+        )
         state = self.state
-        queries, keys = state.prompt_half(queries).float(), state.prompt_half(self.cache.key).float()
+        queries, keys = state.prompt_half(queries).float(), state.prompt_half(keys).float()
         heads = queries.shape[2]
         attention = sum(
             torch.softmax(attn.scale * queries[:, :, h] @ keys[:, :, h].transpose(1, 2), dim=-1)
@@ -138,3 +198,34 @@ class CachedSelfAttentionProcessor(CachingProcessor):
         state.attention_map = attention / heads
         rows, length = queries.shape[:2]
         state.stats.macs += rows * length * length * heads * queries.shape[3]
+
+
+class JointAttentionProcessor(CachedSelfAttentionProcessor):
+    """Joint attention of image and text tokens (SD3's blocks, Flux's double-stream blocks): the text
+    tokens' Q, K, V (``add_*_proj``) join the image tokens' every step, and their output goes through
+    ``to_add_out`` unless the block is ``context_pre_only``."""
+
+    def extra_projections(
+        self, attn: Any, context: Tensor | None, rotary: Rotary | None
+    ) -> Projections | None:
+        if context is None:
+            return None
+        return projections(attn, context, TEXT_PROJECTIONS, rotary)  # (B, T, h, d) each
+
+    def finish(self, attn: Any, image_out: Tensor, extra_out: Tensor | None) -> Any:
+        if extra_out is None:
+            return image_out
+        if not attn.context_pre_only:
+            extra_out = attn.to_add_out(extra_out)
+        return image_out, extra_out
+
+
+def joint_block_macs(block: torch.nn.Module, image_queries: int, image_tokens: int, text_tokens: int) -> int:
+    """MACs per sample of a block with a joint attention (``attn``) and separate MLPs for image and text
+    tokens (``ff``, ``ff_context``): SD3's blocks, Flux's double-stream blocks."""
+    attn = block.attn
+    image = linear_macs(attn.to_q, attn.to_k, attn.to_v, attn.to_out, block.ff)
+    text = linear_macs(attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.to_add_out, block.ff_context)
+    # QK^T and AV: queries x keys x width, twice.
+    joint = 2 * (image_queries + text_tokens) * (image_tokens + text_tokens) * attn.inner_dim
+    return image_queries * image + text_tokens * text + joint

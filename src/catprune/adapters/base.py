@@ -26,6 +26,7 @@ REQUIRED_ATTRIBUTES = (
     "embedder",
     "output_projection",
     "token_arguments",
+    "cfg_batch",
     "text_embedder",
     "blocks",
     "scheduler_class",
@@ -60,6 +61,8 @@ class PublicModel:
 
     config: Mapping[str, Any]
     text_tokens: int
+    default_steps: int | None = None
+    """Steps its pipeline runs by default, where they differ from the family's (FLUX.1-schnell's 4)."""
 
 
 def linear_macs(*modules: nn.Module | None) -> int:
@@ -91,10 +94,13 @@ class ModelAdapter(ABC):
     token_arguments: ClassVar[tuple[str, ...]]
     """Call arguments holding sequences of per-image-token tensors (B, N, D) that the blocks add to the image
     tokens (ControlNet residuals): gathered at the selected tokens at a pruned step."""
+    cfg_batch: ClassVar[int]
+    """Rows per prompt in a call of the family's pipelines under guidance: 2 where classifier-free guidance
+    is one batch ``[uncond..., cond...]`` (SD3, PixArt), 1 for guidance-distilled models (Flux)."""
     text_embedder: ClassVar[str]
     """Submodule that projects the text embeddings (run on every step, for every text token)."""
-    blocks: ClassVar[str]
-    """The ``nn.ModuleList`` of transformer blocks."""
+    blocks: ClassVar[tuple[str, ...]]
+    """The ``nn.ModuleList`` s of transformer blocks, in the order they run."""
 
     scheduler_class: ClassVar[type[SchedulerMixin]]
     scheduler_config: ClassVar[Mapping[str, Any]]
@@ -106,6 +112,8 @@ class ModelAdapter(ABC):
     """Text tokens by pipeline class name, for a local pipeline folder whose ``model_index.json`` names it."""
     public_models: ClassVar[Mapping[str, PublicModel]]
     """Named public architectures (``catprune macs --model NAME``)."""
+    depth_keys: ClassVar[tuple[str, ...]] = ("num_layers",)
+    """Config keys that count blocks: ``Architecture.with_layers`` sets each (Flux has two kinds)."""
 
     # --- the mechanism's questions
 
@@ -136,6 +144,10 @@ class ModelAdapter(ABC):
     @abstractmethod
     def attention_processors(self, model: nn.Module, state: PruningState) -> Iterator[CachingProcessor]:
         """One caching processor per attention layer that pruning replaces."""
+
+    def hooks(self, model: nn.Module, state: PruningState) -> list[Any]:
+        """Module hooks the model needs besides the gather and scatter (their handles); none by default."""
+        return []
 
     def processors(self, model: nn.Module, state: PruningState) -> list[CachingProcessor]:
         """:meth:`attention_processors`, with the attention map captured in the middle self-attention
@@ -171,8 +183,9 @@ class ModelAdapter(ABC):
         total = image_tokens * self.embedder_macs(model)
         total += image_queries * linear_macs(model.get_submodule(self.output_projection))
         total += text_tokens * linear_macs(model.get_submodule(self.text_embedder))
-        for block in model.get_submodule(self.blocks):
-            total += self.block_macs(block, image_queries, image_tokens, text_tokens, pruned)
+        for blocks in self.blocks:
+            for block in model.get_submodule(blocks):
+                total += self.block_macs(block, image_queries, image_tokens, text_tokens, pruned)
         return total
 
     # --- the pipeline around the transformer (measurement without a pipeline)

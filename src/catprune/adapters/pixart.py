@@ -54,7 +54,14 @@ class ReusedTextAttentionProcessor(CachingProcessor):
     def reset(self) -> None:
         self.release()
 
-    def attend(self, attn: Any, hidden_states: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+    def attend(
+        self,
+        attn: Any,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        context, mask = encoder_hidden_states, attention_mask
         batch, heads = hidden_states.shape[0], attn.heads
         if self.cache.empty:
             key = split_heads(attn.to_k(context), heads)  # (B, T, h, d)
@@ -77,8 +84,9 @@ class PixArtAdapter(PatchedLatentAdapter):
     embedder = "pos_embed"
     output_projection = "proj_out"
     token_arguments = ()
+    cfg_batch = 2
     text_embedder = "caption_projection"
-    blocks = "transformer_blocks"
+    blocks = ("transformer_blocks",)
 
     scheduler_class = DPMSolverMultistepScheduler
     scheduler_config: ClassVar[Mapping[str, Any]] = {}

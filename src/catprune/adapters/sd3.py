@@ -11,10 +11,10 @@ from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from torch import Tensor, nn
+from torch import nn
 
 from ..pruning import PruningState
-from .attention import CachedSelfAttentionProcessor, Projections, projections
+from .attention import CachedSelfAttentionProcessor, JointAttentionProcessor, joint_block_macs
 from .base import PatchedLatentAdapter, PublicModel, TensorFactory, linear_macs
 
 TEXT_TOKENS = 333
@@ -53,35 +53,15 @@ MINIATURE = PublicModel(
 """SD3's structure at width 256 (4 heads x 64) with 4 blocks, fed as many text tokens as SD3: a CPU demo."""
 
 
-TEXT_PROJECTIONS = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")
-"""The layers of SD3's joint attention that project the text tokens: Q, K, V, Q norm, K norm."""
-
-
-class JointAttentionProcessor(CachedSelfAttentionProcessor):
-    """SD3's joint attention: the text tokens' Q, K, V (``add_*_proj``) join the image tokens' every step,
-    and their output goes through ``to_add_out`` unless the block is ``context_pre_only``."""
-
-    def extra_projections(self, attn: Any, context: Tensor | None) -> Projections | None:
-        if context is None:
-            return None
-        return projections(attn, context, TEXT_PROJECTIONS)  # (B, T, h, d) each
-
-    def finish(self, attn: Any, image_out: Tensor, extra_out: Tensor | None) -> Any:
-        if extra_out is None:
-            return image_out
-        if not attn.context_pre_only:
-            extra_out = attn.to_add_out(extra_out)
-        return image_out, extra_out
-
-
 class SD3Adapter(PatchedLatentAdapter):
     family = "sd3"
     model_class = SD3Transformer2DModel
     embedder = "pos_embed"
     output_projection = "proj_out"
     token_arguments = ("block_controlnet_hidden_states",)
+    cfg_batch = 2
     text_embedder = "context_embedder"
-    blocks = "transformer_blocks"
+    blocks = ("transformer_blocks",)
 
     scheduler_class = FlowMatchEulerDiscreteScheduler
     scheduler_config: ClassVar[Mapping[str, Any]] = {"shift": 3.0}
@@ -133,15 +113,12 @@ class SD3Adapter(PatchedLatentAdapter):
     def block_macs(
         self, block: nn.Module, image_queries: int, image_tokens: int, text_tokens: int, pruned: bool
     ) -> int:
-        attn = block.attn
-        image = linear_macs(attn.to_q, attn.to_k, attn.to_v, attn.to_out, block.ff, block.attn2)
-        text = linear_macs(
-            attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.to_add_out, block.ff_context
-        )
-        # QK^T and AV: queries x keys x width, twice; SD3.5's image-only attention likewise.
-        joint = 2 * (image_queries + text_tokens) * (image_tokens + text_tokens) * attn.inner_dim
-        dual = 2 * image_queries * image_tokens * block.attn2.inner_dim if block.attn2 is not None else 0
-        return image_queries * image + text_tokens * text + joint + dual
+        joint = joint_block_macs(block, image_queries, image_tokens, text_tokens)
+        if block.attn2 is None:
+            return joint
+        # SD3.5's image-only attention: its projections, then QK^T and AV over the image tokens.
+        attn2 = block.attn2
+        return joint + image_queries * (linear_macs(attn2) + 2 * image_tokens * attn2.inner_dim)
 
     def conditioning(
         self, model: nn.Module, rows: int, text_tokens: int, resolution: int, make: TensorFactory

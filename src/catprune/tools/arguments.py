@@ -52,3 +52,10 @@ def add_pruning_arguments(
             default=keep_ratio,
             help=f"alpha, the share of image tokens recomputed at each pruned step (default: {keep_ratio})",
         )
+
+
+def guidance_label(cfg: bool, cfg_batch: int) -> str:
+    """How guidance reaches the transformer, in words (``cfg_batch``: rows per prompt under guidance)."""
+    if not cfg:
+        return "no CFG"
+    return "CFG" if cfg_batch == 2 else "guidance-distilled: guidance is an input"

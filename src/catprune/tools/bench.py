@@ -19,7 +19,7 @@ from ..integration import apply_cat_pruning
 from ..measure import SelectionTimer, denoise, shared_weight_copy, timed
 from ..pruning import PruningState
 from ..runtime import DTYPES, format_count, resolve_device, resolve_dtype
-from .arguments import add_command, add_pruning_arguments
+from .arguments import add_command, add_pruning_arguments, guidance_label
 
 TIMED_PART = (
     "denoising loop only (transformer + scheduler); text encoding and VAE excluded: random prompt embeddings"
@@ -122,8 +122,9 @@ def run(args: argparse.Namespace) -> int:
     steps = args.steps or architecture.default_steps
     cfg = not args.no_cfg
     rows = args.batch * (architecture.cfg_batch if cfg else 1)
+    paired = rows == 2 * args.batch  # [uncond..., cond...] rows, one selection per prompt
     config = CATPruningConfig(
-        keep_ratio=args.keep_ratio, start_step=args.start_step, row_pairing="cfg" if cfg else "none"
+        keep_ratio=args.keep_ratio, start_step=args.start_step, row_pairing="cfg" if paired else "none"
     )
 
     if args.random_weights:
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
     def generate(model: torch.nn.Module) -> torch.Tensor:
         if model is cat_model:
-            state.begin_generation(cfg)
+            state.begin_generation(paired)
             selection.clear()
         return denoise(model, architecture, latents, conditioning, steps, cfg)
 
@@ -193,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _lines(summary: dict[str, Any]) -> list[str]:
     full, cat = summary["full_seconds"], summary["cat_seconds"]
-    cfg = f"batch {summary['batch']}, {'CFG' if summary['cfg'] else 'no CFG'} ({summary['rows']} rows)"
+    guidance = guidance_label(summary["cfg"], summary["rows"] // summary["batch"] if summary["cfg"] else 1)
+    cfg = f"batch {summary['batch']}, {guidance} ({summary['rows']} rows)"
     lines = [
         f"{summary['model']}, {summary['weights']} weights, {summary['device']} {summary['dtype']}, "
         f"{summary['resolution']}x{summary['resolution']} ({summary['image_tokens']} image tokens, "

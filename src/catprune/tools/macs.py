@@ -10,7 +10,7 @@ from ..architectures import ARCHITECTURES, resolve_architecture
 from ..config import CATPruningConfig
 from ..measure import MacsReport, SelectionCost, StepMacs, count_macs, count_selection
 from ..runtime import format_count
-from .arguments import add_command, add_pruning_arguments
+from .arguments import add_command, add_pruning_arguments, guidance_label
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model", required=True, help=f"one of {', '.join(ARCHITECTURES)}, or a local folder"
     )
-    add_pruning_arguments(parser)
+    add_pruning_arguments(parser, steps=None)
     parser.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
     parser.add_argument("--batch", type=int, default=1, help="prompts per call (default: 1)")
     parser.add_argument(
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     report = count_macs(
         architecture,
         resolution=args.resolution,
-        steps=args.steps,
+        steps=args.steps or architecture.default_steps,
         keep_ratio=args.keep_ratio,
         start_step=args.start_step,
         batch=args.batch,
@@ -104,7 +104,7 @@ def _step_line(name: str, step: StepMacs, analytic: int | None = None) -> str:
 
 def report_lines(report: MacsReport, fields: dict[str, Any]) -> list[str]:
     architecture, kinds, paper = report.architecture, fields["steps_by_kind"], fields["paper"]
-    cfg = "CFG" if report.cfg else "no CFG"
+    cfg = guidance_label(report.cfg, architecture.cfg_batch)
     paper_ratio = f"   (paper {paper['ratio']:.3f})" if paper else ""
     bare = fields["without_attention"]
     bare_line = (

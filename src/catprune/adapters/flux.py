@@ -1,0 +1,220 @@
+"""FLUX.1 (dev, schnell): ``FluxTransformer2DModel``.
+
+Flux takes packed latents (B, N, 64): 2x2 patches of 16 VAE channels, N = (H/16)(W/16) in raster order,
+their grid described by the image ids. 19 double-stream blocks (a joint attention as in SD3, with separate
+weights for text and image tokens) are followed by 38 single-stream blocks (text and image tokens in one
+sequence through shared weights). At a pruned step the selected image tokens and all text tokens run
+through both kinds; every attention reads the cached K/V of all image tokens, cached after q/k norm and
+rotary embedding (positions do not move). Each prompt selects its own tokens, so the rotary embedding is
+gathered per row, once per step, by a hook on ``pos_embed``. The pipelines are guidance-distilled (one row
+per prompt); true CFG is a second call per step, under its own cache context (see ``catprune.pruning``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+from torch import Tensor, nn
+
+from ..pruning import CachingProcessor, PruningState, StepMode
+from .attention import (
+    IMAGE_PROJECTIONS,
+    JointAttentionProcessor,
+    Rotary,
+    attend,
+    joint_block_macs,
+    projections,
+)
+from .base import ModelAdapter, PublicModel, TensorFactory, linear_macs
+
+VAE_SCALE_FACTOR = 8
+PACKING = 2
+"""The pipeline packs 2x2 latent pixels into one token: a token covers 16x16 image pixels."""
+
+_FLUX_DEV = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+"""``black-forest-labs/FLUX.1-dev``, ``transformer/config.json``."""
+
+
+class SingleStreamAttentionProcessor(CachingProcessor):
+    """The attention of a single-stream block: its input is [text T, image n] through one set of
+    projections (the caches keep that order: ``extra_first``), and it has no output projection (the
+    block's ``proj_out`` mixes it with the MLP)."""
+
+    def attend(
+        self,
+        attn: Any,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        image_rotary_emb: Rotary | None = None,
+    ) -> Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise NotImplementedError("CAT pruning: a single-stream attention with a context or a mask")
+        text, num_image = self.state.plan.text_tokens, self.state.num_tokens
+        query, key, value = projections(
+            attn, hidden_states, IMAGE_PROJECTIONS, image_rotary_emb
+        )  # (B, T+n, h, d)
+        image_key, image_value = key[:, text:], value[:, text:]  # (B, n, h, d)
+        if self.state.mode is StepMode.FILL:
+            self.cache.fill(image_key, image_value, extra=text)
+        else:
+            self.cache.update(self.state.indices, image_key, image_value, num_image)
+        self.cache.write_extra(key[:, :text], value[:, :text], num_image)
+        return attend(query, self.cache.key, self.cache.value)  # (B, T+n, h*d)
+
+
+def gather_rows(rotary_part: Tensor, text: int, indices: Tensor) -> Tensor:
+    """One part of a rotary embedding over [text, all image tokens] (T+N, d) -> per row over [text, the
+    row's selected image tokens] (B, T+K, d)."""
+    text_rows = rotary_part[:text].expand(indices.shape[0], -1, -1)  # (B, T, d)
+    image_rows = rotary_part[text:][indices]  # (B, K, d)
+    return torch.cat([text_rows, image_rows], dim=1)  # (B, T+K, d)
+
+
+class FluxAdapter(ModelAdapter):
+    family = "flux"
+    model_class = FluxTransformer2DModel
+    embedder = "x_embedder"
+    output_projection = "proj_out"
+    token_arguments = ("controlnet_block_samples", "controlnet_single_block_samples")
+    cfg_batch = 1
+    text_embedder = "context_embedder"
+    blocks = ("transformer_blocks", "single_transformer_blocks")
+    depth_keys = ("num_layers", "num_single_layers")
+
+    scheduler_class = FlowMatchEulerDiscreteScheduler
+    scheduler_config: ClassVar[Mapping[str, Any]] = {"shift": 3.0}
+    """The pipelines shift the schedule by resolution (``use_dynamic_shifting``); measurement uses a fixed
+    shift, which moves the timesteps but not the cost."""
+    default_steps = 28
+    guidance_scale = 3.5
+    """FLUX.1-dev's distilled guidance, an input of the transformer (not a second batch)."""
+    default_text_tokens = 512
+    """``FluxPipeline``: max_sequence_length=512 T5 tokens (CLIP gives only the pooled embedding)."""
+    text_tokens_by_pipeline: ClassVar[Mapping[str, int]] = {
+        "FluxPipeline": 512,
+        "FluxImg2ImgPipeline": 512,
+        "FluxInpaintPipeline": 512,
+        "FluxControlNetPipeline": 512,
+    }
+    public_models: ClassVar[Mapping[str, PublicModel]] = {
+        "flux-dev": PublicModel(_FLUX_DEV, 512),
+        "flux-schnell": PublicModel({**_FLUX_DEV, "guidance_embeds": False}, 256, default_steps=4),
+    }
+
+    def __init__(self) -> None:
+        self._grid: tuple[Tensor, tuple[int, int]] | None = None
+        """The latest image ids read and their grid: a pipeline passes the same ids at every step."""
+
+    def token_grid(self, model: nn.Module, arguments: dict[str, Any]) -> tuple[int, int]:
+        """From the image ids (read once per ids tensor: one host read per generation); a square grid for
+        ids on ``meta`` (shapes only: MAC counting)."""
+        tokens = arguments["hidden_states"].shape[1]
+        ids = arguments["img_ids"]
+        ids = ids[0] if ids.ndim == 3 else ids  # (N, 3): (0, row, column) in raster order
+        if ids.device.type == "meta":
+            side = math.isqrt(tokens)
+            return side, tokens // side
+        if self._grid is None or self._grid[0] is not ids:
+            first, last = ids[[0, -1], 1:].tolist()
+            self._grid = ids, (int(last[0] - first[0]) + 1, int(last[1] - first[1]) + 1)
+        height, width = self._grid[1]
+        if height * width != tokens:
+            raise ValueError(
+                f"CAT pruning: the Flux transformer got {tokens} image tokens, but their ids end at a "
+                f"{height}x{width} grid: the sequence holds tokens beyond the generated image's grid (a "
+                "reference image's, as FluxKontextPipeline appends), and pruning would treat them as part of "
+                "the image. Generate with this pipeline without CAT pruning (remove_cat_pruning(pipe))."
+            )
+        return height, width
+
+    def noise_channels(self, model: nn.Module) -> int:
+        return model.out_channels
+
+    def noise_prediction(self, model: nn.Module, output: Tensor) -> Tensor:
+        """Packed (B, N, C) output: every channel is the noise prediction."""
+        return output
+
+    def text_tokens(self, arguments: dict[str, Any]) -> int:
+        return arguments["encoder_hidden_states"].shape[1]
+
+    def attention_processors(self, model: nn.Module, state: PruningState) -> Iterator[CachingProcessor]:
+        for block in model.transformer_blocks:
+            yield JointAttentionProcessor(block.attn, state, extra_first=True)
+        for block in model.single_transformer_blocks:
+            yield SingleStreamAttentionProcessor(block.attn, state, extra_first=True)
+
+    def hooks(self, model: nn.Module, state: PruningState) -> list[Any]:
+        """At a pruned step, the rotary embedding (cos, sin), each (T+N, d), becomes each row's over its
+        text and selected image tokens (B, T+K, d)."""
+
+        def gather_rotary(module: nn.Module, args: Any, output: Rotary) -> Rotary:
+            if state.mode is not StepMode.PRUNED:
+                return output
+            cos, sin = output
+            text = state.plan.text_tokens
+            return gather_rows(cos, text, state.indices), gather_rows(sin, text, state.indices)
+
+        return [model.pos_embed.register_forward_hook(gather_rotary)]
+
+    # --- cost
+
+    def embedder_macs(self, model: nn.Module) -> int:
+        return linear_macs(model.get_submodule(self.embedder))
+
+    def block_macs(
+        self, block: nn.Module, image_queries: int, image_tokens: int, text_tokens: int, pruned: bool
+    ) -> int:
+        if not isinstance(block, FluxSingleTransformerBlock):
+            return joint_block_macs(block, image_queries, image_tokens, text_tokens)
+        attn = block.attn
+        queries = text_tokens + image_queries
+        per_token = linear_macs(attn.to_q, attn.to_k, attn.to_v, block.proj_mlp, block.proj_out)
+        # QK^T and AV: queries x keys x width, twice.
+        return queries * per_token + 2 * queries * (text_tokens + image_tokens) * attn.inner_dim
+
+    # --- the pipeline around the transformer
+
+    def latent_shape(self, config: Mapping[str, Any], batch: int, resolution: int) -> tuple[int, ...]:
+        height, width = self.image_grid(config, resolution)
+        return batch, height * width, int(config["in_channels"])
+
+    def image_grid(self, config: Mapping[str, Any], resolution: int) -> tuple[int, int]:
+        pixels = VAE_SCALE_FACTOR * PACKING
+        if resolution % pixels:
+            raise ValueError(f"resolution must be a multiple of {pixels}, got {resolution}")
+        return resolution // pixels, resolution // pixels
+
+    def conditioning(
+        self, model: nn.Module, rows: int, text_tokens: int, resolution: int, make: TensorFactory
+    ) -> dict[str, Any]:
+        config = model.config
+        height, width = self.image_grid(config, resolution)
+        image_ids = make.full((height, width, 3), 0.0)  # (h, w, 3): (0, row, column)
+        image_ids[..., 1] += torch.arange(height, device=make.device, dtype=make.dtype)[:, None]
+        image_ids[..., 2] += torch.arange(width, device=make.device, dtype=make.dtype)[None, :]
+        arguments = {
+            "encoder_hidden_states": make.randn(rows, text_tokens, config.joint_attention_dim),
+            "pooled_projections": make.randn(rows, config.pooled_projection_dim),
+            "txt_ids": make.full((text_tokens, 3), 0.0),
+            "img_ids": image_ids.flatten(0, 1),  # (N, 3)
+        }
+        if config.guidance_embeds:
+            arguments["guidance"] = make.full((rows,), self.guidance_scale)
+        return arguments
