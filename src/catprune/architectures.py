@@ -58,7 +58,7 @@ class Architecture:
         return self.adapter.cfg_batch
 
     def with_layers(self, num_layers: int | None) -> Architecture:
-        """The same architecture cut to ``num_layers`` blocks of each kind (width kept); None keeps it whole."""
+        """The same architecture cut to ``num_layers`` blocks of each kind (width kept); None: whole."""
         if num_layers is None:
             return self
         if num_layers < 1:
