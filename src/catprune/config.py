@@ -8,6 +8,7 @@ from typing import Literal
 from .strategies import STRATEGIES
 
 RowPairing = Literal["none", "cfg"]
+Extrapolation = Literal["none", "linear"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,17 @@ class CATPruningConfig:
             from the conditional row. Ignored when applied to a pipeline, which knows when CFG is on.
         prune: False runs every step unpruned while the state still tracks steps and counts MACs: the
             "full model" baseline of measurements (see :meth:`unpruned`).
+
+    Beyond the paper (off by default; ``docs/method.md`` says what they cost and gain):
+        kv_extrapolation: what a pruned step attends over for the image tokens it does not recompute:
+            their cached K/V as last computed (``"none"``: the paper) or extrapolated to the current
+            timestep, first order in the scheduler's time, from the last two times each token was computed
+            (``"linear"``; it keeps the previous K/V beside the cache: twice the cache memory).
+        output_extrapolation: the same for the output of the tokens not recomputed: reused as last
+            computed (``"none"``: the paper) or extrapolated linearly in time (``"linear"``).
+        refresh_steps: steps after ``start_step`` that run in full, refreshing every cache and output
+            (0-based; negative ones count from the end, where the caller says how many steps the generation
+            has: a pipeline does). ``(-1,)``: the last step runs in full.
     """
 
     keep_ratio: float = 0.3
@@ -55,6 +67,9 @@ class CATPruningConfig:
     strategy: str = "cat"
     row_pairing: RowPairing = "none"
     prune: bool = True
+    kv_extrapolation: Extrapolation = "none"
+    output_extrapolation: Extrapolation = "none"
+    refresh_steps: tuple[int, ...] = ()
 
     @classmethod
     def unpruned(cls) -> CATPruningConfig:
@@ -97,6 +112,14 @@ class CATPruningConfig:
         require(
             self.row_pairing in ("none", "cfg"),
             f"row_pairing must be 'none' or 'cfg', got {self.row_pairing!r}",
+        )
+        for name in ("kv_extrapolation", "output_extrapolation"):
+            value = getattr(self, name)
+            require(value in ("none", "linear"), f"{name} must be 'none' or 'linear', got {value!r}")
+        object.__setattr__(self, "refresh_steps", tuple(self.refresh_steps))
+        require(
+            all(isinstance(step, int) and not isinstance(step, bool) for step in self.refresh_steps),
+            f"refresh_steps must be integers, got {self.refresh_steps!r}",
         )
 
     def num_kept(self, num_tokens: int) -> int:

@@ -145,6 +145,57 @@ class ModelFacts(Protocol):
     def hooks(self, model: torch.nn.Module, state: PruningState) -> list[Any]: ...
 
 
+class TokenHistory:
+    """The values of a per-token tensor (B, N, ...) at the last two times each token was computed, for a
+    first-order extrapolation in time of the tokens not recomputed (``kv_extrapolation``,
+    ``output_extrapolation``). The current values live with the caller; this keeps the previous ones and
+    both times, all on the device (no host reads)."""
+
+    def __init__(self) -> None:
+        self.previous: torch.Tensor | None = None
+        """(B, N, ...) each token's values at its computation before the last."""
+        self.last_time: torch.Tensor | None = None
+        """(B, N) float32: when each token was last computed."""
+        self.previous_time: torch.Tensor | None = None
+        """(B, N) float32: when it was computed before that (equal to ``last_time``: no slope yet)."""
+
+    def record_all(self, current: torch.Tensor | None, time: torch.Tensor, computed: torch.Tensor) -> None:
+        """Every token is computed at ``time`` (B,): a fill or refresh step. ``current`` (the values from
+        before, or None at a generation's fill step) becomes the previous values; ``computed`` the shape."""
+        rows, tokens = computed.shape[:2]
+        now = time[:, None].expand(rows, tokens)  # (B, N)
+        if current is None or self.previous is None or self.previous.shape != current.shape:
+            self.previous = computed.detach().clone()
+            self.last_time, self.previous_time = now.clone(), now.clone()
+            return
+        self.previous.copy_(current)
+        self.previous_time.copy_(self.last_time)
+        self.last_time.copy_(now)
+
+    def record(self, current: torch.Tensor, indices: torch.Tensor, time: torch.Tensor) -> None:
+        """Tokens ``indices`` (B, K) are recomputed at ``time`` (B,); call before ``current`` (B, N, ...)
+        is overwritten at them."""
+        index = indices.view(*indices.shape, *(1,) * (current.dim() - 2)).expand(
+            *indices.shape, *current.shape[2:]
+        )  # (B, K, ...)
+        self.previous.scatter_(1, index, current.gather(1, index))
+        self.previous_time.scatter_(1, indices, self.last_time.gather(1, indices))
+        self.last_time.scatter_(1, indices, time[:, None].expand_as(indices).to(self.last_time.dtype))
+
+    def extrapolate(self, current: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        """``current`` (B, N, ...), each token as last computed, moved to ``time`` (B,) along the line
+        through its last two computations; tokens computed at ``time`` and tokens with one computation
+        only are returned as they are."""
+        span = self.last_time - self.previous_time  # (B, N)
+        safe_span = torch.where(span != 0, span, torch.ones_like(span))
+        coefficient = torch.where(span != 0, (time[:, None] - self.last_time) / safe_span, 0.0)  # (B, N)
+        coefficient = coefficient.view(*coefficient.shape, *(1,) * (current.dim() - 2)).to(current.dtype)
+        return current + coefficient * (current - self.previous)  # (B, N, ...)
+
+    def release(self) -> None:
+        self.previous = self.last_time = self.previous_time = None
+
+
 class KVCache:
     """Keys and values of one attention layer for every token, reused by the tokens not recomputed.
 
@@ -152,14 +203,17 @@ class KVCache:
     tokens of a joint attention, rewritten at every step), after the image tokens or, with
     ``extra_first``, before them, in the order the model attends over them (SD3: image first; Flux: text
     first), so that the fill step computes exactly what the model computes. Kept allocated between
-    generations of the same shape, dtype and device.
+    generations of the same shape, dtype and device. With ``extrapolate`` the image tokens' K/V also keep
+    a :class:`TokenHistory`, and :meth:`attention_inputs` moves the ones not recomputed to the current time.
     """
 
-    def __init__(self, extra_first: bool = False) -> None:
+    def __init__(self, extra_first: bool = False, extrapolate: bool = False) -> None:
         self.extra_first = extra_first
         self.key: torch.Tensor | None = None
         self.value: torch.Tensor | None = None
         self.num_extra = 0
+        self.histories = (TokenHistory(), TokenHistory()) if extrapolate else None
+        """Histories of the image tokens' keys and values, with ``extrapolate``."""
 
     def image_rows(self, tensor: torch.Tensor, num_image: int) -> torch.Tensor:
         """The image tokens' rows (B, N, h, d) of a tensor in this layout (a view)."""
@@ -170,8 +224,16 @@ class KVCache:
         """The extra rows (B, T, h, d) of a tensor in this layout (a view)."""
         return tensor[:, : self.num_extra] if self.extra_first else tensor[:, num_image:]
 
-    def fill(self, key: torch.Tensor, value: torch.Tensor, extra: int = 0) -> None:
-        """All N image tokens' K/V (B, N, h, d), at the fill step; ``extra`` rows go with them."""
+    def fill(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        extra: int = 0,
+        time: torch.Tensor | None = None,
+        refresh: bool = False,
+    ) -> None:
+        """All N image tokens' K/V (B, N, h, d) at ``time`` (B,), at the fill step or a ``refresh`` step
+        (which keeps the extrapolation history going); ``extra`` rows go with them."""
         shape = (key.shape[0], key.shape[1] + extra, *key.shape[2:])
         if self.key is None or (self.key.shape, self.key.dtype, self.key.device) != (
             shape,
@@ -180,16 +242,49 @@ class KVCache:
         ):
             self.key = key.new_empty(shape)  # (B, N + extra, h, d)
             self.value = key.new_empty(shape)  # (B, N + extra, h, d)
+            refresh = False
         self.num_extra = extra
         num_image = key.shape[1]
+        if self.histories is not None:
+            assert time is not None
+            pairs = zip(self.histories, (self.key, self.value), (key, value), strict=True)
+            for history, cached, new in pairs:
+                previous = self.image_rows(cached, num_image) if refresh else None
+                history.record_all(previous, time, new)
         self.image_rows(self.key, num_image).copy_(key)
         self.image_rows(self.value, num_image).copy_(value)
 
-    def update(self, indices: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_image: int) -> None:
-        """The recomputed image tokens' K/V (B, K, h, d) written at their positions ``indices`` (B, K)."""
+    def update(
+        self,
+        indices: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        num_image: int,
+        time: torch.Tensor | None = None,
+    ) -> None:
+        """The recomputed image tokens' K/V (B, K, h, d) at ``time`` (B,), written at their positions
+        ``indices`` (B, K)."""
         index = indices[:, :, None, None].expand_as(key)  # (B, K, h, d)
+        if self.histories is not None:
+            assert time is not None
+            for history, cached in zip(self.histories, (self.key, self.value), strict=True):
+                history.record(self.image_rows(cached, num_image), indices, time)
         self.image_rows(self.key, num_image).scatter_(1, index, key)
         self.image_rows(self.value, num_image).scatter_(1, index, value)
+
+    def attention_inputs(self, num_image: int, time: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The K and V to attend over: the cache, with the image tokens extrapolated to ``time`` when the
+        cache keeps histories (new tensors then; the cache itself keeps the computed values)."""
+        if self.histories is None:
+            return self.key, self.value
+        assert time is not None
+        moved = []
+        for history, cached in zip(self.histories, (self.key, self.value), strict=True):
+            tensor = cached.clone()  # (B, N + extra, h, d)
+            image = self.image_rows(tensor, num_image)
+            image.copy_(history.extrapolate(image, time))
+            moved.append(tensor)
+        return moved[0], moved[1]
 
     def write_extra(self, key: torch.Tensor, value: torch.Tensor, num_image: int) -> None:
         """The extra rows (B, T, h, d)."""
@@ -206,9 +301,13 @@ class KVCache:
 
     def release(self) -> None:
         self.key = self.value = None
+        for history in self.histories or ():
+            history.release()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.key, self.value) if t is not None)
+        previous = [history.previous for history in self.histories or ()]
+        tensors = [t for t in (self.key, self.value, *previous) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class CachingProcessor:
@@ -231,8 +330,23 @@ class CachingProcessor:
         """The K/V cache of the current pass."""
         key = self.state.pass_key
         if key not in self.caches:
-            self.caches[key] = KVCache(self.extra_first)
+            extrapolate = self.state.config.kv_extrapolation == "linear"
+            self.caches[key] = KVCache(self.extra_first, extrapolate)
         return self.caches[key]
+
+    def store(self, key: torch.Tensor, value: torch.Tensor, extra: int = 0) -> None:
+        """Image tokens' K/V (B, n, h, d) of the call: all N at a fill or refresh step (``extra`` rows go
+        with them), the selected ones at a pruned step."""
+        state = self.state
+        if state.mode is StepMode.FILL:
+            refresh = state.plan is not None and state.plan.step >= state.config.start_step
+            self.cache.fill(key, value, extra, state.time, refresh)
+        else:
+            self.cache.update(state.indices, key, value, state.num_tokens, state.time)
+
+    def cached(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K and V to attend over (see :meth:`KVCache.attention_inputs`)."""
+        return self.cache.attention_inputs(self.state.num_tokens, self.state.time)
 
     def reset(self) -> None:
         """Forget what belongs to one generation (caches of all image tokens stay allocated for reuse)."""
@@ -346,6 +460,9 @@ class PruningState:
         """Tells at a generation's first step how many steps it will have, where the caller knows (a
         pipeline does): a generation too short to reach ``start_step`` is then warned about, once."""
         self._warned_unpruned = False
+        self._warned_refresh = False
+        self.declared_steps: int | None = None
+        """The number of steps a caller gave :meth:`begin_generation` (used where no pipeline tells)."""
         self.hook_handles: list[Any] = []
         """The module hooks :func:`attach` installed (removed by :func:`detach`)."""
         self.checks: list[Callable[[], None]] = []
@@ -376,6 +493,12 @@ class PruningState:
         steps reuse."""
         self.attention_map: torch.Tensor | None = None
         """(P, M, M) attention probabilities of the latest step, kept only for attention strategies."""
+        self.time: torch.Tensor | None = None
+        """(B,) float32 timestep of the latest call, kept when an extrapolation option needs it."""
+        self.refresh: frozenset[int] = frozenset()
+        """The generation's ``refresh_steps``, counted from its start."""
+        self.output_histories: dict[str | None, TokenHistory] = {}
+        """Per pass, the output tokens' history (``output_extrapolation``)."""
         self._step_output: torch.Tensor | None = None
         self.clock.forget()
         self.selector.reset()
@@ -385,10 +508,12 @@ class PruningState:
 
     # --- the public controls
 
-    def begin_generation(self, cfg: bool | None = None) -> None:
+    def begin_generation(self, cfg: bool | None = None, steps: int | None = None) -> None:
         """Start a new generation explicitly; ``cfg`` says whether the batch is [uncond..., cond...] pairs
-        (None: as ``config.row_pairing`` says). Applied to a pipeline, its scheduler starts generations."""
+        (None: as ``config.row_pairing`` says), ``steps`` how many steps it has (for ``refresh_steps``
+        counted from the end). Applied to a pipeline, its scheduler starts generations and tells both."""
         self.reset()
+        self.declared_steps = steps
         self.clock.begin(cfg)
 
     def release_caches(self) -> None:
@@ -474,6 +599,9 @@ class PruningState:
         if step == 0 and self.first_pass:
             for check in self.checks:
                 check()
+            self._plan_generation(self.expected_steps() if self.expected_steps else self.declared_steps)
+        if self.config.kv_extrapolation == "linear" or self.config.output_extrapolation == "linear":
+            self.time = _row_times(arguments.get("timestep"), rows, arguments["hidden_states"].device)
         mode = self._mode(step)
         self.plan = StepPlan(
             step=step,
@@ -497,26 +625,38 @@ class PruningState:
             if gathered:
                 arguments.update(gathered)
                 return bound.args, bound.kwargs
-        elif step == 0 and self.first_pass and self.expected_steps is not None and not self._warned_unpruned:
-            self._warn_if_never_pruned(self.expected_steps())
         return args, kwargs
 
-    def _warn_if_never_pruned(self, steps: int | None) -> None:
-        if steps is None or not self.config.prune or steps > self.config.start_step:
+    def _plan_generation(self, steps: int | None) -> None:
+        """At a generation's first step: resolve ``refresh_steps`` against its number of steps (if known)
+        and warn, once, about a generation too short to prune."""
+        refresh = {step if step >= 0 else (steps or 0) + step for step in self.config.refresh_steps}
+        if steps is None and any(step < 0 for step in self.config.refresh_steps):
+            refresh = {step for step in self.config.refresh_steps if step >= 0}
+            if not self._warned_refresh:
+                self._warned_refresh = True
+                warnings.warn(
+                    "CAT pruning: refresh_steps counted from the end need the number of steps; apply "
+                    "pruning to a pipeline or call state.begin_generation(steps=...). They are ignored "
+                    "(this is said once)",
+                    stacklevel=3,
+                )
+        self.refresh = frozenset(refresh)
+        if steps is None or self._warned_unpruned or not self.config.prune or steps > self.config.start_step:
             return
         self._warned_unpruned = True
         warnings.warn(
             f"CAT pruning: a generation of {steps} steps never reaches start_step "
             f"{self.config.start_step}, so it runs unpruned (this is said once); lower start_step in "
             "CATPruningConfig to prune short generations",
-            stacklevel=2,
+            stacklevel=3,
         )
 
     def _mode(self, step: int) -> StepMode:
         start = self.config.start_step
         if not self.config.prune or step < start - 1:
             return StepMode.FULL
-        return StepMode.FILL if step == start - 1 else StepMode.PRUNED
+        return StepMode.FILL if step == start - 1 or step in self.refresh else StepMode.PRUNED
 
     def end_step(self) -> None:
         plan = self.plan
@@ -588,18 +728,36 @@ class PruningState:
         """The transformer's output tokens (B, n, p*p*C): unselected tokens reuse the previous step's."""
         if self.plan is None:
             return tokens
-        if self.plan.mode is StepMode.PRUNED:
-            assert self.last_output is not None
+        mode, start, step = self.plan.mode, self.config.start_step, self.plan.step
+        previous = self.last_output
+        history = None
+        if self.config.output_extrapolation == "linear" and mode is not StepMode.FULL:
+            history = self.output_histories.setdefault(self.pass_key, TokenHistory())
+        if mode is StepMode.PRUNED:
+            assert previous is not None
+            if history is not None:
+                history.record(previous, self.indices, self.time)
             index = self.indices[..., None].expand(-1, -1, tokens.shape[-1])  # (B, K, p*p*C)
-            tokens = self.last_output.scatter(1, index, tokens.to(self.last_output.dtype))  # (B, N, p*p*C)
-        start, step = self.config.start_step, self.plan.step
+            tokens = previous.scatter(1, index, tokens.to(previous.dtype))  # (B, N, p*p*C)
+        elif history is not None:  # the fill step or a refresh step: every token computed now
+            history.record_all(previous if step >= start else None, self.time, tokens)
         if self.config.prune and step == start - 2 and self.first_pass:
             self.selector.set_reference(self._prompt_rows(tokens))
         if self.config.prune and step >= start - 1:
             self.outputs[self.pass_key] = tokens
         if self.first_pass:
             self._step_output = tokens
+        if history is not None and mode is StepMode.PRUNED:
+            return history.extrapolate(tokens, self.time)  # (B, N, p*p*C), what the scheduler steps with
         return tokens
+
+
+def _row_times(timestep: Any, rows: int, device: torch.device) -> torch.Tensor:
+    """A call's timestep as (rows,) float32 on the model's device (a device-side cast, no host read)."""
+    if timestep is None:
+        raise ValueError("CAT pruning: extrapolation needs the transformer call's timestep")
+    time = torch.as_tensor(timestep, device=device, dtype=torch.float32).reshape(-1)
+    return time.expand(rows) if time.numel() == 1 else time
 
 
 def _is_cfg_batch(hidden_states: torch.Tensor) -> bool:

@@ -149,27 +149,21 @@ class CachedSelfAttentionProcessor(CachingProcessor):
         query, key, value = projections(attn, hidden_states, IMAGE_PROJECTIONS, image_rotary)  # (B, n, h, d)
         extra = self.extra_projections(attn, context, text_rotary)  # (B, T, h, d) each, or None
         num_image, num_queries = self.state.num_tokens, hidden_states.shape[1]
-        if self.state.mode is StepMode.FILL:
-            self.cache.fill(key, value, extra=0 if extra is None else extra[1].shape[1])
-        else:
-            self.cache.update(self.state.indices, key, value, num_image)
+        self.store(key, value, extra=0 if extra is None else extra[1].shape[1])
         if extra is not None:
             self.cache.write_extra(extra[1], extra[2], num_image)
         if self.capture_attention:
             self._capture_attention(attn, query, None if extra is None else extra[0])
+        keys, values = self.cached()  # (B, N + T, h, d) each, in the cache's order
         if extra is None:
-            out = attend(query, self.cache.key, self.cache.value)  # (B, n, h * d)
+            out = attend(query, keys, values)  # (B, n, h * d)
             return self.finish(attn, project_out(attn, out, hidden_states), None)
+        queries = [extra[0], query] if self.extra_first else [query, extra[0]]
+        out = attend(torch.cat(queries, dim=1), keys, values)  # (B, n + T, h * d), in the cache's order
         num_extra = extra[0].shape[1]
         if self.extra_first:
-            out = attend(
-                torch.cat([extra[0], query], dim=1), self.cache.key, self.cache.value
-            )  # (B, T+n, h*d)
             image_out, extra_out = out[:, num_extra:], out[:, :num_extra]
         else:
-            out = attend(
-                torch.cat([query, extra[0]], dim=1), self.cache.key, self.cache.value
-            )  # (B, n+T, h*d)
             image_out, extra_out = out[:, :num_queries], out[:, num_queries:]
         return self.finish(attn, project_out(attn, image_out, hidden_states), extra_out)
 

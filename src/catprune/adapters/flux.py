@@ -71,12 +71,9 @@ class SingleStreamAttentionProcessor(CachingProcessor):
             attn, hidden_states, IMAGE_PROJECTIONS, image_rotary_emb
         )  # (B, T+n, h, d)
         image_key, image_value = key[:, text:], value[:, text:]  # (B, n, h, d)
-        if self.state.mode is StepMode.FILL:
-            self.cache.fill(image_key, image_value, extra=text)
-        else:
-            self.cache.update(self.state.indices, image_key, image_value, num_image)
+        self.store(image_key, image_value, extra=text)
         self.cache.write_extra(key[:, :text], value[:, :text], num_image)
-        return attend(query, self.cache.key, self.cache.value)  # (B, T+n, h*d)
+        return attend(query, *self.cached())  # (B, T+n, h*d)
 
 
 def gather_rows(rotary_part: Tensor, text: int, indices: Tensor) -> Tensor:
