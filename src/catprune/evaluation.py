@@ -11,6 +11,10 @@ first. Each record also says in which session (one launch of the command, all it
 under which machine load its image was timed, so that a table whose timings mix sessions (a resumed run)
 or come from a busy machine marks its throughput and speed-up instead of presenting them as results.
 ``docs/evaluation.md`` describes the outputs.
+
+What generates is a :class:`Variant` (name, steps, pruning config): ``eval`` makes one per method,
+``catprune frontier`` (:mod:`catprune.frontier`) one per step count and pruned setting, and both run them
+with :func:`open_run` and :func:`run_items` and tabulate them with :func:`summarize` and the column helpers.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ TIMING_RECORD_KEYS = ("seconds", "session", "load", "cpus")
 CPU count (load and cpus None where unknown). Records of older versions have only ``seconds``."""
 UNKNOWN_SESSION = "unknown"
 """The session of records written before records named theirs (all of them count as one session)."""
+REFERENCE = "full"
+"""The row whose image of each prompt is the reference of fidelity and speed-up; it runs first on every
+prompt."""
 
 
 @dataclass(frozen=True)
@@ -223,7 +230,7 @@ def load_clip_scorer(name: str, device: torch.device) -> tuple[ClipScorer | None
 # --- one run: items on disk ----------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder and rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -251,8 +258,8 @@ class RunFolder:
     def write_item(self, record: dict[str, Any], image: np.ndarray) -> None:
         """Image first, record last: a record on disk means its image is whole."""
         method, index = record["method"], record["index"]
-        _atomic_write(self.image_path(method, index), lambda p: Image.fromarray(image).save(p, format="PNG"))
-        _atomic_write(self.record_path(method, index), lambda p: p.write_text(json.dumps(record) + "\n"))
+        atomic_write(self.image_path(method, index), lambda p: Image.fromarray(image).save(p, format="PNG"))
+        atomic_write(self.record_path(method, index), lambda p: p.write_text(json.dumps(record) + "\n"))
 
     def read_image(self, method: str, index: int) -> np.ndarray:
         with Image.open(self.image_path(method, index)) as image:
@@ -261,8 +268,9 @@ class RunFolder:
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(path.read_text()) for path in sorted(self.root.glob("items/*/*.json"))]
 
-    def start(self, settings: EvalSettings, prompts: Sequence[str]) -> None:
-        """Record the settings and prompts, or check that they match those of the run being resumed; remove
+    def start(self, settings: Any, prompts: Sequence[str]) -> None:
+        """Record the settings (a dataclass: :class:`EvalSettings`, or a settings class of another command
+        built on this harness) and prompts, or check that they match those of the run being resumed; remove
         the temporary files a killed run left (no process writes yet when this runs)."""
         for leftover in self.root.glob("**/.*.tmp"):
             leftover.unlink()
@@ -287,7 +295,7 @@ class RunFolder:
             if len(saved["prompts"]) >= len(prompts):
                 return
         body = {"settings": asdict(settings), "prompts": list(prompts)}
-        _atomic_write(path, lambda p: p.write_text(json.dumps(body, indent=1) + "\n"))
+        atomic_write(path, lambda p: p.write_text(json.dumps(body, indent=1) + "\n"))
 
 
 # --- the run -------------------------------------------------------------------------------------------
@@ -318,51 +326,63 @@ def new_session() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S.%fZ}-{os.getpid()}"
 
 
+@dataclass(frozen=True)
+class Variant:
+    """What one row of a table generates: each prompt's image at ``steps`` under ``config``. ``catprune eval``
+    makes one per method, ``catprune frontier`` one per step count and grid point."""
+
+    name: str
+    """Names the row, its images and its records (``record["method"]``)."""
+    steps: int
+    config: CATPruningConfig
+
+
 @dataclass
 class ItemContext:
     """What every item of a process shares."""
 
     pipe: Any
-    settings: EvalSettings
     folder: RunFolder
     prompts: Sequence[str]
-    fewer_steps: int
+    seed: int
+    """Image i uses seed + i."""
+    guidance_scale: float | None
     alignment: bool
     clip: ClipScorer | None = None
+    clip_note: str = ""
+    """Why there is no CLIP score though one was asked for; empty otherwise."""
     session: str = UNKNOWN_SESSION
     """The launch's session id (:func:`new_session`), the same in every process."""
 
 
-def run_item(context: ItemContext, method: Method, index: int) -> dict[str, Any]:
+def run_item(context: ItemContext, variant: Variant, index: int) -> dict[str, Any]:
     """Generate and score one image, write it and its record, return the record."""
-    settings, prompt = context.settings, context.prompts[index]
-    steps = context.fewer_steps if method.equal_macs else settings.steps
-    seed = settings.seed + index
+    prompt, seed = context.prompts[index], context.seed + index
     generation = run_generation(
         context.pipe,
         prompt,
-        steps,
+        variant.steps,
         seed,
-        config=settings.pruning_config(method),
-        guidance_scale=settings.guidance_scale,
+        config=variant.config,
+        guidance_scale=context.guidance_scale,
     )
     assert generation.stats is not None
     load, cpus = machine_load()
     image = generation.images[0]
     record: dict[str, Any] = {
-        "method": method.name,
+        "method": variant.name,
         "index": index,
         "prompt": prompt,
         "seed": seed,
-        "steps": steps,
+        "steps": variant.steps,
         "macs": generation.stats.macs,
         "seconds": generation.seconds,
         "session": context.session,
         "load": load,
         "cpus": cpus,
     }
-    if method.name != "full":
-        record["psnr"], record["ssim"] = fidelity(image, context.folder.read_image("full", index))
+    if variant.name != REFERENCE:
+        record["psnr"], record["ssim"] = fidelity(image, context.folder.read_image(REFERENCE, index))
     if context.alignment:
         record["alignment"] = shapes_alignment(image, prompt)
     if context.clip is not None:
@@ -379,22 +399,19 @@ def _partial_state() -> Any:
     return PartialState(timeout=timedelta(days=1))
 
 
-def run_evaluation(
-    settings: EvalSettings,
-    methods: Sequence[Method],
+def open_run(
+    settings: Any,
     num_prompts: int,
     out: str | Path,
     device: str | None = None,
-    progress: bool = True,
+    clip_model: str | None = None,
     echo: Callable[[str], None] = print,
-) -> list[dict[str, Any]] | None:
-    """Run (or resume) an evaluation into ``out``; returns the summary rows on the main process (None on
-    the others) after writing ``results.jsonl`` and ``summary.md`` there."""
+) -> tuple[Any, ItemContext]:
+    """Start (or resume) a run into ``out`` in this process: (accelerate's process state, what its items
+    share). ``settings`` is a dataclass with ``model``, ``prompts``, ``seed``, ``guidance_scale`` and
+    ``dtype``; it is recorded in ``run.json`` with the prompts, and a rerun with other settings is
+    refused. ``clip_model``: the resolved CLIP model (:func:`resolve_clip_model`), None for no CLIP score."""
     process = _partial_state()
-    if settings.clip_model is not None and settings.clip_model.strip().lower() in (AUTO_CLIP, "none"):
-        settings = replace(
-            settings, clip_model=resolve_clip_model(settings.clip_model, settings.model, settings.prompts)
-        )
     session = [new_session()]  # the main process's id, the same in every process of the launch
     if process.num_processes > 1:
         from accelerate.utils import broadcast_object_list
@@ -409,49 +426,92 @@ def run_evaluation(
 
     pipe = load_pipeline(settings.model, str(target), settings.dtype)
     clip, why = (None, "")
-    if settings.clip_model is not None:
-        clip, why = load_clip_scorer(settings.clip_model, target)
+    if clip_model is not None:
+        clip, why = load_clip_scorer(clip_model, target)
     if why and process.is_main_process:
         echo(why)
-    fewer = equal_macs_steps(pipe, prompts[0], settings) if any(m.equal_macs for m in methods) else 0
     context = ItemContext(
         pipe,
-        settings,
         folder,
         prompts,
-        fewer,
+        settings.seed,
+        settings.guidance_scale,
         alignment=settings.prompts == "shapes",
         clip=clip,
+        clip_note=why,
         session=session[0],
     )
+    return process, context
 
-    with process.split_between_processes(list(range(len(prompts)))) as mine:
-        # Prompt by prompt, every method in turn: a change in the machine's load hits all methods alike.
-        items = [(method, index) for index in mine for method in methods]
-        pending = [(method, index) for method, index in items if not folder.done(method.name, index)]
+
+def run_items(
+    process: Any, context: ItemContext, variants: Sequence[Variant], desc: str, progress: bool = True
+) -> list[dict[str, Any]] | None:
+    """Generate every (variant, prompt) item of this process's share of the prompts that is not on disk
+    yet, wait for the other processes, and on the main process write ``results.jsonl`` and return the
+    records of ``variants``, in their order then by prompt (None on the others). ``variants`` starts with
+    :data:`REFERENCE`, which the others' fidelity is measured against."""
+    if variants[0].name != REFERENCE:
+        raise ValueError(f"the first variant must be {REFERENCE!r}, the reference of fidelity")
+    folder = context.folder
+    with process.split_between_processes(list(range(len(context.prompts)))) as mine:
+        # Prompt by prompt, every variant in turn: a change in the machine's load hits all variants alike.
+        items = [(variant, index) for index in mine for variant in variants]
+        pending = [(variant, index) for variant, index in items if not folder.done(variant.name, index)]
         bar = tqdm(
             total=len(items),
             initial=len(items) - len(pending),
-            desc=f"eval [process {process.process_index}]",
+            desc=f"{desc} [process {process.process_index}]",
             position=process.process_index,
             disable=not progress,
         )
-        for method, index in pending:
-            run_item(context, method, index)
+        for variant, index in pending:
+            run_item(context, variant, index)
             bar.update()
         bar.close()
 
     process.wait_for_everyone()
     if not process.is_main_process:
         return None
-    names = [method.name for method in methods]
+    names = [variant.name for variant in variants]
     records = [record for record in folder.records() if record["method"] in names]
     records.sort(key=lambda record: (names.index(record["method"]), record["index"]))
-    rows = summarize(records, names)
     lines = "".join(json.dumps(record) + "\n" for record in records)
-    _atomic_write(folder.root / "results.jsonl", lambda p: p.write_text(lines))
-    markdown = summary_markdown(rows, settings, len(prompts), clip_note=why)
-    _atomic_write(folder.root / "summary.md", lambda p: p.write_text(markdown))
+    atomic_write(folder.root / "results.jsonl", lambda p: p.write_text(lines))
+    return records
+
+
+def run_evaluation(
+    settings: EvalSettings,
+    methods: Sequence[Method],
+    num_prompts: int,
+    out: str | Path,
+    device: str | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> list[dict[str, Any]] | None:
+    """Run (or resume) an evaluation into ``out``; returns the summary rows on the main process (None on
+    the others) after writing ``results.jsonl`` and ``summary.md`` there."""
+    if settings.clip_model is not None and settings.clip_model.strip().lower() in (AUTO_CLIP, "none"):
+        settings = replace(
+            settings, clip_model=resolve_clip_model(settings.clip_model, settings.model, settings.prompts)
+        )
+    process, context = open_run(settings, num_prompts, out, device, settings.clip_model, echo)
+    fewer = (
+        equal_macs_steps(context.pipe, context.prompts[0], settings)
+        if any(method.equal_macs for method in methods)
+        else 0
+    )
+    variants = [
+        Variant(method.name, fewer if method.equal_macs else settings.steps, settings.pruning_config(method))
+        for method in methods
+    ]
+    records = run_items(process, context, variants, "eval", progress)
+    if records is None:
+        return None
+    rows = summarize(records, [method.name for method in methods])
+    markdown = summary_markdown(rows, settings, len(context.prompts), clip_note=context.clip_note)
+    atomic_write(context.folder.root / "summary.md", lambda p: p.write_text(markdown))
     return rows
 
 
@@ -512,13 +572,14 @@ def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> list
             row[f"alignment_{key}"] = _mean([100 * scores[key] for scores in alignment])
         row.update(_timing_conditions(mine))
         rows.append(row)
-    full = next((row for row in rows if row["method"] == "full"), None)
+    full = next((row for row in rows if row["method"] == REFERENCE), None)
     for row in rows:
         row["speedup"] = row["throughput"] / full["throughput"] if full else None
     return rows
 
 
-def _cell(value: float | None, spec: str) -> str:
+def table_cell(value: float | None, spec: str) -> str:
+    """A figure as a table cell: ``-`` when missing, ``inf``, else formatted with ``spec``."""
     if value is None:
         return "-"
     return "inf" if math.isinf(value) else format(value, spec)
@@ -536,7 +597,7 @@ def timing_notes(rows: Sequence[dict[str, Any]]) -> tuple[Callable[[dict[str, An
     sessions = sorted({session for row in rows for session in row.get("sessions", ())})
     mixed = len(sessions) > 1
     busy = [row for row in rows if row.get("busy")]
-    full_busy = any(row["method"] == "full" for row in busy)
+    full_busy = any(row["method"] == REFERENCE for row in busy)
 
     def marked(row: dict[str, Any], key: str) -> bool:
         if row.get(key) is None:
@@ -566,61 +627,89 @@ def timing_notes(rows: Sequence[dict[str, Any]]) -> tuple[Callable[[dict[str, An
     return marked, notes
 
 
-def summary_markdown(
-    rows: Sequence[dict[str, Any]], settings: EvalSettings, num_prompts: int, clip_note: str = ""
-) -> str:
-    """The paper's Table 2/3 layout (MACs, throughput, speed-up, CLIP score) plus alignment and fidelity.
-    Throughput and speed-up cells timed across sessions or on a busy machine end in :data:`TIMING_MARK`
-    and a note says why (:func:`timing_notes`)."""
-    marked, timing = timing_notes(rows)
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+"""A column of a markdown table: its header and how it writes a row's cell."""
+MACS_COLUMN: Column = ("MACs", lambda r: format_count(r["macs"], digits=4))
+FIDELITY_COLUMNS: list[Column] = [
+    ("PSNR (dB)", lambda r: table_cell(r["psnr"], ".2f")),
+    ("SSIM", lambda r: table_cell(r["ssim"], ".4f")),
+]
+IMAGES_COLUMN: Column = ("Images", lambda r: str(r["images"]))
+
+
+def timing_columns(rows: Sequence[dict[str, Any]]) -> tuple[list[Column], list[str]]:
+    """The throughput and speed-up columns of :func:`summarize`'s rows, and notes: cells timed across
+    sessions or on a busy machine end in :data:`TIMING_MARK` and a note says why (:func:`timing_notes`)."""
+    marked, notes = timing_notes(rows)
 
     def mark(row: dict[str, Any], key: str) -> str:
         return TIMING_MARK if marked(row, key) else ""
 
-    columns: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
-        ("Method", lambda r: f"{r['method']} - {'/'.join(map(str, r['steps']))} steps"),
-        ("MACs", lambda r: format_count(r["macs"], digits=4)),
-        ("Throughput (img/s)", lambda r: _cell(r["throughput"], ".3f") + mark(r, "throughput")),
+    columns: list[Column] = [
+        ("Throughput (img/s)", lambda r: table_cell(r["throughput"], ".3f") + mark(r, "throughput")),
         (
             "Speed-up",
             lambda r: (
-                _cell(r["speedup"], ".2f") + ("x" if r["speedup"] is not None else "") + mark(r, "speedup")
+                table_cell(r["speedup"], ".2f")
+                + ("x" if r["speedup"] is not None else "")
+                + mark(r, "speedup")
             ),
         ),
     ]
-    if any(row["clip_score"] is not None for row in rows):
-        columns.append(("CLIP score", lambda r: _cell(r["clip_score"], ".2f")))
-    if any(row["alignment_full"] is not None for row in rows):
-        columns.append(("Alignment (%)", lambda r: _cell(r["alignment_full"], ".1f")))
-        columns.append(
-            (
-                "Attributes (%)",
-                lambda r: _cell(
-                    _mean([r[f"alignment_{key}"] for key in ("colour", "shape", "size", "position")]), ".1f"
-                ),
-            )
-        )
-    columns += [
-        ("PSNR (dB)", lambda r: _cell(r["psnr"], ".2f")),
-        ("SSIM", lambda r: _cell(r["ssim"], ".4f")),
-        ("Images", lambda r: str(r["images"])),
+    return columns, notes
+
+
+def alignment_columns(rows: Sequence[dict[str, Any]]) -> tuple[list[Column], list[str]]:
+    """The shapes checker's columns and the note that defines them, where it scored the rows; else none."""
+    if all(row["alignment_full"] is None for row in rows):
+        return [], []
+    columns: list[Column] = [
+        ("Alignment (%)", lambda r: table_cell(r["alignment_full"], ".1f")),
+        (
+            "Attributes (%)",
+            lambda r: table_cell(
+                _mean([r[f"alignment_{key}"] for key in ("colour", "shape", "size", "position")]), ".1f"
+            ),
+        ),
     ]
+    note = (
+        "Alignment: images the shapes checker finds right in every respect; Attributes: mean of its "
+        "colour, shape, size and position scores."
+    )
+    return columns, [note]
+
+
+def markdown_table(columns: Sequence[Column], rows: Sequence[dict[str, Any]], notes: Sequence[str]) -> str:
+    """A markdown table of ``rows``, then its notes, one per line."""
     header = "| " + " | ".join(name for name, _ in columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(render(row) for _, render in columns) + " |" for row in rows]
+    return "\n".join([header, rule, *body, "", *notes]) + "\n"
+
+
+def summary_markdown(
+    rows: Sequence[dict[str, Any]], settings: EvalSettings, num_prompts: int, clip_note: str = ""
+) -> str:
+    """The paper's Table 2/3 layout (MACs, throughput, speed-up, CLIP score) plus alignment and fidelity,
+    throughput and speed-up marked where they are not a measurement (:func:`timing_columns`)."""
+    timing, why_marked = timing_columns(rows)
+    alignment, alignment_notes = alignment_columns(rows)
+    columns: list[Column] = [
+        ("Method", lambda r: f"{r['method']} - {'/'.join(map(str, r['steps']))} steps"),
+        MACS_COLUMN,
+        *timing,
+    ]
+    if any(row["clip_score"] is not None for row in rows):
+        columns.append(("CLIP score", lambda r: table_cell(r["clip_score"], ".2f")))
+    columns += [*alignment, *FIDELITY_COLUMNS, IMAGES_COLUMN]
     notes = [
         f"Model `{settings.model}`, prompts `{settings.prompts}` ({num_prompts}), {settings.steps} steps, "
         f"alpha {settings.keep_ratio}, t0 {settings.start_step}, seed {settings.seed} + prompt index.",
         "MACs: transformer multiply-accumulates per image (all CFG rows), from the layer shapes. Throughput: "
         "images per second (median generation). PSNR (of the mean squared error over all images) and SSIM "
         "(mean): against `full` from the same seed.",
+        *alignment_notes,
     ]
-    if any(row["alignment_full"] is not None for row in rows):
-        notes.append(
-            "Alignment: images the shapes checker finds right in every respect; Attributes: mean of its "
-            "colour, shape, size and position scores."
-        )
     if clip_note:
         notes.append(clip_note)
-    notes += timing
-    return "\n".join([header, rule, *body, "", *notes]) + "\n"
+    return markdown_table(columns, rows, [*notes, *why_marked])

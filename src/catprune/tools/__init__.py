@@ -58,6 +58,15 @@ COMMANDS: dict[str, Command] = {
         "2/3. Resumable (a rerun skips finished items); data-parallel with `accelerate launch -m catprune "
         "eval ...`.",
     ),
+    "frontier": Command(
+        "catprune.tools.frontier",
+        "pruned settings against fewer steps: PSNR/SSIM vs MACs and time, the Pareto frontier",
+        "The unpruned model at the reference steps (the reference image) and at fewer steps (the curve), and "
+        "a grid of pruned settings (--steps x --grid FIELD=V1,V2 of any CATPruningConfig field), one image "
+        "per (setting, prompt). Writes a table (frontier.csv, frontier.md) with each setting's dB above the "
+        "fewer-steps curve at equal MACs, and a plot (frontier.png). Resumable and data-parallel like "
+        "`catprune eval`.",
+    ),
 }
 """Every subcommand by name.
 
