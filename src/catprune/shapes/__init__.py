@@ -1,9 +1,12 @@
 """Procedural shapes text-to-image data and a model-free image/caption alignment checker.
 
+``textures`` (its own module, not re-exported: its names parallel those of ``scenes``) puts the same
+objects on textured backdrops; the checker reads both.
+
 Pure numpy: nothing here needs torch or Pillow, or imports other catprune modules.
 """
 
-from .checker import ATTRIBUTES, detect, match_objects, score
+from .checker import ATTRIBUTES, detect, detect_on_texture, match_objects, score
 from .scenes import (
     BACKGROUND_RGB,
     BACKGROUNDS,
@@ -57,6 +60,7 @@ __all__ = [
     "caption",
     "cell_center",
     "detect",
+    "detect_on_texture",
     "heldout_captions",
     "make_dataset",
     "match_objects",

@@ -17,9 +17,18 @@ Plain image analysis, no learned model, so the score means the same thing for ev
 
 All thresholds are fractions of the image side or area, so any resolution from 32x32 up works
 (an upscaled 32x32 image gives the same answer).
+
+Textures captions (``textures``: the same objects on muted textured backdrops) are read by the same
+steps with two changes, since no single background colour exists there: colours are measured in
+the chroma plane (each pixel minus its grey level, each palette colour minus its own), where every
+backdrop pixel lies within ``MAX_BACKDROP_CHROMA`` of the origin and every object colour far
+from it; and an object's mass is its count of solid pixels, because its fill is shaded and the
+backdrop around it has a chroma of its own. The backdrop itself (tone, pattern) is not read.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import numpy as np
 
@@ -34,8 +43,11 @@ from .scenes import (
     ShapeObject,
     parse_caption,
 )
+from .textures import PATTERNS, TexturedScene
+from .textures import parse_caption as parse_textured_caption
 
 _OBJECT_RGB = np.array([COLOUR_RGB[name] for name in COLOURS], np.float32)
+_OBJECT_CHROMA = _OBJECT_RGB - _OBJECT_RGB.mean(axis=1, keepdims=True)
 
 # Every palette colour is >= 78 RGB units from the other colours' background-to-colour rays.
 MAX_COLOUR_DISTANCE = 60.0
@@ -71,15 +83,15 @@ def _background(pixels: np.ndarray) -> str:
     return min(BACKGROUNDS, key=lambda name: float(np.linalg.norm(median - BACKGROUND_RGB[name])))
 
 
-def _colour_layers(pixels: np.ndarray, background: str) -> tuple[np.ndarray, np.ndarray]:
+def _colour_layers(offset: np.ndarray, directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per object colour: each pixel's coverage (H, W, n_colours) and whether it is solidly that colour.
 
-    Coverage is the unclipped position along the background-to-colour line, so noise averages out
-    when it is summed. A pixel is solid for the colour whose ray (coverage >= 0) passes closest to
-    it, if that ray is within ``MAX_COLOUR_DISTANCE`` and the pixel is at least half covered.
+    ``offset`` is each pixel's and ``directions`` each object colour's offset from the background
+    (shapes: the background colour; textures: the grey axis). Coverage is the unclipped position
+    along the background-to-colour line, so noise averages out when it is summed. A pixel is solid
+    for the colour whose ray (coverage >= 0) passes closest to it, if that ray is within
+    ``MAX_COLOUR_DISTANCE`` and the pixel is at least half covered.
     """
-    offset = pixels - np.array(BACKGROUND_RGB[background], np.float32)
-    directions = _OBJECT_RGB - np.array(BACKGROUND_RGB[background], np.float32)
     coverage = offset @ directions.T / (directions**2).sum(axis=1)
     residual = np.linalg.norm(offset[..., None, :] - np.maximum(coverage, 0)[..., None] * directions, axis=-1)
     nearest = residual.argmin(axis=-1)[..., None] == np.arange(len(COLOURS))
@@ -160,19 +172,30 @@ def _colour_objects(
     return objects
 
 
-def detect(image: np.ndarray) -> Scene:
-    """Recover the scene (background and objects, in position order) drawn in an (H, W, 3) uint8 image."""
-    pixels = _as_pixels(image)
-    background = _background(pixels)
-    coverage, solid = _colour_layers(pixels, background)
+def _objects(coverage: np.ndarray, solid: np.ndarray) -> tuple[ShapeObject, ...]:
     occupied = solid.any(axis=-1)
-    objects = [
+    return tuple(
         obj
         for index, colour in enumerate(COLOURS)
         if solid[..., index].any()
         for obj in _colour_objects(solid[..., index], coverage[..., index], occupied, colour)
-    ]
-    return Scene(background=background, objects=tuple(objects))
+    )
+
+
+def detect(image: np.ndarray) -> Scene:
+    """Recover the scene (background and objects, in position order) drawn in an (H, W, 3) uint8 image."""
+    pixels = _as_pixels(image)
+    background = _background(pixels)
+    rgb = np.array(BACKGROUND_RGB[background], np.float32)
+    coverage, solid = _colour_layers(pixels - rgb, _OBJECT_RGB - rgb)
+    return Scene(background=background, objects=_objects(coverage, solid))
+
+
+def detect_on_texture(image: np.ndarray) -> TexturedScene:
+    """Recover the objects of a textures image (position order); the backdrop is not read (None)."""
+    pixels = _as_pixels(image)
+    _, solid = _colour_layers(pixels - pixels.mean(axis=-1, keepdims=True), _OBJECT_CHROMA)
+    return TexturedScene(None, _objects(solid.astype(np.float32), solid))
 
 
 def _cell_distance(a: ShapeObject, b: ShapeObject) -> int:
@@ -181,7 +204,11 @@ def _cell_distance(a: ShapeObject, b: ShapeObject) -> int:
     return abs(ra - rb) + abs(ca - cb)
 
 
-def match_objects(wanted: Scene, found: Scene) -> list[ShapeObject | None]:
+class _HasObjects(Protocol):
+    objects: tuple[ShapeObject, ...]
+
+
+def match_objects(wanted: _HasObjects, found: _HasObjects) -> list[ShapeObject | None]:
     """Pair each wanted object with a distinct found object (None if none is left).
 
     Rules are applied in passes over all wanted objects: first same colour and position, then same
@@ -201,17 +228,23 @@ def match_objects(wanted: Scene, found: Scene) -> list[ShapeObject | None]:
 
 
 def score(image: np.ndarray, caption: str) -> dict[str, float | bool]:
-    """Per-attribute agreement between an image and a caption in the shapes grammar.
+    """Per-attribute agreement between an image and a caption in the shapes or textures grammar.
 
     Caption objects are paired with detected objects by ``match_objects`` (colour+position, then
     position, then colour). ``colour``, ``shape``, ``size`` and ``position`` are the fractions of
     caption objects whose match has that attribute right (an unmatched object counts as wrong for
     all four); ``background`` and ``count`` (as many objects detected as named) are booleans, and
-    ``full`` is True only when everything is right, which also rules out extra objects.
+    ``full`` is True only when everything is right, which also rules out extra objects. A textures
+    caption (one ending in a backdrop PATTERN) has no ``background`` entry: the backdrop is not read.
     """
-    wanted, found = parse_caption(caption), detect(image)
+    result: dict[str, float | bool] = {}
+    words = caption.lower().split()
+    if len(words) >= 2 and words[-2] in PATTERNS:
+        wanted, found = parse_textured_caption(caption), detect_on_texture(image)
+    else:
+        wanted, found = parse_caption(caption), detect(image)
+        result["background"] = wanted.background == found.background
     matches = match_objects(wanted, found)
-    result: dict[str, float | bool] = {"background": wanted.background == found.background}
     for attribute in ATTRIBUTES:
         hits = [
             got is not None and getattr(got, attribute) == getattr(want, attribute)
@@ -220,6 +253,6 @@ def score(image: np.ndarray, caption: str) -> dict[str, float | bool]:
         result[attribute] = sum(hits) / len(hits)
     result["count"] = len(found.objects) == len(wanted.objects)
     result["full"] = bool(
-        result["background"] and result["count"] and all(result[a] == 1.0 for a in ATTRIBUTES)
+        result.get("background", True) and result["count"] and all(result[a] == 1.0 for a in ATTRIBUTES)
     )
     return result

@@ -99,7 +99,7 @@ VOCABULARY: tuple[str, ...] = tuple(
 )
 
 
-def _check_member(kind: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_member(kind: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {kind} {value!r}; expected one of {', '.join(allowed)}")
 
@@ -114,10 +114,10 @@ class ShapeObject:
     position: str
 
     def __post_init__(self) -> None:
-        _check_member("shape", self.shape, SHAPES)
-        _check_member("colour", self.colour, COLOURS)
-        _check_member("size", self.size, SIZES)
-        _check_member("position", self.position, POSITIONS)
+        check_member("shape", self.shape, SHAPES)
+        check_member("colour", self.colour, COLOURS)
+        check_member("size", self.size, SIZES)
+        check_member("position", self.position, POSITIONS)
 
     @property
     def is_heldout(self) -> bool:
@@ -144,7 +144,7 @@ class Scene:
     objects: tuple[ShapeObject, ...]
 
     def __post_init__(self) -> None:
-        _check_member("background", self.background, BACKGROUNDS)
+        check_member("background", self.background, BACKGROUNDS)
         object.__setattr__(self, "objects", tuple(sorted(self.objects, key=ShapeObject.sort_key)))
 
     @property
@@ -199,7 +199,7 @@ def render(scene: Scene, size: int = 32) -> np.ndarray:
     return image
 
 
-def _object_phrase(obj: ShapeObject) -> str:
+def object_phrase(obj: ShapeObject) -> str:
     return f"a {obj.size} {obj.colour} {obj.shape} {POSITION_PHRASES[obj.position]}"
 
 
@@ -207,7 +207,7 @@ def caption(scene: Scene) -> str:
     """Describe a scene in the caption grammar (objects in canonical position order)."""
     if not scene.objects:
         raise ValueError("a scene needs at least one object to be captioned")
-    objects = " and ".join(_object_phrase(obj) for obj in scene.objects)
+    objects = " and ".join(object_phrase(obj) for obj in scene.objects)
     return f"{objects} on a {scene.background} background"
 
 
@@ -277,11 +277,11 @@ def _parse_object(words: list[str]) -> ShapeObject:
     return ShapeObject(shape=shape, colour=colour, size=size, position=_PHRASE_POSITIONS[phrase])
 
 
-def _scene_from_words(words: list[str]) -> Scene:
+def scene_from_words(words: list[str]) -> Scene:
     """The grammar shared by ``parse_caption`` and ``normalize_prompt``, on lower-case known words."""
     if len(words) < 4 or words[-4:-2] != ["on", "a"] or words[-1] != "background":
         raise ValueError("missing background: the text must end with 'on a BACKGROUND background'")
-    _check_member("background", words[-2], BACKGROUNDS)
+    check_member("background", words[-2], BACKGROUNDS)
     chunks: list[list[str]] = [[]]
     for word in words[:-4]:
         if word == "and":
@@ -302,7 +302,7 @@ def parse_caption(text: str) -> Scene:
     unknown = sorted({w for w in words if w not in VOCABULARY})
     if unknown:
         raise ValueError(f"unknown word(s) {unknown} in {text!r}; vocabulary: {' '.join(VOCABULARY)}")
-    return _scene_from_words(words)
+    return scene_from_words(words)
 
 
 def normalize_prompt(text: str) -> str:
@@ -319,7 +319,7 @@ def normalize_prompt(text: str) -> str:
     if unknown:
         raise PromptGrammarError(f"unknown word(s) {', '.join(map(repr, unknown))}")
     try:
-        scene = _scene_from_words(words)
+        scene = scene_from_words(words)
     except ValueError as error:
         raise PromptGrammarError(str(error)) from error
     if len(scene.objects) > MAX_OBJECTS:
@@ -331,7 +331,7 @@ def normalize_prompt(text: str) -> str:
     return caption(scene)
 
 
-def _random_object(rng: np.random.Generator, position: str) -> ShapeObject:
+def random_object(rng: np.random.Generator, position: str) -> ShapeObject:
     return ShapeObject(
         shape=SHAPES[rng.integers(len(SHAPES))],
         colour=COLOURS[rng.integers(len(COLOURS))],
@@ -353,7 +353,7 @@ def sample_scene(rng: np.random.Generator, split: Split) -> Scene:
         cells = rng.choice(len(POSITIONS), size=n_objects, replace=False)
         scene = Scene(
             background=BACKGROUNDS[rng.integers(len(BACKGROUNDS))],
-            objects=tuple(_random_object(rng, POSITIONS[c]) for c in cells),
+            objects=tuple(random_object(rng, POSITIONS[c]) for c in cells),
         )
         if scene.is_heldout == (split == "heldout"):
             return scene

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..shapes.training import ARCHES, TrainConfig, Trainer
+from ..shapes.training import ARCHES, DATASETS, TrainConfig, Trainer
 from .arguments import add_command, settings_from_arguments
 
 
@@ -18,6 +18,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     defaults = TrainConfig(steps=1)
     parser = add_command(subparsers, "train-shapes")
     parser.add_argument("--arch", choices=ARCHES, required=True)
+    parser.add_argument(
+        "--data",
+        choices=tuple(DATASETS),
+        default=defaults.data,
+        help="training set: shapes (32x32, plain backgrounds) or textures (64x64, textured; a 32x32 token "
+        "grid) (default: %(default)s)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoint/ and pipeline/")
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument(
@@ -81,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         raise
     params = sum(p.numel() for p in trainer.params.values())
     print(
-        f"trained {args.arch}: {trainer.step} steps, {trainer.elapsed / 60:.1f} min in all "
+        f"trained {args.arch} on {trainer.config.data}: {trainer.step} steps, "
+        f"{trainer.elapsed / 60:.1f} min in all "
         f"({(time.perf_counter() - start) / 60:.1f} min this run), {params / 1e6:.2f}M parameters; "
         f"EMA pipeline in {args.out / 'pipeline'}"
     )

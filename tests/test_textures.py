@@ -1,0 +1,128 @@
+"""The textures data set, the checker on textured images, and ``train-shapes --data textures``."""
+
+from __future__ import annotations
+
+import json
+import signal
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from catprune.cli import main
+from catprune.shapes import HELDOUT_PAIRS, object_mask, scenes, score, textures
+from catprune.shapes.checker import detect_on_texture
+from catprune.shapes.pipelines import load_shapes_pipeline
+from catprune.shapes.text import MAX_WORDS
+from catprune.shapes.training import TrainConfig
+
+PROMPT = (
+    "a large red circle at the top left and a small blue square at the bottom right "
+    "on a gray striped background"
+)
+
+
+def test_datasets_are_deterministic_by_seed() -> None:
+    images, captions = textures.make_dataset(6, seed=3, split="train")
+    again, same = textures.make_dataset(6, seed=3, split="train")
+    other, _ = textures.make_dataset(6, seed=4, split="train")
+    assert images.shape == (6, 64, 64, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, again) and captions == same
+    assert not np.array_equal(images, other)
+    assert textures.heldout_captions(6, seed=3) == textures.make_dataset(6, 3, "heldout")[1]
+
+
+def test_splits_follow_the_shapes_held_out_pairs() -> None:
+    for split, held_out in (("train", False), ("heldout", True)):
+        for scene, _ in textures.sample_scenes(300, seed=0, split=split):
+            pairs = {(obj.colour, obj.shape) for obj in scene.objects}
+            assert bool(pairs & HELDOUT_PAIRS) == held_out
+            assert 1 <= len(scene.objects) <= scenes.MAX_OBJECTS
+            assert len({obj.position for obj in scene.objects}) == len(scene.objects)
+
+
+def test_captions_parse_back_and_prompts_normalize() -> None:
+    for scene, _ in textures.sample_scenes(200, seed=1, split="train"):
+        text = textures.caption(scene)
+        assert textures.parse_caption(text) == scene
+        assert textures.normalize_prompt(text) == text
+    swapped = (
+        "A small blue square at the bottom right and a large red circle at the top left "
+        "on a gray  striped background."
+    )
+    assert textures.normalize_prompt(swapped) == PROMPT
+    unnamed = textures.parse_caption("a small red circle at the top on a dotted background")
+    assert unnamed.backdrop == textures.Backdrop("dotted")
+    assert set(scenes.VOCABULARY) < set(textures.VOCABULARY)
+    longest = max(scenes.POSITION_PHRASES.values(), key=len)
+    two = textures.TexturedScene(
+        textures.Backdrop("striped", "white"),
+        tuple(scenes.ShapeObject("circle", "red", "small", p) for p in ("bottom left", "bottom right")),
+    )
+    assert len(textures.caption(two).split()) <= MAX_WORDS and len(longest.split()) == 4
+    for bad in (
+        "a small red circle at the top on a white background",  # a shapes caption: no pattern
+        "a small red circle on a striped background",
+        "a red small circle at the top on a striped background",
+        "a small red circle at the top on a striped pink background",
+        "",
+    ):
+        with pytest.raises(scenes.PromptGrammarError):
+            textures.normalize_prompt(bad)
+
+
+def test_the_caption_does_not_fix_the_texture_and_the_backdrop_stays_muted() -> None:
+    """Renders of one caption differ a lot; backdrops stay near the grey axis (the checker's premise)."""
+    draws = textures.sample_scenes(40, seed=2, split="heldout")
+    for scene, seed in draws:
+        image = textures.render(scene, seed).astype(np.float32)
+        objects = np.logical_or.reduce([object_mask(obj, 64) for obj in scene.objects])
+        chroma = np.linalg.norm(image - image.mean(axis=-1, keepdims=True), axis=-1)
+        assert chroma[~objects].max() <= textures.MAX_BACKDROP_CHROMA + 2
+        other = textures.render(scene, seed + 1).astype(np.float32)
+        assert np.abs(image - other)[~objects].mean() > 10
+    # Broad, high-variance texture: the backdrop's pixel standard deviation, in [-1, 1] units.
+    images = textures.make_dataset(64, seed=5, split="train")[0] / 127.5 - 1
+    assert images.std(axis=(1, 2)).mean() > 0.2
+
+
+def test_the_checker_reads_objects_on_textured_backgrounds() -> None:
+    for scene, seed in textures.sample_scenes(100, seed=7, split="heldout"):
+        image = textures.render(scene, seed)
+        assert detect_on_texture(image).objects == scene.objects
+        result = score(image, textures.caption(scene))
+        assert result["full"] and "background" not in result
+    wrong = score(textures.render(*textures.sample_scenes(1, 8, "heldout")[0]), PROMPT)
+    assert not wrong["full"]
+
+
+@pytest.fixture
+def restore_sigterm():
+    """``train-shapes`` turns SIGTERM into KeyboardInterrupt; give pytest its handler back."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
+
+
+def test_train_shapes_on_textures_saves_a_64x64_pipeline(tmp_path: Path, restore_sigterm) -> None:
+    tiny = ["train-shapes", "--data", "textures", "--arch", "mmdit", "--out", str(tmp_path)]
+    tiny += ["--width", "32", "--layers", "1", "--batch-size", "2", "--no-bf16"]
+    assert main([*tiny, "--steps", "2"]) == 0
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["config"]["data"] == "textures" and state["step"] == 2
+    # Resuming without --data keeps the checkpoint's data set.
+    assert main([*tiny[:1], *tiny[3:], "--steps", "3"]) == 0
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["config"]["data"] == "textures"
+    pipe = load_shapes_pipeline(tmp_path / "pipeline")
+    assert pipe.image_size == 64 and pipe.transformer.config.pos_embed_max_size == 32
+    assert pipe.scheduler.config.shift == 3.0
+    generator = torch.Generator().manual_seed(0)
+    images = pipe(PROMPT, num_inference_steps=2, generator=generator, output_type="np").images
+    assert images.shape == (1, 64, 64, 3)
+
+
+def test_saved_configs_without_a_data_set_are_shapes_runs() -> None:
+    saved = {k: v for k, v in asdict(TrainConfig(steps=1)).items() if k != "data"}
+    assert TrainConfig(**saved).data == "shapes"
