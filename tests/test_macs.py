@@ -113,13 +113,19 @@ def test_named_architectures_have_the_published_sizes() -> None:
     assert round(parameters["sd3.5-medium"] / 1e9, 3) == 2.243
     assert round(parameters["sd3.5-large"] / 1e9, 3) == 8.057
     assert round(parameters["pixart-sigma"] / 1e9, 3) == 0.611
+    # FLUX.1-dev's safetensors hold 23,802,816,640 bytes of bf16 weights; schnell has no guidance embedder.
+    assert parameters["flux-dev"] == 23_802_816_640 // 2
+    assert parameters["flux-dev"] - parameters["flux-schnell"] == 3072 * (256 + 1) + 3072 * (3072 + 1)
     assert {name: arch.text_tokens for name, arch in ARCHITECTURES.items()} == {
         "sd3-medium": 333,
         "sd3.5-medium": 333,
         "sd3.5-large": 333,
         "pixart-sigma": 300,
         "pixart-alpha": 120,
+        "flux-dev": 512,
+        "flux-schnell": 256,
     }
+    assert (ARCHITECTURES["flux-dev"].default_steps, ARCHITECTURES["flux-schnell"].default_steps) == (28, 4)
 
 
 def test_the_demo_model_is_sd3_at_width_256() -> None:
