@@ -219,3 +219,14 @@ def test_bad_option_values_are_refused_naming_the_field(field: str, value: Any) 
 
 def test_refresh_steps_given_as_a_list_become_a_tuple() -> None:
     assert CATPruningConfig(refresh_steps=[4, -1]).refresh_steps == (4, -1)
+
+
+def test_the_extrapolated_preset_is_the_frontier_s_winning_setting() -> None:
+    config = CATPruningConfig.extrapolated()
+    assert (config.keep_ratio, config.start_step, config.kv_extrapolation, config.refresh_steps) == (
+        0.5,
+        5,
+        "linear",
+        (-1,),
+    )
+    assert (config.output_extrapolation, config.strategy) == ("none", "cat")

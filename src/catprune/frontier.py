@@ -215,6 +215,26 @@ def frontier_points(
     return points, left_out
 
 
+def recorded_points(names: Sequence[str], seed: int, known: Sequence[str]) -> list[FrontierPoint]:
+    """The rows of settings recorded in a run folder by earlier calls (``steps=N`` of the curve, ``cat,...``
+    pruned settings), other than ``known``, rebuilt from their names: the table and plot describe every
+    setting in the folder, whichever call added it."""
+    fields, points = config_fields(), []
+    for name in dict.fromkeys(names):
+        if name in known or name == REFERENCE:
+            continue
+        kind, _, rest = name.partition(",") if name.startswith(PRUNED + ",") else (CURVE, "", name)
+        parts = dict(part.split("=", 1) for part in _TOP_LEVEL_COMMA.split(rest))
+        steps = int(parts.pop("steps"))
+        if kind == CURVE:
+            points.append(FrontierPoint(Variant(name, steps, CATPruningConfig.unpruned()), CURVE))
+            continue
+        values = tuple((field, parse_value(text, fields[field])) for field, text in parts.items())
+        config = CATPruningConfig(**{"seed": seed, **dict(values)})
+        points.append(FrontierPoint(Variant(name, steps, config), PRUNED, values))
+    return points
+
+
 # --- the frontier --------------------------------------------------------------------------------------
 
 
@@ -453,6 +473,16 @@ def run_frontier(
     records = run_items(process, context, [point.variant for point in points], "frontier", progress)
     if records is None:
         return None
+    everything = context.folder.records()
+    points += recorded_points(
+        [record["method"] for record in everything], settings.seed, [point.variant.name for point in points]
+    )
+    points.sort(key=lambda point: (point.kind != REFERENCE, point.kind != CURVE, point.variant.steps))
+    names = [point.variant.name for point in points]
+    records = sorted(
+        (record for record in everything if record["method"] in names),
+        key=lambda record: (names.index(record["method"]), record["index"]),
+    )
     rows = frontier_rows(summarize(records, [point.variant.name for point in points]), points)
     root, count = context.folder.root, len(context.prompts)
     write_csv(rows, root / "frontier.csv")
