@@ -202,8 +202,7 @@ class KVCache:
     Layout: ``(B, L, heads, head_dim)``: the N image tokens (raster order) and ``extra`` rows (the text
     tokens of a joint attention, rewritten at every step), after the image tokens or, with
     ``extra_first``, before them, in the order the model attends over them (SD3: image first; Flux: text
-    first), so that the fill step computes exactly what the model computes. Kept allocated between
-    generations of the same shape, dtype and device. With ``extrapolate`` the image tokens' K/V also keep
+    first), so that the fill step computes exactly what the model computes. With ``extrapolate`` the image tokens' K/V also keep
     a :class:`TokenHistory`, and :meth:`attention_inputs` moves the ones not recomputed to the current time.
     """
 
@@ -349,7 +348,9 @@ class CachingProcessor:
         return self.cache.attention_inputs(self.state.num_tokens, self.state.time)
 
     def reset(self) -> None:
-        """Forget what belongs to one generation (caches of all image tokens stay allocated for reuse)."""
+        """Forget one generation: its caches are freed and the next fill step allocates them again, so that
+        every generation runs the same code (compiled blocks then find the same path in each one)."""
+        self.release()
 
     def release(self) -> None:
         self.caches.clear()
@@ -477,7 +478,7 @@ class PruningState:
         self.reset()
 
     def reset(self) -> None:
-        """Forget everything about the current generation (caches are kept allocated for reuse)."""
+        """Forget everything about the current generation (and free its attention caches)."""
         self.step = 0
         """Steps counted in the current generation (the next step's index)."""
         self.plan: StepPlan | None = None

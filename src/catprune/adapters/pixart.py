@@ -51,9 +51,6 @@ class ReusedTextAttentionProcessor(CachingProcessor):
     so from the fill step on they are computed once per generation and reused; queries are computed for
     the image tokens that go through the block (the selected ones at a pruned step)."""
 
-    def reset(self) -> None:
-        self.release()
-
     def attend(
         self,
         attn: Any,

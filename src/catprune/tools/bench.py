@@ -106,7 +106,7 @@ def _time_pairs(
         timings.kv_cache_bytes = sum(processor.cache_bytes() for processor in state.processors)
         if device.type == "cuda":
             # One more untimed pair for peak memory, the CAT caches freed first so that the full run's
-            # peak does not include them (between timed runs they stay allocated, as in a user's loop).
+            # peak does not include them (a generation frees them only when the next one starts).
             state.release_caches()
             for kind, model in models.items():
                 torch.cuda.reset_peak_memory_stats(device)
