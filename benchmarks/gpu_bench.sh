@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Full vs CAT wall time of full-size SD3-medium and PixArt-Sigma (random weights, fp16, 1024x1024,
-# 28 steps) on one CUDA GPU, offline. Needs PyTorch with CUDA; diffusers and its missing dependencies
+# Full vs CAT wall time of full-size SD3-medium, PixArt-Sigma and FLUX.1-dev (random weights, fp16,
+# 1024x1024, 28 steps) on one CUDA GPU, offline, eager and with regional compilation (COMPILE="none
+# regional": each pair compiled alike; compile time reported apart). Needs PyTorch with CUDA; diffusers and its missing dependencies
 # are installed from the wheels in .whl/ at the repository root. Writes JSON into OUTDIR.
 #
 #   benchmarks/gpu_bench.sh OUTDIR          # about 3 minutes on an H100 (see benchmarks/README.md)
@@ -14,6 +15,8 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 REPEATS="${REPEATS:-5}"
 DEVICE="${DEVICE:-cuda}"
+MODELS="${MODELS:-sd3-medium pixart-sigma flux-dev}"
+COMPILE="${COMPILE:-none regional}"
 read -r -a EXTRA <<<"${EXTRA_ARGS:-}"
 mkdir -p "$OUT"
 
@@ -31,17 +34,22 @@ gpu_env_setup
 
 catprune_with_tools catprune.tools.macs catprune.tools.bench
 
-for model in sd3-medium pixart-sigma; do
-    # Counted MACs of the same setting (meta device, seconds), then the timed runs (capped).
-    "${CATPRUNE[@]}" macs --model "$model" --steps 28 --json >"$OUT/macs-$model.json"
-    timeout 180 "${CATPRUNE[@]}" bench --model "$model" --random-weights --resolution 1024 --steps 28 \
-        --dtype float16 --device "$DEVICE" --repeats "$REPEATS" "${EXTRA[@]}" --json >"$OUT/bench-$model.json"
-    "$PYTHON" - "$OUT/bench-$model.json" <<'PY'
+for model in $MODELS; do
+  # Counted MACs of the same setting (meta device, seconds), then the timed runs (capped).
+  "${CATPRUNE[@]}" macs --model "$model" --steps 28 --json >"$OUT/macs-$model.json"
+  for compile in $COMPILE; do
+    timeout 240 "${CATPRUNE[@]}" bench --model "$model" --random-weights --resolution 1024 --steps 28 \
+        --dtype float16 --device "$DEVICE" --repeats "$REPEATS" --compile "$compile" "${EXTRA[@]}" --json \
+        >"$OUT/bench-$model-$compile.json" || echo "$model, compile $compile: failed or timed out"
+    [ -s "$OUT/bench-$model-$compile.json" ] || continue
+    "$PYTHON" - "$OUT/bench-$model-$compile.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"{r['model']} ({r['device']}, {r['dtype']}): full {r['full_seconds']['median']:.3f}s, "
+print(f"{r['model']} ({r['device']}, {r['dtype']}, compile {r['compile']}, warm-up "
+      f"{r['warmup_seconds']['full']:.0f}s/{r['warmup_seconds']['cat']:.0f}s): full {r['full_seconds']['median']:.3f}s, "
       f"CAT {r['cat_seconds']['median']:.3f}s, speedup {r['speedup']:.2f}x, MAC bound {r['mac_bound']:.2f}x, "
       f"efficiency {r['efficiency']:.0%}, selection {r['selection_share']:.1%} of the CAT time, "
       f"K/V cache {r['kv_cache_bytes'] / 2**30:.2f} GiB")
 PY
+  done
 done

@@ -110,6 +110,7 @@ def test_bench_cli_on_a_local_model(tmp_path: Path) -> None:
     # Per block (joint attention): K and V for 64 image + 333 text tokens, 2 rows, width 32, float32.
     assert fields["kv_cache_bytes"] == 2 * 2 * 2 * (64 + 333) * 32 * 4
     assert fields["peak_memory_bytes"] is None
+    assert fields["compile"] == "none" and set(fields["warmup_seconds"]) == {"full", "cat"}
 
 
 @pytest.mark.slow
@@ -122,6 +123,21 @@ def test_bench_cli_with_random_weights_of_a_named_architecture() -> None:
     assert "pixart-sigma (1 layers), random weights, cpu float32" in result.stdout
     assert "DPMSolverMultistepScheduler" in result.stdout and "speedup" in result.stdout
     assert "efficiency" in result.stdout and "K/V cache" in result.stdout
+
+
+@pytest.mark.slow
+def test_bench_cli_with_regional_compilation(tmp_path: Path) -> None:
+    """Both models' blocks compiled (inductor, fullgraph): compilation lands in the warm-up, apart."""
+    tiny_sd3().save_pretrained(tmp_path)
+    result = run_bench(
+        "--model", str(tmp_path), "--resolution", "128", "--steps", "5", "--start-step", "3",
+        "--repeats", "1", "--device", "cpu", "--compile", "regional", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    fields = json.loads(result.stdout)
+    assert fields["compile"] == "regional" and fields["pruned_steps"] == 2
+    warmup, timed = fields["warmup_seconds"], fields["cat_seconds"]["median"]
+    assert set(warmup) == {"full", "cat"} and warmup["cat"] > timed  # the warm-up compiled
 
 
 def test_bench_cli_needs_random_weights_for_a_named_architecture() -> None:

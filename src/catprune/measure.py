@@ -399,3 +399,11 @@ def denoise(
         noise = architecture.noise_prediction(model, output)
         latents = scheduler.step(noise, t, latents, return_dict=False)[0]
     return latents
+
+
+def compile_blocks(model: torch.nn.Module, architecture: Architecture) -> None:
+    """Regional compilation, as diffusers users compile: every transformer block with ``fullgraph=True``
+    (its first call compiles). Pruning's step plan stays outside, in the transformer's hooks."""
+    for name in architecture.adapter.blocks:
+        for block in model.get_submodule(name):
+            block.compile(fullgraph=True)

@@ -202,8 +202,9 @@ class KVCache:
     Layout: ``(B, L, heads, head_dim)``: the N image tokens (raster order) and ``extra`` rows (the text
     tokens of a joint attention, rewritten at every step), after the image tokens or, with
     ``extra_first``, before them, in the order the model attends over them (SD3: image first; Flux: text
-    first), so that the fill step computes exactly what the model computes. With ``extrapolate`` the image tokens' K/V also keep
-    a :class:`TokenHistory`, and :meth:`attention_inputs` moves the ones not recomputed to the current time.
+    first), so that the fill step computes exactly what the model computes. With ``extrapolate`` the image
+    tokens' K/V also keep a :class:`TokenHistory`, and :meth:`attention_inputs` moves the ones not
+    recomputed to the current time.
     """
 
     def __init__(self, extra_first: bool = False, extrapolate: bool = False) -> None:

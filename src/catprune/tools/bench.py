@@ -16,7 +16,7 @@ from ..architectures import ARCHITECTURES, Architecture, resolve_architecture
 from ..config import CATPruningConfig
 from ..errors import UserError
 from ..integration import apply_cat_pruning
-from ..measure import SelectionTimer, denoise, shared_weight_copy, timed
+from ..measure import SelectionTimer, compile_blocks, denoise, shared_weight_copy, timed
 from ..pruning import PruningState
 from ..runtime import DTYPES, format_count, resolve_device, resolve_dtype
 from .arguments import add_command, add_pruning_arguments, guidance_label
@@ -47,6 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch", type=int, default=1, help="prompts per generation (default: 1)")
     parser.add_argument(
         "--no-cfg", action="store_true", help="no classifier-free guidance (one row per prompt)"
+    )
+    parser.add_argument(
+        "--compile",
+        choices=("none", "regional"),
+        default="none",
+        help="regional: compile every block of both models with fullgraph=True (torch.compile's inductor); "
+        "compile time goes into the untimed warm-up and is reported apart (default: none)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -82,6 +89,8 @@ class Timings:
     kv_cache_bytes: int
     peak_memory: dict[str, int]
     """Peak device memory by kind (CUDA only)."""
+    warmup_seconds: dict[str, float]
+    """The untimed first generation of each kind: compilation, when compiled."""
 
 
 def _time_pairs(
@@ -95,10 +104,10 @@ def _time_pairs(
 ) -> Timings:
     """A warm-up pair, then ``repeats`` timed pairs alternating full and CAT, then (CUDA) an untimed pair
     for peak memory."""
-    timings = Timings({kind: [] for kind in models}, [], 0, {})
+    timings = Timings({kind: [] for kind in models}, [], 0, {}, {})
     with torch.inference_mode():
-        for model in models.values():  # warm-up: kernels, allocator, caches
-            generate(model)
+        for kind, model in models.items():  # warm-up: kernels, allocator, caches, compilation
+            timings.warmup_seconds[kind] = timed(lambda model=model: generate(model), device)[1]
         for _ in tqdm(range(repeats), desc="full / CAT", unit="pair", disable=quiet):
             for kind, model in models.items():
                 timings.seconds[kind].append(timed(lambda model=model: generate(model), device)[1])
@@ -133,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
         full_model = architecture.load(device, dtype)
     cat_model = shared_weight_copy(full_model)
     state = apply_cat_pruning(cat_model, config)
+    if args.compile == "regional":
+        for model in (full_model, cat_model):
+            compile_blocks(model, architecture)
     selection = SelectionTimer(state, device)
     generator = torch.Generator(device).manual_seed(args.seed)
     latents = torch.randn(
@@ -169,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
         "batch": args.batch,
         "cfg": cfg,
         "rows": rows,
+        "compile": args.compile,
+        "warmup_seconds": timings.warmup_seconds,
         "image_tokens": stats.image_tokens,
         "kept_tokens": stats.kept_tokens,
         "text_tokens": stats.text_tokens,
@@ -202,7 +216,9 @@ def _lines(summary: dict[str, Any]) -> list[str]:
         f"{summary['kept_tokens']} kept), {summary['text_tokens']} text tokens, {cfg}",
         f"{summary['steps']} steps with {summary['scheduler']}, {summary['pruned_steps']} pruned from step "
         f"{summary['start_step']} (keep ratio {summary['keep_ratio']})",
-        f"timed: {summary['timed']}; {summary['repeats']} repeats, alternating full / CAT after a warm-up",
+        f"timed: {summary['timed']}; {summary['repeats']} repeats, alternating full / CAT after a warm-up "
+        f"(compile: {summary['compile']}; warm-up full {summary['warmup_seconds']['full']:.1f}s, "
+        f"CAT {summary['warmup_seconds']['cat']:.1f}s, not in the medians)",
         "",
         f"  {'':<8}{'median':>10}{'min':>10}{'max':>10}",
         *(
