@@ -226,23 +226,17 @@ def test_img2img_prunes_the_steps_it_runs() -> None:
 def test_a_controlnet_drives_a_pruned_generation_and_equals_the_unpatched_one_at_keep_one() -> None:
     """The ControlNet's residuals (one per image token, for double- and single-stream blocks) are gathered
     at the selected tokens at a pruned step."""
+    transformer = tiny_flux()
+    shared = ("in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim")
+    shared += ("pooled_projection_dim", "guidance_embeds", "axes_dims_rope")
     torch.manual_seed(1)
     controlnet = FluxControlNetModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=TEXT_DIM,
-        pooled_projection_dim=POOLED_DIM,
-        guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),
+        **{key: transformer.config[key] for key in shared}, num_layers=1, num_single_layers=1
     ).eval()
     for parameter in controlnet.parameters():  # diffusers zero-initialises the residual projections
         torch.nn.init.normal_(parameter, std=0.05)
     pipe = flux_pipeline(
-        tiny_flux(), vae=tiny_vae(), pipeline_class=FluxControlNetPipeline, controlnet=controlnet
+        transformer, vae=tiny_vae(), pipeline_class=FluxControlNetPipeline, controlnet=controlnet
     )
     control = Image.fromarray((np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8))
 

@@ -104,12 +104,9 @@ class FluxAdapter(ModelAdapter):
     """FLUX.1-dev's distilled guidance, an input of the transformer (not a second batch)."""
     default_text_tokens = 512
     """``FluxPipeline``: max_sequence_length=512 T5 tokens (CLIP gives only the pooled embedding)."""
-    text_tokens_by_pipeline: ClassVar[Mapping[str, int]] = {
-        "FluxPipeline": 512,
-        "FluxImg2ImgPipeline": 512,
-        "FluxInpaintPipeline": 512,
-        "FluxControlNetPipeline": 512,
-    }
+    text_tokens_by_pipeline: ClassVar[Mapping[str, int]] = dict.fromkeys(
+        ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline"), 512
+    )
     public_models: ClassVar[Mapping[str, PublicModel]] = {
         "flux-dev": PublicModel(_FLUX_DEV, 512),
         "flux-schnell": PublicModel({**_FLUX_DEV, "guidance_embeds": False}, 256, default_steps=4),
