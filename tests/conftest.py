@@ -99,15 +99,22 @@ def flux_pipeline(
     **components: Any,
 ) -> Any:
     """A real Flux pipeline (``pipeline_class``: text-to-image, img2img, ControlNet...) around
-    ``transformer``, driven with prompt embeddings (no text encoders)."""
+    ``transformer``, driven with prompt embeddings (no text encoders: CLIP and T5)."""
+    return flow_matching_pipeline(pipeline_class, transformer, vae, text_encoders=2, **components)
+
+
+def flow_matching_pipeline(
+    pipeline_class: type, transformer: Any, vae: Any, text_encoders: int, **components: Any
+) -> Any:
+    """``pipeline_class`` around ``transformer`` with flow-matching Euler (shift 3), ``vae`` and no text
+    encoders or tokenizers (``text_encoders`` of each), quiet."""
+    suffixes = ["", *(f"_{number}" for number in range(2, text_encoders + 1))]
+    absent = {f"{kind}{suffix}": None for suffix in suffixes for kind in ("text_encoder", "tokenizer")}
     pipe = pipeline_class(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
+        **absent,
         **components,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -140,21 +147,9 @@ def sd3_pipeline(
     **components: Any,
 ) -> Any:
     """A real SD3 pipeline (``pipeline_class``: text-to-image, ControlNet, PAG...) around ``transformer``,
-    driven with prompt embeddings (no text encoders), with ``vae`` and any other ``components``."""
-    pipe = pipeline_class(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        text_encoder_3=None,
-        tokenizer_3=None,
-        **components,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    driven with prompt embeddings (no text encoders: CLIP-L, CLIP-G, T5), with ``vae`` and any other
+    ``components``."""
+    return flow_matching_pipeline(pipeline_class, transformer, vae, text_encoders=3, **components)
 
 
 def pixart_pipeline(transformer: PixArtTransformer2DModel, alpha: bool = False):
