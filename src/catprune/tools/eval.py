@@ -16,7 +16,7 @@ from ..evaluation import (
     run_evaluation,
 )
 from ..prompts import PROMPT_SETS, PromptSetError
-from .arguments import add_command, add_pruning_arguments, settings_from_arguments
+from .arguments import add_command, add_pruning_arguments, add_run_arguments, settings_from_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,8 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--num-prompts", type=int, default=64, help="the first N prompts (default: 64)")
     add_pruning_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
-    parser.add_argument("--guidance-scale", type=float, help="default: the pipeline's")
+    add_run_arguments(parser)
     parser.add_argument(
         "--clip-model",
         default=AUTO_CLIP,
@@ -41,10 +40,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"loaded), 'none', or '{AUTO_CLIP}' (default): none for the shapes models and --prompts shapes, "
         f"whose shapes checker measures alignment, {DEFAULT_CLIP_MODEL} for other models",
     )
-    parser.add_argument("--device", help="default: cuda when available (each process its own GPU)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
-    parser.add_argument("--out", required=True, help="output folder (rerun with the same one to resume)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..frontier import FrontierSettings, config_fields, parse_grid, run_frontier, type_name
 from ..prompts import PROMPT_SETS, PromptSetError
-from .arguments import add_command, settings_from_arguments
+from .arguments import add_command, add_run_arguments, settings_from_arguments
 
 DEFAULT_GRID = ("keep_ratio=0.3,0.5", "start_step=4,8")
 """The pruned settings' grid when no ``--grid`` is given."""
@@ -68,12 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"{' '.join(f'--grid {spec}' for spec in DEFAULT_GRID)}). Values are read by the field's type: "
         "true/false, none, a tuple as [4,-1] (quote it) or one bare element. Fields: " + fields,
     )
-    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
-    parser.add_argument("--guidance-scale", type=float, help="default: the pipeline's")
-    parser.add_argument("--device", help="default: cuda when available (each process its own GPU)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
-    parser.add_argument("--out", required=True, help="output folder (rerun with the same one to resume)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_arguments(parser)
     parser.set_defaults(func=run)
 
 
