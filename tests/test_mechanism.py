@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import seeded_latents, tiny_sd3
+from conftest import sd3_pipeline, sd3_prompts, seeded_latents, tiny_sd3
 from test_pipelines import CASES, CONFIG, START, STEPS, generate, record_indices
 
 from catprune import CATPruningConfig, apply_cat_pruning
@@ -133,3 +133,15 @@ def test_a_generation_that_prunes_is_not_warned_about() -> None:
     pipe = case.make_pipeline()
     apply_cat_pruning(pipe, CONFIG)
     assert not catprune_warnings(lambda: generate(pipe, case, case.prompts(1), seeded_latents(1)))
+
+
+def test_kept_tokens_rounded_up_to_a_multiple_for_gpu_kernels() -> None:
+    config = CATPruningConfig(kept_multiple=64)
+    assert (config.num_kept(4096), config.num_kept(100), config.num_kept(50)) == (1280, 64, 50)
+    assert CATPruningConfig().num_kept(4096) == 1229
+    with pytest.raises(ValueError, match="kept_multiple"):
+        CATPruningConfig(kept_multiple=0)
+    pipe = sd3_pipeline(tiny_sd3())
+    state = apply_cat_pruning(pipe, CATPruningConfig(start_step=2, kept_multiple=8))
+    pipe(height=128, width=128, num_inference_steps=4, output_type="latent", **sd3_prompts(1))
+    assert state.indices.shape == (2, 24) and state.stats.kept_tokens == 24  # round(0.3 * 64) = 19 -> 24

@@ -178,11 +178,12 @@ def count_macs(
     start_step: int = 8,
     batch: int = 1,
     cfg: bool = True,
+    kept_multiple: int = 1,
 ) -> MacsReport:
     """Count the MACs of full and CAT generations of ``batch`` prompts (see the module docstring)."""
     if steps < 1 or batch < 1:
         raise ValueError(f"steps and batch must be >= 1, got {steps} and {batch}")
-    config = CATPruningConfig(keep_ratio=keep_ratio, start_step=start_step)
+    config = CATPruningConfig(keep_ratio=keep_ratio, start_step=start_step, kept_multiple=kept_multiple)
     rows = batch * (architecture.cfg_batch if cfg else 1)
     model = architecture.build("meta")
     # Counting needs one call of each kind: FULL (step 0), FILL (step 1), PRUNED (step 2).

@@ -25,6 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-cfg", action="store_true", help="no classifier-free guidance (one row per prompt)"
     )
     parser.add_argument(
+        "--kept-multiple",
+        type=int,
+        default=1,
+        help="round K up to a multiple of this, e.g. 64 for GPU kernels (default: 1, no rounding)",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="print one JSON object (fields: docs/measurement.md)"
     )
     parser.set_defaults(func=run)
@@ -40,8 +46,11 @@ def run(args: argparse.Namespace) -> int:
         start_step=args.start_step,
         batch=args.batch,
         cfg=not args.no_cfg,
+        kept_multiple=args.kept_multiple,
     )
-    config = CATPruningConfig(keep_ratio=args.keep_ratio, start_step=args.start_step)
+    config = CATPruningConfig(
+        keep_ratio=args.keep_ratio, start_step=args.start_step, kept_multiple=args.kept_multiple
+    )
     selection = count_selection(architecture, args.resolution, args.batch, config)
     summary = report_fields(report, selection)
     print(json.dumps(summary, indent=2) if args.json else "\n".join(report_lines(report, summary)))
