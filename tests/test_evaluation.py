@@ -35,6 +35,7 @@ from catprune.evaluation import (
 )
 from catprune.prompts import PromptSetError, load_prompts
 from catprune.runtime import load_pipeline, run_generation
+from catprune.shapes import textures
 from catprune.shapes.scenes import heldout_captions
 from catprune.shapes.training import TrainConfig, build_pipeline
 
@@ -115,10 +116,12 @@ def test_unpruned_methods_never_prune_yet_count_macs() -> None:
 
 def test_prompt_sets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_prompts("shapes", 5, seed=1) == heldout_captions(5, 1)
+    assert load_prompts("textures", 5, seed=1) == textures.heldout_captions(5, 1)
+    assert load_prompts("textures", 3) == load_prompts("textures")[:3]
     file = tmp_path / "prompts.txt"
     file.write_text("a cat\n\n  a dog  \na bird\n")
     assert load_prompts(file, 2) == ["a cat", "a dog"]
-    with pytest.raises(PromptSetError, match=r"unknown prompt set 'nope'.*shapes, parti, coco"):
+    with pytest.raises(PromptSetError, match=r"unknown prompt set 'nope'.*shapes, textures, parti, coco"):
         load_prompts("nope")
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(PromptSetError, match=r"needs the 'datasets' package.*catprune\[eval\]"):
@@ -323,6 +326,8 @@ def test_auto_clip_model_is_none_where_the_shapes_checker_measures_alignment(tin
     for shapes_model in ("shapes-mmdit", "shapes-pixart", tiny_model):
         assert resolve_clip_model("auto", shapes_model, "parti") is None
     assert resolve_clip_model("auto", "stabilityai/stable-diffusion-3-medium-diffusers", "shapes") is None
+    assert resolve_clip_model("auto", "some/model", "textures") is None
+    assert resolve_clip_model("auto", "textures-mmdit", "parti") is None
     assert resolve_clip_model("auto", "stabilityai/stable-diffusion-3-medium-diffusers", "parti") == (
         DEFAULT_CLIP_MODEL
     )
@@ -429,3 +434,46 @@ def test_records_of_older_versions_are_one_unknown_session() -> None:
     _, cells, notes = timing_table(old + new)
     assert cells == [["0.500*", "1.00x*"], ["1.000*", "2.00x*"]]
     assert "mix timings from 2 sessions (some by a version that did not record sessions)" in notes
+
+
+# --- textured captions: the checker does not read the backdrop -------------------------------------------
+
+
+def alignment_record(method: str, index: int, **scores: float) -> dict[str, Any]:
+    return {"method": method, "index": index, "steps": 8, "macs": 1, "seconds": 1.0, "alignment": scores}
+
+
+def test_textured_scores_have_no_background_which_counts_neither_right_nor_wrong() -> None:
+    right = {key: 1.0 for key in ("full", "count", "colour", "shape", "size", "position")}
+    records = [
+        alignment_record("full", 0, **right),  # textured: no background
+        alignment_record("full", 1, **{**right, "full": 0.0, "colour": 0.5}),
+        alignment_record("cat", 0, **right, background=1.0),  # a shapes caption in the same run
+        alignment_record("cat", 1, **right),
+    ]
+    full, cat = summarize(records, ["full", "cat"])
+    assert full["alignment_background"] is None and full["alignment_full"] == 50.0
+    assert full["alignment_colour"] == 75.0 and full["alignment_count"] == 100.0
+    assert cat["alignment_background"] == 100.0 and cat["alignment_full"] == 100.0
+    table = summary_markdown([full, cat], EvalSettings(model="m", prompts="textures"), 2)
+    assert "| 50.0 | 93.8 |" in table  # Alignment, Attributes (mean of colour, shape, size, position)
+    assert "the background is not scored" in table
+    shapes_only = summarize(records[2:3], ["cat"])
+    assert "not scored" not in summary_markdown(shapes_only, EvalSettings(model="m", prompts="shapes"), 1)
+
+
+def test_eval_on_textures_prompts_scores_alignment_without_background(tmp_path: Path) -> None:
+    """A tiny random 64x64 model (32x32 tokens) of the textures grammar, 1 prompt: the rows' alignment."""
+    model = tmp_path / "tiny-textures"
+    config = TrainConfig(data="textures", arch="mmdit", width=32, layers=1, text_layers=1, steps=1)
+    build_pipeline(config).save_pretrained(model)
+    out = tmp_path / "run"
+    args = eval_args(str(model), out, "cat", 1, "--steps", "4", "--start-step", "2")
+    args[args.index("shapes")] = "textures"
+    assert main(args) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [record["prompt"] for record in records] == textures.heldout_captions(1) * 2
+    assert all(set(record["alignment"]) == {"colour", "shape", "size", "position", "count", "full"}
+               for record in records)  # fmt: skip
+    summary = (out / "summary.md").read_text()
+    assert "Alignment (%)" in summary and "the background is not scored" in summary

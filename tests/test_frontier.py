@@ -14,15 +14,18 @@ from typing import Any, Literal
 import pytest
 
 from catprune.cli import main
+from catprune.evaluation import summarize
 from catprune.frontier import (
     FrontierSettings,
     answer,
+    frontier_markdown,
     frontier_points,
     frontier_rows,
     margin_over_curve,
     pareto_front,
     parse_grid,
     parse_value,
+    write_csv,
 )
 from catprune.shapes.training import TrainConfig, build_pipeline
 
@@ -75,6 +78,33 @@ def test_rows_and_the_answer_on_constructed_figures() -> None:
     rows[3]["margin_db"] = -1.5
     assert answer(rows).startswith("None of the 1 pruned settings within the curve's MACs (1 more lie")
     assert "the closest, #1 `cat,steps=8,keep_ratio=0.3,start_step=2`, lies 1.50 dB below it" in answer(rows)
+
+
+def test_textured_alignment_in_the_table_and_csv(tmp_path: Path) -> None:
+    """Textured captions' scores have no background: the alignment columns read the rest, with a note."""
+    settings = FrontierSettings("textures-mmdit", "textures", reference_steps=8)
+    points, _ = frontier_points(settings, [4], [8], parse_grid(["keep_ratio=0.3", "start_step=2"]))
+    textured = {key: 1.0 for key in ("full", "count", "colour", "shape", "size", "position")}
+    figures = {
+        "full": (8, None, 1.0),
+        "steps=4": (4, 20.0, 0.0),
+        "cat,steps=8,keep_ratio=0.3,start_step=2": (5, 25.0, 1.0),
+    }
+    records = [
+        {"method": name, "index": index, "steps": 8, "macs": macs, "seconds": 1.0,
+         **({"psnr": psnr, "ssim": 0.5} if psnr is not None else {}),
+         "alignment": {**textured, "full": full if index == 0 else 1.0}}
+        for name, (macs, psnr, full) in figures.items()
+        for index in range(2)
+    ]  # fmt: skip
+    rows = frontier_rows(summarize(records, list(figures)), points)
+    assert [row["alignment_full"] for row in rows] == [100.0, 50.0, 100.0]
+    assert all(row["alignment_background"] is None for row in rows)
+    table = frontier_markdown(rows, settings, 2)
+    assert "Alignment (%)" in table and "the background is not scored" in table
+    write_csv(rows, tmp_path / "frontier.csv")
+    with (tmp_path / "frontier.csv").open() as file:
+        assert [row["alignment_full"] for row in csv.DictReader(file)] == ["100.0", "50.0", "100.0"]
 
 
 def test_values_are_read_by_the_field_type() -> None:
@@ -206,3 +236,23 @@ def test_an_unknown_grid_field_is_a_clear_error_before_any_work(
         "catprune frontier: error: --grid 'refresh_step=-1': CATPruningConfig has no field"
     )
     assert "its fields: keep_ratio, start_step" in error and not (tmp_path / "run").exists()
+
+
+def test_a_call_that_adds_settings_tables_every_setting_in_the_folder(
+    tiny_model: str, tmp_path: Path
+) -> None:
+    """Settings added by a later call with another grid (and the options beyond the paper) join the ones
+    already there: the table and plot describe the whole folder."""
+    out = tmp_path / "run"
+    assert main(frontier_args(tiny_model, out, ("keep_ratio=0.3", "start_step=3"))) == 0
+    added = ("keep_ratio=0.3", "start_step=3", "kv_extrapolation=linear", "refresh_steps=-1")
+    assert main(frontier_args(tiny_model, out, added)) == 0
+    with (out / "frontier.csv").open() as file:
+        names = [row["name"] for row in csv.DictReader(file)]
+    assert names == [
+        "full",
+        "steps=4",
+        "steps=6",
+        "cat,steps=8,keep_ratio=0.3,start_step=3,kv_extrapolation=linear,refresh_steps=[-1]",
+        "cat,steps=8,keep_ratio=0.3,start_step=3",
+    ]

@@ -17,12 +17,14 @@ from PIL import Image
 from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
 from catprune.cli import main
 from catprune.runtime import run_generation
-from catprune.shapes import VOCABULARY, heldout_captions, score
+from catprune.shapes import VOCABULARY, heldout_captions, score, textures
 from catprune.shapes.pipelines import (
     SHIPPED_MODELS,
     ShapesMMDiTPipeline,
     ShapesPixArtPipeline,
     load_shapes_pipeline,
+    model_image_size,
+    prompt_grammar,
     shipped_model_path,
 )
 from catprune.shapes.text import MAX_WORDS, ShapesTextEncoder, ShapesTokenizer
@@ -292,6 +294,8 @@ def test_generate_help_shows_the_grammar(capsys) -> None:
     help_text = capsys.readouterr().out
     assert "Prompts of the shipped shapes models" in help_text
     assert all(word in help_text for word in ("at the bottom right", "triangle", "orange", "gray"))
+    assert "Prompts of textures-mmdit (64x64)" in help_text and "on a [TONE] PATTERN background" in help_text
+    assert all(word in help_text for word in (*textures.PATTERNS, *textures.TONES, "textures-mmdit"))
 
 
 @pytest.mark.parametrize("name", SHIPPED_MODELS)
@@ -304,7 +308,7 @@ def test_shipped_models_are_small_safetensors(name: str) -> None:
     assert not list(folder.glob("**/*.bin"))
 
 
-@pytest.mark.parametrize("name", SHIPPED_MODELS)
+@pytest.mark.parametrize("name", ["shapes-mmdit", "shapes-pixart"])
 def test_shipped_models_draw_held_out_captions(name: str) -> None:
     """The shipped weights, full and CAT-pruned, draw what 8 held-out captions say (checked from pixels).
 
@@ -324,3 +328,84 @@ def test_shipped_models_draw_held_out_captions(name: str) -> None:
         remove_cat_pruning(pipe)
         right = [bool(score(image, caption)["full"]) for image, caption in zip(images, captions, strict=True)]
         assert sum(right) >= 6, f"{'CAT' if pruned else 'full'}: {right} for {captions}"
+
+
+# --- textures-mmdit: 64x64 pixels, a 32x32 token grid, the textures grammar -------------------------------
+
+TEXTURED = (
+    "a large red circle at the top left and a small blue square at the bottom right on a gray striped "
+    "background"
+)
+TEXTURED_SWAPPED = (
+    "a small blue square at the bottom right and a large red circle at the top left on a Gray striped "
+    "background."
+)
+
+
+def test_the_textures_model_is_shipped_and_loads_by_name() -> None:
+    assert "textures-mmdit" in SHIPPED_MODELS
+    assert (prompt_grammar("textures-mmdit"), model_image_size("textures-mmdit")) == ("textures", 64)
+    assert [prompt_grammar(name) for name in ("shapes-mmdit", "shapes-pixart")] == ["shapes", "shapes"]
+    assert prompt_grammar("stabilityai/stable-diffusion-3-medium-diffusers") is None
+    pipe = load_shapes_pipeline("textures-mmdit")
+    assert type(pipe) is ShapesMMDiTPipeline and pipe.image_size == 64
+    assert pipe.transformer.config.patch_size == 2 and pipe.transformer.config.pos_embed_max_size == 32
+    assert tuple(pipe.text_encoder.config.vocabulary) == textures.VOCABULARY
+    assert pipe.scheduler.config.shift == 3.0
+
+
+def upscaled_64x64(out: Path) -> bool:
+    """Whether a written PNG is a 64x64 image upscaled to ``PANEL`` (nearest: blocks of equal pixels)."""
+    with Image.open(out) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    block = PANEL // 64
+    return pixels.shape == (PANEL, PANEL, 3) and np.array_equal(
+        pixels, pixels[::block, ::block].repeat(block, 0).repeat(block, 1)
+    )
+
+
+# The fewest steps ``generate`` takes: pruning starts at step 2 at the earliest (t0 - 2 is the reference).
+FEWEST = ("--steps", "3", "--start-step", "2")
+
+
+def test_generate_reads_a_textured_prompt_for_the_textures_model(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "textured.png"
+    assert main(["generate", TEXTURED_SWAPPED, "--model", "textures-mmdit", *FEWEST, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"prompt read as: {TEXTURED}" in printed and "GMACs" in printed
+    assert upscaled_64x64(out)
+
+
+@pytest.mark.slow
+def test_generate_draws_a_textured_prompt_with_the_textures_model_in_a_subprocess(tmp_path: Path) -> None:
+    """By name, offline, as installed: the prompt read in the textures grammar, a 64x64 image upscaled.
+    Most of its time is the new process's start (importing torch and diffusers)."""
+    out = tmp_path / "textured.png"
+    args = ("--model", "textures-mmdit", *FEWEST, "--threads", "1")
+    result = cli("generate", TEXTURED_SWAPPED, *args, "--out", str(out), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"prompt read as: {TEXTURED}" in result.stdout and "GMACs" in result.stdout
+    assert upscaled_64x64(out)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "model", "problem", "example"),
+    [
+        (PROMPT, "textures-mmdit", "missing backdrop", "on a gray striped background"),
+        ("a red circle on a striped background", "textures-mmdit", "got 'a red circle'", "PATTERN:"),
+        (TEXTURED, "shapes-mmdit", "unknown word(s) 'striped'", "on a white background"),
+    ],
+)
+def test_generate_refuses_a_prompt_of_the_other_grammar_showing_the_model_s(
+    prompt: str, model: str, problem: str, example: str, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "x.png"
+    assert main(["generate", prompt, "--model", model, "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert problem in error and example in error and "\n" not in error and not out.exists()
+
+
+def test_generate_size_options_name_the_textures_model_s_size(tmp_path: Path, capsys) -> None:
+    out = str(tmp_path / "x.png")
+    assert main(["generate", TEXTURED, "--model", "textures-mmdit", "--height", "128", "--out", out]) == 2
+    assert "--height: textures-mmdit draws 64x64 images" in capsys.readouterr().err

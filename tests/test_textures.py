@@ -126,3 +126,18 @@ def test_train_shapes_on_textures_saves_a_64x64_pipeline(tmp_path: Path, restore
 def test_saved_configs_without_a_data_set_are_shapes_runs() -> None:
     saved = {k: v for k, v in asdict(TrainConfig(steps=1)).items() if k != "data"}
     assert TrainConfig(**saved).data == "shapes"
+
+
+def test_viz_reads_prompts_in_the_model_s_grammar(tmp_path: Path, capsys) -> None:
+    """``catprune viz`` defaults to textured scenes for a textures model, refuses other grammars' prompts."""
+    from catprune.tools.viz import DEFAULT_PROMPTS, TEXTURES_DEFAULT_PROMPTS, default_prompts
+
+    assert default_prompts("clusters", "textures") == list(TEXTURES_DEFAULT_PROMPTS)
+    assert default_prompts("selection", "textures") == [TEXTURES_DEFAULT_PROMPTS[1]]
+    assert all(textures.normalize_prompt(prompt) == prompt for prompt in TEXTURES_DEFAULT_PROMPTS)
+    out = tmp_path / "clusters.png"
+    argv = ["viz", "clusters", "--model", "textures-mmdit", "--out", str(out)]
+    assert main([*argv, "--prompts", DEFAULT_PROMPTS[0]]) == 2
+    error = capsys.readouterr().err
+    assert "missing backdrop" in error and "on a [TONE] PATTERN background" in error
+    assert error.count("\n") == 1 and not out.exists()

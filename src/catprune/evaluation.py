@@ -44,9 +44,13 @@ from .strategies import STRATEGIES
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 AUTO_CLIP = "auto"
 """``--clip-model``'s default: no CLIP score where the shapes checker measures alignment (the shapes models,
-the shapes prompts), :data:`DEFAULT_CLIP_MODEL` elsewhere (see :func:`resolve_clip_model`)."""
+the shapes and textures prompts), :data:`DEFAULT_CLIP_MODEL` elsewhere (see :func:`resolve_clip_model`)."""
 ALIGNMENT_KEYS = ("full", "background", "count", "colour", "shape", "size", "position")
-"""What the shapes checker scores; ``full``: the image matches its caption in every respect."""
+"""What the shapes checker scores; ``full``: the image matches its caption in every respect. A textured
+caption's score has no ``background`` (the checker does not read textured backdrops): not applicable, so
+it counts neither as right nor as wrong, and ``full`` covers the rest."""
+ALIGNED_PROMPT_SETS = ("shapes", "textures")
+"""The prompt sets whose images the shapes checker scores (their captions are in its grammars)."""
 TIMING_KEYS = ("throughput", "speedup")
 """Summary columns that depend on the machine and its load (the rest are reproducible bit for bit)."""
 TIMING_RECORD_KEYS = ("seconds", "session", "load", "cpus")
@@ -108,14 +112,15 @@ def is_shapes_model(model: str | Path) -> bool:
 
 def resolve_clip_model(clip_model: str | None, model: str | Path, prompts: str | Path) -> str | None:
     """The CLIP model a run scores with, from ``--clip-model``: None (or ``none``) disables the CLIP
-    score, a name or path forces it, ``auto`` means none for the shapes models and the shapes prompts
-    (the shapes checker is the alignment metric there, and CLIP knows nothing of 32x32 shape images) and
-    :data:`DEFAULT_CLIP_MODEL` for any other model. Nothing is loaded or downloaded here."""
+    score, a name or path forces it, ``auto`` means none for the shapes models and the shapes and textures
+    prompts (the shapes checker is the alignment metric there, and CLIP knows nothing of these small
+    synthetic images) and :data:`DEFAULT_CLIP_MODEL` for any other model. Nothing is loaded or downloaded
+    here."""
     if clip_model is None or clip_model.strip().lower() == "none":
         return None
     if clip_model.strip().lower() != AUTO_CLIP:
         return clip_model
-    if str(prompts) == "shapes" or is_shapes_model(model):
+    if str(prompts) in ALIGNED_PROMPT_SETS or is_shapes_model(model):
         return None
     return DEFAULT_CLIP_MODEL
 
@@ -170,7 +175,7 @@ def fidelity(image: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
 
 
 def shapes_alignment(image: np.ndarray, prompt: str) -> dict[str, float]:
-    """The shapes checker's scores (booleans as 0/1)."""
+    """The shapes checker's scores (booleans as 0/1); no ``background`` for a textured caption."""
     from .shapes.checker import score
 
     return {key: float(value) for key, value in score(image, prompt).items()}
@@ -436,7 +441,7 @@ def open_run(
         prompts,
         settings.seed,
         settings.guidance_scale,
-        alignment=settings.prompts == "shapes",
+        alignment=str(settings.prompts) in ALIGNED_PROMPT_SETS,
         clip=clip,
         clip_note=why,
         session=session[0],
@@ -568,8 +573,8 @@ def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> list
             "ssim": _mean([record["ssim"] for record in mine if "ssim" in record]),
             "clip_score": _mean([record["clip_score"] for record in mine if "clip_score" in record]),
         }
-        for key in ALIGNMENT_KEYS:
-            row[f"alignment_{key}"] = _mean([100 * scores[key] for scores in alignment])
+        for key in ALIGNMENT_KEYS:  # a key a score lacks (textures: background) does not apply to it
+            row[f"alignment_{key}"] = _mean([100 * scores[key] for scores in alignment if key in scores])
         row.update(_timing_conditions(mine))
         rows.append(row)
     full = next((row for row in rows if row["method"] == REFERENCE), None)
@@ -676,6 +681,8 @@ def alignment_columns(rows: Sequence[dict[str, Any]]) -> tuple[list[Column], lis
         "Alignment: images the shapes checker finds right in every respect; Attributes: mean of its "
         "colour, shape, size and position scores."
     )
+    if any(row["alignment_full"] is not None and row["alignment_background"] is None for row in rows):
+        note += " On textured backdrops the checker reads the objects only: the background is not scored."
     return columns, [note]
 
 

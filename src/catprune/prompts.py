@@ -1,4 +1,5 @@
-"""Prompt sets for evaluation: ``shapes`` (built in), ``parti`` and ``coco`` (hub datasets), or a text file.
+"""Prompt sets for evaluation: ``shapes`` and ``textures`` (built in: held-out captions of the shapes models'
+two grammars), ``parti`` and ``coco`` (hub datasets), or a text file.
 
 The hub sets need the optional ``datasets`` package (``pip install 'catprune[eval]'``) and the network, or
 a local Hugging Face cache; without either they fail at once with a message saying so, never half-way
@@ -31,13 +32,15 @@ HUB_SETS: dict[str, HubPromptSet] = {
     # One row per COCO 2017 validation image with its captions; the first caption of each image is used.
     "coco": HubPromptSet("phiyodr/coco2017", "validation", "captions", "COCO 2017 val captions (5,000)"),
 }
-BUILT_IN = ("shapes",)
+BUILT_IN = ("shapes", "textures")
+"""Held-out captions (colour-shape pairs never trained on): ``shapes`` for ``shapes-mmdit`` and
+``shapes-pixart``, ``textures`` (on textured backdrops) for ``textures-mmdit``."""
 PROMPT_SETS = (*BUILT_IN, *HUB_SETS)
 
 
 def load_prompts(name_or_path: str | Path, num_prompts: int | None = None, seed: int = 0) -> list[str]:
     """The first ``num_prompts`` prompts (all when None) of a named set or of a text file (one per line,
-    blank lines skipped). ``seed`` only matters for ``shapes``, whose held-out captions it draws."""
+    blank lines skipped). ``seed`` only matters for the built-in sets, whose held-out captions it draws."""
     if num_prompts is not None and num_prompts < 1:
         raise PromptSetError(f"the number of prompts must be >= 1, got {num_prompts}")
     name = str(name_or_path)
@@ -45,6 +48,10 @@ def load_prompts(name_or_path: str | Path, num_prompts: int | None = None, seed:
         from .shapes.scenes import heldout_captions
 
         return heldout_captions(num_prompts if num_prompts is not None else 256, seed)
+    if name == "textures":
+        from .shapes.textures import heldout_captions as heldout_textured_captions
+
+        return heldout_textured_captions(num_prompts if num_prompts is not None else 256, seed)
     if name in HUB_SETS:
         prompts = _hub_prompts(HUB_SETS[name])
     elif Path(name).is_file():

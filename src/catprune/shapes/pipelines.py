@@ -4,6 +4,12 @@ Each pipeline drives the real diffusers transformer class with the sampler of it
 classifier-free guidance as diffusers' pipelines do (``encode_prompt`` once per call, then one
 transformer call per step on ``[uncond..., cond...]``), so ``apply_cat_pruning`` treats them exactly as
 it treats SD3 and PixArt-Sigma. Images are 3-channel pixels in [-1, 1]; there is no VAE.
+
+Three models are shipped inside the package (:data:`SHIPPED_MODELS`): ``shapes-mmdit`` and
+``shapes-pixart`` (32x32 pixels, a 16x16 token grid, the ``scenes`` caption grammar) and
+``textures-mmdit`` (64x64 pixels, a 32x32 token grid, the ``textures`` grammar). A saved model's text
+encoder holds its vocabulary, so :func:`prompt_grammar` tells the grammar of any saved shapes model
+without loading its weights, and :func:`normalize_model_prompt` reads a prompt as that model's caption.
 """
 
 from __future__ import annotations
@@ -28,9 +34,25 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
 from ..adapters import ADAPTERS
+from .scenes import (
+    COLOURS,
+    MAX_OBJECTS,
+    POSITION_PHRASES,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    PromptGrammarError,
+    ShapeObject,
+)
+from .scenes import normalize_prompt as normalize_shapes_prompt
 from .text import ShapesTextEncoder
+from .textures import PATTERNS, TONES, Backdrop, TexturedScene
+from .textures import caption as textured_caption
+from .textures import normalize_prompt as normalize_textures_prompt
 
-SHIPPED_MODELS: tuple[str, ...] = ("shapes-mmdit", "shapes-pixart")
+SHIPPED_MODELS: tuple[str, ...] = ("shapes-mmdit", "shapes-pixart", "textures-mmdit")
+GRAMMARS: tuple[str, ...] = ("shapes", "textures")
+"""The caption grammars of the shapes models: ``scenes``' (plain backgrounds) and ``textures``'."""
 
 
 @dataclass
@@ -184,7 +206,7 @@ PIPELINE_CLASSES: dict[str, type[ShapesPipeline]] = {
 
 
 def shipped_model_path(name: str) -> Path:
-    """Folder of a model shipped inside the package (``shapes-mmdit`` or ``shapes-pixart``)."""
+    """Folder of a model shipped inside the package (one of :data:`SHIPPED_MODELS`)."""
     if name not in SHIPPED_MODELS:
         raise ValueError(f"unknown shipped model {name!r}; expected one of {', '.join(SHIPPED_MODELS)}")
     return Path(str(resources.files("catprune") / "models" / name))
@@ -214,3 +236,87 @@ def load_shapes_pipeline(name_or_path: str | Path) -> ShapesPipeline:
     pipe = cls.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def model_folder(name_or_path: str | Path) -> Path:
+    """The folder of a shipped model's name, or the path itself."""
+    name = str(name_or_path)
+    return shipped_model_path(name) if name in SHIPPED_MODELS else Path(name_or_path)
+
+
+def _component_config(model: str | Path, component: str) -> dict[str, Any]:
+    """A saved shapes model's component config (``text_encoder``, ``transformer``), read without weights."""
+    return json.loads((model_folder(model) / component / "config.json").read_text())
+
+
+def prompt_grammar(model: str | Path) -> str | None:
+    """The caption grammar of a shapes model (one of :data:`GRAMMARS`), None for any other model.
+
+    Read from the saved text encoder's vocabulary (nothing is loaded): ``textures`` when it has the
+    backdrop pattern words, ``shapes`` otherwise.
+    """
+    if not is_shapes_model(model):
+        return None
+    vocabulary = _component_config(model, "text_encoder").get("vocabulary") or ()
+    return "textures" if set(PATTERNS) <= set(vocabulary) else "shapes"
+
+
+def model_image_size(model: str | Path) -> int:
+    """The side in pixels of a shapes model's images (32 or 64 for the shipped ones), read from its config."""
+    return int(_component_config(model, "transformer")["sample_size"])
+
+
+_OBJECT_PATTERN = "a SIZE COLOUR SHAPE POSITION"
+_TEXTURES_PATTERN = (
+    f"{_OBJECT_PATTERN} " + f"[and {_OBJECT_PATTERN}] " * (MAX_OBJECTS - 1) + "on a [TONE] PATTERN background"
+)
+_TEXTURES_EXAMPLE = textured_caption(
+    TexturedScene(
+        Backdrop(PATTERNS[0], "gray"), (ShapeObject(SHAPES[0], COLOURS[0], SIZES[-1], POSITIONS[0]),)
+    )
+)
+_TEXTURES_SLOTS: dict[str, tuple[str, ...]] = {
+    "SIZE": SIZES,
+    "COLOUR": COLOURS,
+    "SHAPE": SHAPES,
+    "POSITION": tuple(POSITION_PHRASES[p] for p in POSITIONS),
+    "TONE": TONES,
+    "PATTERN": PATTERNS,
+}
+TEXTURES_GRAMMAR_LINE: str = f'expected: {_TEXTURES_PATTERN}, e.g. "{_TEXTURES_EXAMPLE}"; ' + "; ".join(
+    f"{slot}: {'|'.join(words)}" for slot, words in _TEXTURES_SLOTS.items()
+)
+"""The textures grammar in one line, for errors (as ``scenes``' ``PromptGrammarError`` shows its own)."""
+TEXTURES_GRAMMAR_HELP: str = "\n".join(
+    [
+        "Prompts of textures-mmdit (64x64) follow the textures caption grammar: the same objects on a",
+        "textured backdrop that the caption names (its pattern, optionally its main tone) but does not fix:",
+        f"  {_TEXTURES_PATTERN}",
+        f"with 1 to {MAX_OBJECTS} objects at different positions, in any order; case, extra spaces and",
+        f'a final period are ignored. Example: "{_TEXTURES_EXAMPLE}"',
+        "  SIZE, COLOUR, SHAPE, POSITION: as in the shapes grammar",
+        f"  {'TONE:':12}{' | '.join(TONES)} (optional)",
+        f"  {'PATTERN:':12}{' | '.join(PATTERNS)}",
+    ]
+)
+"""The textures grammar for a CLI's help, after ``scenes.GRAMMAR_HELP`` (whose object slots it uses)."""
+
+
+class TexturesPromptGrammarError(PromptGrammarError):
+    """A prompt outside the textures grammar; ``str()`` is one line that shows that grammar."""
+
+    def __str__(self) -> str:
+        return f"{self.args[0]}; {TEXTURES_GRAMMAR_LINE}"
+
+
+def normalize_model_prompt(prompt: str, grammar: str) -> str:
+    """The canonical caption of ``prompt`` in ``grammar`` (:func:`prompt_grammar`), or PromptGrammarError
+    (one line: the problem, then the grammar)."""
+    if grammar == "shapes":
+        return normalize_shapes_prompt(prompt)
+    if grammar != "textures":
+        raise ValueError(f"unknown grammar {grammar!r}; expected one of {', '.join(GRAMMARS)}")
+    try:
+        return normalize_textures_prompt(prompt)
+    except PromptGrammarError as error:
+        raise TexturesPromptGrammarError(error.args[0]) from None

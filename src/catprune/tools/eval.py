@@ -21,7 +21,9 @@ from .arguments import add_command, add_pruning_arguments, add_run_arguments, se
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(subparsers, "eval")
-    parser.add_argument("--model", required=True, help="shapes-mmdit, shapes-pixart, or a diffusers pipeline")
+    parser.add_argument(
+        "--model", required=True, help="shapes-mmdit, shapes-pixart, textures-mmdit, or a diffusers pipeline"
+    )
     parser.add_argument(
         "--prompts", required=True, help=f"{', '.join(PROMPT_SETS)}, or a file (one per line)"
     )

@@ -35,7 +35,9 @@ def step_counts(text: str) -> list[int]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(subparsers, "frontier")
-    parser.add_argument("--model", required=True, help="shapes-mmdit, shapes-pixart, or a diffusers pipeline")
+    parser.add_argument(
+        "--model", required=True, help="shapes-mmdit, shapes-pixart, textures-mmdit, or a diffusers pipeline"
+    )
     parser.add_argument(
         "--prompts", required=True, help=f"{', '.join(PROMPT_SETS)}, or a file (one per line)"
     )

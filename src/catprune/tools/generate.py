@@ -20,12 +20,18 @@ from ..errors import UserError
 from ..measure import alternating_medians, busy_note
 from ..pruning import GenerationStats, StepRecord
 from ..runtime import DTYPES, load_pipeline, psnr, run_generation, use_cpu_threads
-from ..shapes.pipelines import SHIPPED_MODELS, is_shapes_model
-from ..shapes.scenes import GRAMMAR_HELP, PromptGrammarError, normalize_prompt
+from ..shapes.pipelines import (
+    SHIPPED_MODELS,
+    TEXTURES_GRAMMAR_HELP,
+    model_image_size,
+    normalize_model_prompt,
+    prompt_grammar,
+)
+from ..shapes.scenes import GRAMMAR_HELP, PromptGrammarError
 from .arguments import add_command, add_pruning_arguments
 
 PANEL = 256
-"""Side of each panel in pixels: the 32x32 shapes images are upscaled (nearest) to it."""
+"""Side of each panel in pixels: the shapes models' 32x32 and 64x64 images are upscaled (nearest) to it."""
 MARGIN = 8
 LABEL_HEIGHT = 20
 LEGEND_HEIGHT = 30
@@ -40,12 +46,15 @@ HEAT_ANCHORS = np.array(
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(subparsers, "generate")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = f"Prompts of the shipped shapes models:\n{GRAMMAR_HELP}"
+    parser.epilog = (
+        f"Prompts of the shipped shapes models (shapes-mmdit, shapes-pixart; 32x32):\n{GRAMMAR_HELP}\n\n"
+        f"{TEXTURES_GRAMMAR_HELP}"
+    )
     parser.add_argument("prompt", help="text prompt (for the shapes models: their caption grammar, below)")
     parser.add_argument(
         "--model",
         default="shapes-mmdit",
-        help=f"{' or '.join(SHIPPED_MODELS)} (shipped), a hub id or a pipeline folder (default: %(default)s)",
+        help=f"{', '.join(SHIPPED_MODELS)} (shipped), a hub id or a pipeline folder (default: %(default)s)",
     )
     add_pruning_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
@@ -186,8 +195,9 @@ def _report(name: str, seconds: float, macs: int, full_macs: int) -> str:
     return f"{name}: {seconds:.2f} s, {macs / 1e9:.2f} GMACs ({macs / full_macs:.0%} of full)"
 
 
-def _pipeline_options(args: argparse.Namespace, shapes: bool) -> dict[str, Any]:
-    """The real-model options that were given, as pipeline arguments (the shapes models take none)."""
+def _pipeline_options(args: argparse.Namespace, grammar: str | None) -> dict[str, Any]:
+    """The real-model options that were given, as pipeline arguments (the shapes models, which have a
+    caption ``grammar``, take none)."""
     options = {
         name: value
         for name, value in (
@@ -197,18 +207,23 @@ def _pipeline_options(args: argparse.Namespace, shapes: bool) -> dict[str, Any]:
         )
         if value is not None
     }
-    if shapes and options:
+    if grammar is not None and options:
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in options)
-        raise UserError(f"{flags}: the shapes models draw 32x32 images from their caption grammar only")
+        side = model_image_size(args.model)
+        raise UserError(
+            f"{flags}: {args.model} draws {side}x{side} images from its caption grammar only (no size "
+            "options, no negative prompt)"
+        )
     return options
 
 
-def _prompt(prompt: str, shapes: bool) -> str:
-    """The prompt as the model reads it: a shapes model's caption in its canonical object order."""
-    if not shapes:
+def _prompt(prompt: str, grammar: str | None) -> str:
+    """The prompt as the model reads it: a shapes model's caption in its grammar's canonical object order
+    (``grammar``: :func:`~catprune.shapes.pipelines.prompt_grammar`, None for other models)."""
+    if grammar is None:
         return prompt
     try:
-        canonical = normalize_prompt(prompt)
+        canonical = normalize_model_prompt(prompt, grammar)
     except PromptGrammarError as error:
         raise UserError(str(error)) from None
     if canonical != prompt:
@@ -224,9 +239,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out must be a .png file, got {args.out}")
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
-    shapes = is_shapes_model(args.model)
-    options = _pipeline_options(args, shapes)
-    args.prompt = _prompt(args.prompt, shapes)
+    grammar = prompt_grammar(args.model)
+    options = _pipeline_options(args, grammar)
+    args.prompt = _prompt(args.prompt, grammar)
     pipe = load_pipeline(args.model, args.device, args.dtype)
     use_cpu_threads(pipe.transformer, args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,9 @@
 """``catprune viz FIGURE``: the paper's diagnostic figures as PNGs, from a shapes model or a real pipeline.
 
 Each figure writes ``--out`` (PNG) and the plotted data beside it (same name, .npz and .json). Without
-``--prompts`` a figure draws a built-in set of shapes prompts (:data:`DEFAULT_PROMPTS`).
+``--prompts`` a figure draws a built-in set of shapes prompts (:data:`DEFAULT_PROMPTS`; for a model of the
+textures grammar such as ``textures-mmdit``, :data:`TEXTURES_DEFAULT_PROMPTS`). A shapes model's prompts
+are read as ``catprune generate`` reads them: in its caption grammar, objects in canonical order.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from ..config import CATPruningConfig
 from ..errors import UserError
 from ..runtime import load_pipeline
+from ..shapes.pipelines import SHIPPED_MODELS, normalize_model_prompt, prompt_grammar
+from ..shapes.scenes import PromptGrammarError
 from ..strategies import STRATEGIES
 from .arguments import add_command, add_pruning_arguments
 
@@ -42,18 +46,28 @@ DEFAULT_PROMPTS = (
 SELECTION_PROMPT = DEFAULT_PROMPTS[1]
 """The one prompt ``selection`` draws without ``--prompts``."""
 
+TEXTURES_DEFAULT_PROMPTS = (
+    "a large red circle in the center on a white striped background",
+    "a small blue square at the top left and a large green triangle at the bottom right on a gray checked "
+    "background",
+    "a large purple square on the left and a small orange circle on the right on a mottled background",
+)
+"""The same scenes on textured backdrops: what a figure of a textures-grammar model draws by default."""
 
-def default_prompts(figure: str) -> list[str]:
-    """The prompts ``figure`` draws when ``--prompts`` is not given."""
-    return [SELECTION_PROMPT] if figure == "selection" else list(DEFAULT_PROMPTS)
+
+def default_prompts(figure: str, grammar: str = "shapes") -> list[str]:
+    """The prompts ``figure`` draws when ``--prompts`` is not given, for a model of ``grammar``."""
+    prompts = TEXTURES_DEFAULT_PROMPTS if grammar == "textures" else DEFAULT_PROMPTS
+    return [prompts[1]] if figure == "selection" else list(prompts)
 
 
 def _prompts_help(figure: str) -> str:
     defaults = default_prompts(figure)
     quoted = " ".join(f'"{prompt}"' for prompt in defaults)
+    textured = "; textures-mmdit: the same on textured backdrops"
     if figure == "selection":
-        return f"one prompt (default: the shapes prompt {quoted})"
-    return f"one or more prompts (default: {len(defaults)} shapes prompts: {quoted})"
+        return f"one prompt (default: the shapes prompt {quoted}{textured})"
+    return f"one or more prompts (default: {len(defaults)} shapes prompts: {quoted}{textured})"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     figures = parser.add_subparsers(dest="figure", required=True, metavar="FIGURE")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--model", required=True, help="shapes-mmdit, shapes-pixart, a local pipeline folder or a hub id"
+        "--model", required=True, help=f"{', '.join(SHIPPED_MODELS)}, a local pipeline folder or a hub id"
     )
     common.add_argument("--out", type=Path, required=True, help="the PNG to write")
     common.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
@@ -126,9 +140,20 @@ def _collect(viz: ModuleType, args: argparse.Namespace, pipe: Any) -> FigureData
     return collectors[args.figure]()
 
 
+def _model_prompts(prompts: list[str], grammar: str | None) -> list[str]:
+    """The prompts as the model reads them: a shapes model's captions in canonical order (as ``generate``)."""
+    if grammar is None:
+        return prompts
+    try:
+        return [normalize_model_prompt(prompt, grammar) for prompt in prompts]
+    except PromptGrammarError as error:
+        raise UserError(str(error)) from None
+
+
 def run(args: argparse.Namespace) -> int:
+    grammar = prompt_grammar(args.model)
     if args.prompts is None:
-        args.prompts = default_prompts(args.figure)
+        args.prompts = default_prompts(args.figure, grammar or "shapes")
     if args.steps <= args.start_step:
         raise UserError(f"--steps ({args.steps}) must be larger than --start-step ({args.start_step})")
     if args.figure == "selection" and len(args.prompts) != 1:
@@ -137,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--panels must be >= 1, got {args.panels}")
     if args.out.suffix.lower() != ".png":
         raise UserError(f"--out must name a .png file, got {args.out}")
+    args.prompts = _model_prompts(args.prompts, grammar)
     viz = _viz_library()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
