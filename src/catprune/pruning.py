@@ -310,6 +310,10 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+PROCESSOR_INPUTS = ("encoder_hidden_states", "attention_mask", "image_rotary_emb")
+"""The inputs of diffusers' attention processors after ``hidden_states``, in their positional order."""
+
+
 class CachingProcessor:
     """Base of the adapters' attention processors: full steps run the layer's original processor untouched,
     the fill step and pruned steps run :meth:`attend` (the adapter's), with :attr:`cache` to keep K/V in
@@ -362,11 +366,17 @@ class CachingProcessor:
     def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.state.mode is StepMode.FULL:
             return self.original(attn, hidden_states, *args, **kwargs)
-        return self.attend(attn, hidden_states, *args, **kwargs)
+        # diffusers' attention layers pass these positionally (FluxAttention) or by name (Attention).
+        inputs = dict(zip(PROCESSOR_INPUTS, args, strict=False)) | kwargs
+        context, mask, rotary = (inputs.get(name) for name in PROCESSOR_INPUTS)
+        return self.attend(attn, hidden_states, context, mask, rotary)
 
-    def attend(self, attn: Any, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
-        """The layer's output at the fill step and at pruned steps, called with the layer's processor
-        arguments: ``hidden_states`` (B, n, D) hold the image tokens that go through the block."""
+    def attend(
+        self, attn: Any, tokens: Tensor, context: Tensor | None, mask: Tensor | None, rotary: Any
+    ) -> Any:
+        """The layer's output at the fill step and at pruned steps: ``tokens`` (B, n, D) are what goes
+        through the block (the image tokens, or Flux's single stream), ``context`` the other input (text)
+        and ``mask`` its mask, ``rotary`` the rotary embedding (cos, sin) where the model has one."""
         raise NotImplementedError
 
 

@@ -134,21 +134,15 @@ class CachedSelfAttentionProcessor(CachingProcessor):
         return image_out
 
     def attend(
-        self,
-        attn: Any,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        image_rotary_emb: Rotary | None = None,
+        self, attn: Any, tokens: Tensor, context: Tensor | None, mask: Tensor | None, rotary: Rotary | None
     ) -> Any:
-        if attention_mask is not None:
+        if mask is not None:
             raise NotImplementedError("CAT pruning does not support masked image self-attention")
-        context = encoder_hidden_states
         # A rotary embedding's rows: [text, image] (Flux's order); at a pruned step the selected image rows.
-        text_rotary, image_rotary = split_rotary(image_rotary_emb, 0 if context is None else context.shape[1])
-        query, key, value = projections(attn, hidden_states, IMAGE_PROJECTIONS, image_rotary)  # (B, n, h, d)
+        text_rotary, image_rotary = split_rotary(rotary, 0 if context is None else context.shape[1])
+        query, key, value = projections(attn, tokens, IMAGE_PROJECTIONS, image_rotary)  # (B, n, h, d)
         extra = self.extra_projections(attn, context, text_rotary)  # (B, T, h, d) each, or None
-        num_image, num_queries = self.state.num_tokens, hidden_states.shape[1]
+        num_image, num_queries = self.state.num_tokens, tokens.shape[1]
         self.store(key, value, extra=0 if extra is None else extra[1].shape[1])
         if extra is not None:
             self.cache.write_extra(extra[1], extra[2], num_image)
@@ -157,7 +151,7 @@ class CachedSelfAttentionProcessor(CachingProcessor):
         keys, values = self.cached()  # (B, N + T, h, d) each, in the cache's order
         if extra is None:
             out = attend(query, keys, values)  # (B, n, h * d)
-            return self.finish(attn, project_out(attn, out, hidden_states), None)
+            return self.finish(attn, project_out(attn, out, tokens), None)
         queries = [extra[0], query] if self.extra_first else [query, extra[0]]
         out = attend(torch.cat(queries, dim=1), keys, values)  # (B, n + T, h * d), in the cache's order
         num_extra = extra[0].shape[1]
@@ -165,7 +159,7 @@ class CachedSelfAttentionProcessor(CachingProcessor):
             image_out, extra_out = out[:, num_extra:], out[:, :num_extra]
         else:
             image_out, extra_out = out[:, :num_queries], out[:, num_queries:]
-        return self.finish(attn, project_out(attn, image_out, hidden_states), extra_out)
+        return self.finish(attn, project_out(attn, image_out, tokens), extra_out)
 
     def _capture_attention(self, attn: Any, image_query: Tensor, extra_query: Tensor | None) -> None:
         """Update the image query cache from ``image_query`` (the recomputed image tokens) and store the

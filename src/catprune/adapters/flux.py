@@ -57,19 +57,12 @@ class SingleStreamAttentionProcessor(CachingProcessor):
     block's ``proj_out`` mixes it with the MLP)."""
 
     def attend(
-        self,
-        attn: Any,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        image_rotary_emb: Rotary | None = None,
-    ) -> Tensor:
-        if encoder_hidden_states is not None or attention_mask is not None:
+        self, attn: Any, tokens: Tensor, context: Tensor | None, mask: Tensor | None, rotary: Rotary | None
+    ) -> Any:
+        if context is not None or mask is not None:
             raise NotImplementedError("CAT pruning: a single-stream attention with a context or a mask")
         text, num_image = self.state.plan.text_tokens, self.state.num_tokens
-        query, key, value = projections(
-            attn, hidden_states, IMAGE_PROJECTIONS, image_rotary_emb
-        )  # (B, T+n, h, d)
+        query, key, value = projections(attn, tokens, IMAGE_PROJECTIONS, rotary)  # (B, T+n, h, d)
         image_key, image_value = key[:, text:], value[:, text:]  # (B, n, h, d)
         self.store(image_key, image_value, extra=text)
         self.cache.write_extra(key[:, :text], value[:, :text], num_image)

@@ -52,27 +52,22 @@ class ReusedTextAttentionProcessor(CachingProcessor):
     the image tokens that go through the block (the selected ones at a pruned step)."""
 
     def attend(
-        self,
-        attn: Any,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-    ) -> Tensor:
-        context, mask = encoder_hidden_states, attention_mask
-        batch, heads = hidden_states.shape[0], attn.heads
+        self, attn: Any, tokens: Tensor, context: Tensor | None, mask: Tensor | None, rotary: Any
+    ) -> Any:
+        batch, heads = tokens.shape[0], attn.heads
         if self.cache.empty:
             key = split_heads(attn.to_k(context), heads)  # (B, T, h, d)
             value = split_heads(attn.to_v(context), heads)  # (B, T, h, d)
             if attn.norm_k is not None:
                 key = attn.norm_k(key)
             self.cache.keep(key, value)
-        query = split_heads(attn.to_q(hidden_states), heads)  # (B, n, h, d)
+        query = split_heads(attn.to_q(tokens), heads)  # (B, n, h, d)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if mask is not None:
             mask = attn.prepare_attention_mask(mask, self.cache.key.shape[1], batch)
             mask = mask.view(batch, heads, -1, mask.shape[-1])  # (B, h, 1, T)
-        return project_out(attn, attend(query, self.cache.key, self.cache.value, mask), hidden_states)
+        return project_out(attn, attend(query, self.cache.key, self.cache.value, mask), tokens)
 
 
 class PixArtAdapter(PatchedLatentAdapter):
