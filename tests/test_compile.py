@@ -42,35 +42,30 @@ def compile_blocks(pipe: Any, backend: str) -> None:
         block.compile(fullgraph=True, backend=backend)
 
 
-def sd3_case() -> tuple[Any, Callable[[Any], torch.Tensor]]:
+def latent_case(pipe: Any, **inputs: Any) -> tuple[Any, Callable[[Any], torch.Tensor]]:
+    """A pipeline and a 6-step generation of two prompts from fixed latents with ``inputs``."""
+
     def generate(pipe: Any) -> torch.Tensor:
         return pipe(
             height=128,
             width=128,
             num_inference_steps=6,
-            guidance_scale=5.0,
             latents=seeded_latents(2),
             output_type="latent",
-            **sd3_prompts(2),
+            **inputs,
         ).images
 
-    return sd3_pipeline(tiny_sd3()), generate
+    return pipe, generate
+
+
+def sd3_case() -> tuple[Any, Callable[[Any], torch.Tensor]]:
+    return latent_case(sd3_pipeline(tiny_sd3()), guidance_scale=5.0, **sd3_prompts(2))
 
 
 def pixart_case() -> tuple[Any, Callable[[Any], torch.Tensor]]:
-    def generate(pipe: Any) -> torch.Tensor:
-        return pipe(
-            height=128,
-            width=128,
-            num_inference_steps=6,
-            guidance_scale=4.5,
-            latents=seeded_latents(2),
-            output_type="latent",
-            use_resolution_binning=False,
-            **pixart_prompts(2),
-        ).images
-
-    return pixart_pipeline(tiny_pixart()), generate
+    return latent_case(
+        pixart_pipeline(tiny_pixart()), guidance_scale=4.5, use_resolution_binning=False, **pixart_prompts(2)
+    )
 
 
 def flux_case() -> tuple[Any, Callable[[Any], torch.Tensor]]:

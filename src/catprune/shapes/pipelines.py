@@ -37,12 +37,14 @@ from ..adapters import ADAPTERS
 from .scenes import (
     COLOURS,
     MAX_OBJECTS,
-    POSITION_PHRASES,
+    OBJECT_SLOTS,
     POSITIONS,
     SHAPES,
     SIZES,
     PromptGrammarError,
     ShapeObject,
+    caption_pattern,
+    grammar_line,
 )
 from .scenes import normalize_prompt as normalize_shapes_prompt
 from .text import ShapesTextEncoder
@@ -266,25 +268,14 @@ def model_image_size(model: str | Path) -> int:
     return int(_component_config(model, "transformer")["sample_size"])
 
 
-_OBJECT_PATTERN = "a SIZE COLOUR SHAPE POSITION"
-_TEXTURES_PATTERN = (
-    f"{_OBJECT_PATTERN} " + f"[and {_OBJECT_PATTERN}] " * (MAX_OBJECTS - 1) + "on a [TONE] PATTERN background"
-)
+_TEXTURES_PATTERN = caption_pattern("[TONE] PATTERN")
 _TEXTURES_EXAMPLE = textured_caption(
     TexturedScene(
         Backdrop(PATTERNS[0], "gray"), (ShapeObject(SHAPES[0], COLOURS[0], SIZES[-1], POSITIONS[0]),)
     )
 )
-_TEXTURES_SLOTS: dict[str, tuple[str, ...]] = {
-    "SIZE": SIZES,
-    "COLOUR": COLOURS,
-    "SHAPE": SHAPES,
-    "POSITION": tuple(POSITION_PHRASES[p] for p in POSITIONS),
-    "TONE": TONES,
-    "PATTERN": PATTERNS,
-}
-TEXTURES_GRAMMAR_LINE: str = f'expected: {_TEXTURES_PATTERN}, e.g. "{_TEXTURES_EXAMPLE}"; ' + "; ".join(
-    f"{slot}: {'|'.join(words)}" for slot, words in _TEXTURES_SLOTS.items()
+TEXTURES_GRAMMAR_LINE: str = grammar_line(
+    _TEXTURES_PATTERN, _TEXTURES_EXAMPLE, {**OBJECT_SLOTS, "TONE": TONES, "PATTERN": PATTERNS}
 )
 """The textures grammar in one line, for errors (as ``scenes``' ``PromptGrammarError`` shows its own)."""
 TEXTURES_GRAMMAR_HELP: str = "\n".join(

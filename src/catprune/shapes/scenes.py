@@ -211,21 +211,36 @@ def caption(scene: Scene) -> str:
     return f"{objects} on a {scene.background} background"
 
 
-_OBJECT_PATTERN = "a SIZE COLOUR SHAPE POSITION"
-_EXAMPLE = caption(Scene(BACKGROUNDS[0], (ShapeObject(SHAPES[0], COLOURS[0], SIZES[-1], POSITIONS[0]),)))
-_SLOTS: dict[str, tuple[str, ...]] = {
+OBJECT_SLOTS: dict[str, tuple[str, ...]] = {
     "SIZE": SIZES,
     "COLOUR": COLOURS,
     "SHAPE": SHAPES,
     "POSITION": tuple(POSITION_PHRASES[p] for p in POSITIONS),
-    "BACKGROUND": BACKGROUNDS,
 }
-_PATTERN = (
-    f"{_OBJECT_PATTERN} " + f"[and {_OBJECT_PATTERN}] " * (MAX_OBJECTS - 1) + "on a BACKGROUND background"
-)
-_GRAMMAR_LINE = f'expected: {_PATTERN}, e.g. "{_EXAMPLE}"; ' + "; ".join(
-    f"{slot}: {'|'.join(words)}" for slot, words in _SLOTS.items()
-)
+"""The words of an object phrase ``a SIZE COLOUR SHAPE POSITION``, by slot (shared by every grammar)."""
+
+
+OBJECT_PATTERN = "a " + " ".join(OBJECT_SLOTS)
+
+
+def caption_pattern(backdrop: str) -> str:
+    """The caption grammar in one pattern: up to MAX_OBJECTS objects, then ``on a {backdrop} background``."""
+    return (
+        f"{OBJECT_PATTERN} " + f"[and {OBJECT_PATTERN}] " * (MAX_OBJECTS - 1) + f"on a {backdrop} background"
+    )
+
+
+def grammar_line(pattern: str, example: str, slots: dict[str, tuple[str, ...]]) -> str:
+    """A grammar in one line, for errors: its pattern, an example and every slot's words."""
+    return f'expected: {pattern}, e.g. "{example}"; ' + "; ".join(
+        f"{slot}: {'|'.join(words)}" for slot, words in slots.items()
+    )
+
+
+_EXAMPLE = caption(Scene(BACKGROUNDS[0], (ShapeObject(SHAPES[0], COLOURS[0], SIZES[-1], POSITIONS[0]),)))
+_SLOTS = {**OBJECT_SLOTS, "BACKGROUND": BACKGROUNDS}
+_PATTERN = caption_pattern("BACKGROUND")
+_GRAMMAR_LINE = grammar_line(_PATTERN, _EXAMPLE, _SLOTS)
 
 GRAMMAR_HELP: str = "\n".join(
     [
@@ -265,7 +280,7 @@ def _parse_object(words: list[str]) -> ShapeObject:
         raise ValueError("missing object before 'and' or 'on a ... background'")
     text = " ".join(words)
     if len(words) < 5 or words[0] != "a":
-        raise ValueError(f"expected an object '{_OBJECT_PATTERN}', got {text!r}")
+        raise ValueError(f"expected an object '{OBJECT_PATTERN}', got {text!r}")
     size, colour, shape = words[1:4]
     # Checked here in word order, not left to ShapeObject, so a swap is reported at its first word.
     for slot, word in zip(("SIZE", "COLOUR", "SHAPE"), (size, colour, shape), strict=True):
