@@ -126,18 +126,32 @@ def test_bench_cli_with_random_weights_of_a_named_architecture() -> None:
 
 
 @pytest.mark.slow
-def test_bench_cli_with_regional_compilation(tmp_path: Path) -> None:
-    """Both models' blocks compiled (inductor, fullgraph): compilation lands in the warm-up, apart."""
+@pytest.mark.parametrize("how", ["regional", "full"])
+def test_bench_cli_with_compilation(tmp_path: Path, how: str) -> None:
+    """Both models compiled alike (inductor, fullgraph): compilation lands in the warm-up, apart."""
     tiny_sd3().save_pretrained(tmp_path)
     result = run_bench(
         "--model", str(tmp_path), "--resolution", "128", "--steps", "5", "--start-step", "3",
-        "--repeats", "1", "--device", "cpu", "--compile", "regional", "--json",
+        "--repeats", "1", "--device", "cpu", "--compile", how, "--json",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     fields = json.loads(result.stdout)
-    assert fields["compile"] == "regional" and fields["pruned_steps"] == 2
+    assert fields["compile"] == how and fields["pruned_steps"] == 2 and fields["cuda_graphs"] is False
     warmup, timed = fields["warmup_seconds"], fields["cat_seconds"]["median"]
     assert set(warmup) == {"full", "cat"} and warmup["cat"] > timed  # the warm-up compiled
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (("--cuda-graphs",), "--cuda-graphs needs --compile regional or full"),
+        (("--cuda-graphs", "--compile", "full", "--device", "cpu"), "--cuda-graphs needs a CUDA device"),
+    ],
+)
+def test_bench_cli_refuses_cuda_graphs_where_they_cannot_run(options: tuple[str, ...], message: str) -> None:
+    result = run_bench("--model", "sd3-medium", "--random-weights", "--layers", "1", *options)
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_bench_cli_needs_random_weights_for_a_named_architecture() -> None:

@@ -1,9 +1,10 @@
-"""Pruning under regional compilation (each transformer block compiled with ``fullgraph=True``).
+"""Pruning under ``torch.compile(fullgraph=True)``: regional (every transformer block) and whole-model.
 
-The pruning state machine runs in the model's hooks, outside the compiled blocks; inside them the caching
-processors must trace without graph breaks, and a second generation of the same batch and resolution
-must find every graph already compiled. ``backend="eager"`` checks what dynamo traces (fast); the
-inductor test checks the compiled numbers (slow).
+The pruning state machine runs in the model's own hooks, outside the compiled graphs (``torch.compiler``
+skips them); inside, the gather after the embedder, the scatter after the output projection and the
+caching processors must trace without graph breaks, reading only the step's mode and flags, and a second
+generation of the same batch and resolution must find every graph already compiled. ``backend="eager"``
+checks what dynamo traces (fast); the inductor tests check the compiled numbers (slow).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from conftest import (
 from torch._dynamo.utils import counters
 
 from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
+from catprune.pruning import StepMode
 
 CONFIG = CATPruningConfig(keep_ratio=0.3, start_step=3)
 
@@ -125,17 +127,122 @@ def test_blocks_compiled_before_pruning_is_applied_and_after_it_is_removed() -> 
 
 
 @pytest.mark.slow
-def test_inductor_compiled_pruned_generation_equals_eager_within_tolerance() -> None:
-    """What a user gets from ``block.compile(fullgraph=True)`` (inductor): pruned outputs as eager ones
-    within 1e-4 (fused kernels reorder sums), and no recompilation in the second generation."""
+@pytest.mark.parametrize("how", ["regional", "whole"])
+def test_inductor_compiled_pruned_generation_equals_eager_within_tolerance(how: str) -> None:
+    """What a user gets from ``block.compile(fullgraph=True)`` or ``transformer.compile(fullgraph=True)``
+    (inductor): pruned outputs as eager ones within 1e-4 (fused kernels reorder sums), and no
+    recompilation in the second generation."""
     torch._dynamo.reset()
     pipe, generate = sd3_case()
     apply_cat_pruning(pipe, CONFIG)
     eager = generate(pipe)
-    compile_blocks(pipe, backend="inductor")
+    if how == "regional":
+        compile_blocks(pipe, backend="inductor")
+    else:
+        compile_whole(pipe, "inductor", "module.compile")
     first = generate(pipe)
     counters.clear()
     second = generate(pipe)
     assert counters["stats"]["unique_graphs"] == 0
     torch.testing.assert_close(first, eager, atol=1e-4, rtol=0)
     assert torch.equal(second, first)
+
+
+def compile_whole(pipe: Any, backend: str, way: str) -> None:
+    """The two whole-model ways: ``torch.compile(module)`` (a wrapper module put in the pipeline) and
+    ``module.compile()`` (in place)."""
+    if way == "torch.compile":
+        pipe.transformer = torch.compile(pipe.transformer, fullgraph=True, backend=backend)
+    else:
+        pipe.transformer.compile(fullgraph=True, backend=backend)
+
+
+@pytest.mark.parametrize("way", ["torch.compile", "module.compile"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_whole_model_compiles_without_breaks_and_later_generations_do_not_recompile(
+    case: str, way: str
+) -> None:
+    """The model's forward, with the traced parts of pruning (gather after the embedder, scatter after the
+    output projection, the caching processors) is one graph per step kind; the plan is made before it,
+    in the model's own hooks, which run outside the graph."""
+    torch._dynamo.reset()
+    pipe, generate = CASES[case]()
+    unpatched = generate(pipe)
+    apply_cat_pruning(pipe, CONFIG)
+    eager = generate(pipe)
+    compile_whole(pipe, "eager", way)
+    counters.clear()
+    first = generate(pipe)  # fullgraph=True: any graph break raises here
+    assert counters["stats"]["unique_graphs"] > 0
+    for _ in range(2):
+        counters.clear()
+        assert torch.equal(generate(pipe), first)
+        assert counters["stats"]["unique_graphs"] == 0, "a later generation recompiled"
+    torch.testing.assert_close(first, eager, atol=1e-6, rtol=0)
+    remove_cat_pruning(pipe)
+    torch.testing.assert_close(generate(pipe), unpatched, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("way", ["torch.compile", "module.compile"])
+def test_pruning_refuses_a_model_compiled_whole_before_it(way: str) -> None:
+    """Dynamo does not guard on module hooks: graphs compiled before pruning would ignore it. Refused with
+    the order to use; nothing is changed."""
+    torch._dynamo.reset()
+    pipe, generate = sd3_case()
+    compile_whole(pipe, "eager", way)
+    reference = generate(pipe)
+    with pytest.raises(RuntimeError, match="compiled whole before apply_cat_pruning"):
+        apply_cat_pruning(pipe, CONFIG)
+    assert torch.equal(generate(pipe), reference)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_pruned_steps_use_buffers_at_fixed_addresses(case: str) -> None:
+    """What a captured CUDA graph needs: at every pruned step (every pass) of a generation, the selected
+    indices, the kept outputs and every K/V cache are the same tensors, updated in place."""
+    pipe, generate = CASES[case]()
+    state = apply_cat_pruning(pipe, CONFIG)
+    addresses: list[tuple[int, ...]] = []
+
+    def after(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if state.mode is StepMode.PRUNED:
+            caches = [cache for processor in state.processors for cache in processor.caches.values()]
+            buffers = [
+                state.indices,
+                *state.outputs.values(),
+                *(c.key for c in caches),
+                *(c.value for c in caches),
+            ]
+            addresses.append(tuple(buffer.data_ptr() for buffer in buffers))
+
+    handle = pipe.transformer.register_forward_hook(after)
+    generate(pipe)
+    handle.remove()
+    assert len(addresses) >= 3 and len(set(addresses)) == 1
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_qkv_projections_are_used_at_pruned_steps(case: str) -> None:
+    """After diffusers' ``fuse_qkv_projections()`` the pruned steps project Q, K, V with the fused layers
+    (one matrix product), and the generation equals the unfused one."""
+    pipe, generate = CASES[case]()
+    apply_cat_pruning(pipe, CONFIG)
+    unfused = generate(pipe)
+    remove_cat_pruning(pipe)
+    pipe.transformer.fuse_qkv_projections()
+    state = apply_cat_pruning(pipe, CONFIG)
+    calls = {"fused": 0, "query": 0}
+
+    def count(kind: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            calls[kind] += state.mode is StepMode.PRUNED
+
+        return hook
+
+    block = pipe.transformer.transformer_blocks[0]
+    attention = block.attn1 if case == "pixart" else block.attn
+    attention.to_qkv.register_forward_hook(count("fused"))
+    attention.to_q.register_forward_hook(count("query"))
+    fused = generate(pipe)
+    assert calls["fused"] >= 3 and calls["query"] == 0
+    torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=0)

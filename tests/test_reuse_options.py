@@ -94,9 +94,13 @@ def test_a_refresh_step_is_the_unpruned_step_bit_for_bit(case: str) -> None:
         if state.plan.step == 5:
             seen["output"] = output[0].clone()
 
-    pipe.transformer.register_forward_pre_hook(before, with_kwargs=True)
-    pipe.transformer.register_forward_hook(after)
+    handles = [
+        pipe.transformer.register_forward_pre_hook(before, with_kwargs=True),
+        pipe.transformer.register_forward_hook(after),
+    ]
     generate(case, pipe)
+    for handle in handles:
+        handle.remove()
     assert modes[START - 1 :] == [StepMode.FILL, StepMode.PRUNED, StepMode.PRUNED, StepMode.FILL] + [
         StepMode.PRUNED
     ] * (STEPS - 6)

@@ -9,6 +9,9 @@ pruning was applied).
 
 Refused, because pruned steps would compute something else than the model as the user configured it:
 
+- a transformer compiled whole before pruning is applied: graphs dynamo compiled before would not see
+  pruning's hooks (compiled after ``apply_cat_pruning``, they contain them);
+
 - attention processors other than diffusers' plain ones on the layers CAT pruning replaces (an IP-Adapter's
   ``SD3IPAdapterJointAttnProcessor2_0``, perturbed-attention guidance, a custom processor): at pruned steps
   CAT pruning's processors compute plain attention and the other processor never runs;
@@ -22,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import diffusers.models.attention_processor as diffusers_processors
+from diffusers.utils.torch_utils import is_compiled_module
 from torch import nn
 
 from .adapters import ModelAdapter
@@ -95,6 +99,22 @@ def check_before_apply(model: nn.Module, adapter: ModelAdapter, config: CATPruni
     """Everything ``apply_cat_pruning`` refuses to combine with, before it changes anything."""
     check_attention_processors(model, replaced_layers(model, adapter, config))
     check_no_cache(model)
+
+
+def check_not_compiled_whole(model: nn.Module) -> None:
+    """Refuse a transformer compiled whole (``torch.compile(model)``, ``model.compile()``) before pruning:
+    dynamo does not guard on module hooks, so graphs it compiled before would run on without the hooks
+    pruning adds. Compiled whole after ``apply_cat_pruning``, the hooks are in the graphs; regional
+    compilation (of the blocks) works in either order."""
+    if not is_compiled_module(model) and getattr(model, "_compiled_call_impl", None) is None:
+        return
+    raise RuntimeError(
+        f"this {type(getattr(model, '_orig_mod', model)).__name__} was compiled whole before "
+        "apply_cat_pruning: graphs compiled before would not see pruning. Apply CAT pruning to the "
+        "uncompiled model, then compile it (torch.compile(pipe.transformer, fullgraph=True) or "
+        "pipe.transformer.compile(fullgraph=True)); compiling its blocks (regional compilation) works "
+        "in either order"
+    )
 
 
 def generation_checks(model: nn.Module, state: PruningState) -> list[Callable[[], None]]:

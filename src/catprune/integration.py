@@ -5,16 +5,18 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from diffusers.utils.torch_utils import is_compiled_module
 from torch import nn
 
 from .adapters import adapter_for
-from .compatibility import check_before_apply, generation_checks
+from .compatibility import check_before_apply, check_not_compiled_whole, generation_checks
 from .config import CATPruningConfig
 from .pruning import PruningState, attach, attached_state, detach
 
 
 def _split_target(target: Any) -> tuple[Any | None, nn.Module]:
-    """(pipeline or None, transformer) for a pipeline with a ``transformer`` component or a bare model."""
+    """(pipeline or None, transformer) for a pipeline with a ``transformer`` component or a bare model; the
+    transformer as given (``torch.compile(transformer)``'s wrapper stays a wrapper)."""
     transformer = getattr(target, "transformer", None)
     if isinstance(transformer, nn.Module) and not isinstance(target, nn.Module):
         return target, transformer
@@ -44,6 +46,7 @@ def apply_cat_pruning(target: Any, config: CATPruningConfig | None = None) -> Pr
     if not isinstance(config, CATPruningConfig):
         raise TypeError(f"config must be a CATPruningConfig, got {type(config).__name__}")
     pipeline, transformer = _split_target(target)
+    check_not_compiled_whole(transformer)
     adapter = adapter_for(transformer)
     if attached_state(transformer) is not None:
         raise RuntimeError(
@@ -62,7 +65,9 @@ def apply_cat_pruning(target: Any, config: CATPruningConfig | None = None) -> Pr
 
 def remove_cat_pruning(target: Any) -> None:
     """Turn CAT pruning off: the model computes exactly as before ``apply_cat_pruning`` (a no-op if off)."""
-    detach(_split_target(target)[1])
+    transformer = _split_target(target)[1]
+    # ``torch.compile(transformer)`` (applied after pruning) wraps the module that carries the hooks.
+    detach(transformer._orig_mod if is_compiled_module(transformer) else transformer)
 
 
 def _steps_under_way(scheduler: Any) -> int | None:

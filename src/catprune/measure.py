@@ -402,9 +402,23 @@ def denoise(
     return latents
 
 
-def compile_blocks(model: torch.nn.Module, architecture: Architecture) -> None:
-    """Regional compilation, as diffusers users compile: every transformer block with ``fullgraph=True``
-    (its first call compiles). Pruning's step plan stays outside, in the transformer's hooks."""
-    for name in architecture.adapter.blocks:
-        for block in model.get_submodule(name):
-            block.compile(fullgraph=True)
+COMPILE_MODES = ("none", "regional", "full")
+"""How ``catprune bench`` compiles both models: not at all, every block (regional), the whole model."""
+
+
+def compile_model(
+    model: torch.nn.Module, architecture: Architecture, how: str, cuda_graphs: bool = False
+) -> None:
+    """Compile as diffusers users do, with ``fullgraph=True`` (the first call compiles): ``regional``, every
+    transformer block; ``full``, the whole model (``model.compile``, after ``apply_cat_pruning``: pruning's
+    plan is made in the model's hooks, outside the graphs). ``cuda_graphs``: inductor's
+    ``mode="reduce-overhead"`` (CUDA graphs of the compiled graphs)."""
+    if how not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {how!r}")
+    options: dict[str, Any] = {"fullgraph": True, **({"mode": "reduce-overhead"} if cuda_graphs else {})}
+    if how == "full":
+        model.compile(**options)
+    elif how == "regional":
+        for name in architecture.adapter.blocks:
+            for block in model.get_submodule(name):
+                block.compile(**options)

@@ -87,6 +87,10 @@ class StepPlan:
     num_kept: int
     """K, the image tokens recomputed at a pruned step."""
     text_tokens: int
+    refresh: bool = False
+    """A fill step after t0 (``refresh_steps``): the caches already hold this generation's values."""
+    keeps_output: bool = False
+    """Whether the step's output tokens are kept for the next pruned step (from the fill step on)."""
 
     @property
     def num_tokens(self) -> int:
@@ -343,8 +347,8 @@ class CachingProcessor:
         with them), the selected ones at a pruned step."""
         state = self.state
         if state.mode is StepMode.FILL:
-            refresh = state.plan is not None and state.plan.step >= state.config.start_step
-            self.cache.fill(key, value, extra, state.time, refresh)
+            assert state.plan is not None
+            self.cache.fill(key, value, extra, state.time, state.plan.refresh)
         else:
             self.cache.update(state.indices, key, value, state.num_tokens, state.time)
 
@@ -512,6 +516,8 @@ class PruningState:
         self.output_histories: dict[str | None, TokenHistory] = {}
         """Per pass, the output tokens' history (``output_extrapolation``)."""
         self._step_output: torch.Tensor | None = None
+        self.attention_macs = 0
+        """MACs of the latest call's attention-map capture (attention strategies), added at its end."""
         self.clock.forget()
         self.selector.reset()
         for processor in self.processors:
@@ -615,6 +621,7 @@ class PruningState:
         if self.config.kv_extrapolation == "linear" or self.config.output_extrapolation == "linear":
             self.time = _row_times(arguments.get("timestep"), rows, arguments["hidden_states"].device)
         mode = self._mode(step)
+        start = self.config.start_step
         self.plan = StepPlan(
             step=step,
             mode=mode,
@@ -623,12 +630,14 @@ class PruningState:
             width=width,
             num_kept=self.config.num_kept(height * width),
             text_tokens=self.adapter.text_tokens(arguments),
+            refresh=mode is StepMode.FILL and step >= start,
+            keeps_output=self.config.prune and step >= start - 1,
         )
         if mode is StepMode.PRUNED:
             if self.forced_indices is not None:
-                self.indices = self.forced_indices
+                self._hold_indices(self.forced_indices)
             elif self.first_pass:
-                self.indices = self._select()
+                self._hold_indices(self._select())
             gathered = {
                 name: [self.gather(tokens) for tokens in arguments[name]]
                 for name in self.adapter.token_arguments
@@ -638,6 +647,17 @@ class PruningState:
                 arguments.update(gathered)
                 return bound.args, bound.kwargs
         return args, kwargs
+
+    def _hold_indices(self, indices: torch.Tensor) -> None:
+        """Copy a step's selection into the generation's index buffer: one address for every pruned step
+        (what a captured CUDA graph reads from)."""
+        if (
+            self.indices is None
+            or self.indices.shape != indices.shape
+            or self.indices.device != indices.device
+        ):
+            self.indices = torch.empty_like(indices)  # (B, K)
+        self.indices.copy_(indices)
 
     def _plan_generation(self, steps: int | None) -> None:
         """At a generation's first step: resolve ``refresh_steps`` against its number of steps (if known)
@@ -675,6 +695,8 @@ class PruningState:
         if plan is None:
             return
         stats, tokens, text = self.stats, plan.num_tokens, plan.text_tokens
+        stats.macs += self.attention_macs
+        self.attention_macs = 0
         full = plan.rows * self._step_macs(tokens, tokens, text, pruned=False)
         stats.full_macs += full
         stats.image_tokens, stats.text_tokens = tokens, text
@@ -685,6 +707,9 @@ class PruningState:
             stats.macs += full
         if not self.first_pass:
             return
+        if self.config.prune and plan.step == self.config.start_step - 2:
+            assert self._step_output is not None
+            self.selector.set_reference(self._prompt_rows(self._step_output))
         stats.steps += 1
         stats.pruned_steps += plan.mode is StepMode.PRUNED
         self.step += 1
@@ -700,7 +725,7 @@ class PruningState:
             mode=plan.mode,
             height=plan.height,
             width=plan.width,
-            indices=self.prompt_half(self.indices) if pruned else None,
+            indices=self.prompt_half(self.indices).clone() if pruned else None,  # the buffer changes
             noise=self._prompt_rows(self._step_output),
             reference=self.selector.reference,
             cluster_labels=self.selector.cluster_labels,
@@ -737,29 +762,34 @@ class PruningState:
         return tokens.gather(1, self.indices[..., None].expand(-1, -1, tokens.shape[-1]))
 
     def scatter_output(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The transformer's output tokens (B, n, p*p*C): unselected tokens reuse the previous step's."""
-        if self.plan is None:
+        """The transformer's output tokens (B, n, p*p*C): unselected tokens reuse the previous step's.
+
+        Traced by ``torch.compile`` with the rest of the forward: it reads only the plan's mode and flags
+        (the same few values in every generation) and updates the kept output in place (one address from
+        the fill step on)."""
+        plan = self.plan
+        if plan is None:
             return tokens
-        mode, start, step = self.plan.mode, self.config.start_step, self.plan.step
         previous = self.last_output
         history = None
-        if self.config.output_extrapolation == "linear" and mode is not StepMode.FULL:
+        if self.config.output_extrapolation == "linear" and plan.mode is not StepMode.FULL:
             history = self.output_histories.setdefault(self.pass_key, TokenHistory())
-        if mode is StepMode.PRUNED:
+        if plan.mode is StepMode.PRUNED:
             assert previous is not None
             if history is not None:
                 history.record(previous, self.indices, self.time)
             index = self.indices[..., None].expand(-1, -1, tokens.shape[-1])  # (B, K, p*p*C)
             tokens = previous.scatter(1, index, tokens.to(previous.dtype))  # (B, N, p*p*C)
         elif history is not None:  # the fill step or a refresh step: every token computed now
-            history.record_all(previous if step >= start else None, self.time, tokens)
-        if self.config.prune and step == start - 2 and self.first_pass:
-            self.selector.set_reference(self._prompt_rows(tokens))
-        if self.config.prune and step >= start - 1:
-            self.outputs[self.pass_key] = tokens
+            history.record_all(previous if plan.refresh else None, self.time, tokens)
+        if plan.keeps_output:
+            if previous is None or previous.shape != tokens.shape or previous.dtype != tokens.dtype:
+                self.outputs[self.pass_key] = tokens.clone()  # (B, N, p*p*C), the kept output's buffer
+            else:
+                previous.copy_(tokens)
         if self.first_pass:
             self._step_output = tokens
-        if history is not None and mode is StepMode.PRUNED:
+        if history is not None and plan.mode is StepMode.PRUNED:
             return history.extrapolate(tokens, self.time)  # (B, N, p*p*C), what the scheduler steps with
         return tokens
 
@@ -793,11 +823,13 @@ def attach(model: torch.nn.Module, adapter: ModelFacts, config: CATPruningConfig
     projection = model.get_submodule(adapter.output_projection)
     # PyTorch's own module hooks, not a replaced ``forward``: accelerate's offload hooks and diffusers'
     # hook registry replace and restore ``forward`` on their own schedule, which would drop or revive ours.
+    # The model's own hooks plan and account for each call in Python, outside ``torch.compile``: compiled
+    # whole, the model's forward is one graph per step kind, entered after the plan is made.
+    begin = torch.compiler.disable(lambda module, args, kwargs: state.begin_step(args, kwargs))
+    end = torch.compiler.disable(lambda module, args, output: state.end_step())
     state.hook_handles = [
-        model.register_forward_pre_hook(
-            lambda module, args, kwargs: state.begin_step(args, kwargs), with_kwargs=True
-        ),
-        model.register_forward_hook(lambda module, args, output: state.end_step()),
+        model.register_forward_pre_hook(begin, with_kwargs=True),
+        model.register_forward_hook(end),
         embedder.register_forward_hook(lambda module, args, output: state.gather(output)),
         projection.register_forward_hook(lambda module, args, output: state.scatter_output(output)),
         *adapter.hooks(model, state),
@@ -835,6 +867,9 @@ def detach(model: torch.nn.Module) -> None:
         processor.release()
     for handle in state.hook_handles:
         handle.remove()
+    # A forward compiled whole with the hooks in it may outlive them (dynamo does not guard on module
+    # hooks): with no plan, its traced hooks are the identity and its processors' original ones run.
+    state.reset()
     if "cache_context" in vars(model):
         del model.cache_context
     del model._catprune_state

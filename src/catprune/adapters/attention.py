@@ -77,15 +77,30 @@ TEXT_PROJECTIONS = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "n
 """The layers of a joint attention (SD3, Flux) that project the text tokens: Q, K, V, Q norm, K norm."""
 
 
+FUSED_PROJECTIONS = {"to_q": "to_qkv", "add_q_proj": "to_added_qkv"}
+"""The one layer that diffusers' ``fuse_qkv_projections()`` makes of a set of Q, K, V projections (keyed by
+the query layer's name): one matrix product instead of three where the model was fused."""
+
+
 def projections(
     attn: Any, tokens: Tensor, names: tuple[str, str, str, str, str], rotary: Rotary | None = None
 ) -> Projections:
     """Q, K, V of ``tokens`` (B, n, D) through the layers named ``names`` (see :data:`IMAGE_PROJECTIONS`),
-    q/k-normalised as the layer does, then q/k rotated by ``rotary`` (n rows) if given."""
+    or their fused layer where the model's projections were fused, q/k-normalised as the layer does, then
+    q/k rotated by ``rotary`` (n rows) if given."""
     to_q, to_k, to_v, norm_q, norm_k = (getattr(attn, name) for name in names)
-    query = split_heads(to_q(tokens), attn.heads)  # (B, n, h, d)
-    key = split_heads(to_k(tokens), attn.heads)  # (B, n, h, d)
-    value = split_heads(to_v(tokens), attn.heads)  # (B, n, h, d)
+    fused = (
+        getattr(attn, FUSED_PROJECTIONS[names[0]], None)
+        if getattr(attn, "fused_projections", False)
+        else None
+    )
+    if fused is not None:
+        query, key, value = fused(tokens).chunk(3, dim=-1)  # (B, n, h * d) each
+    else:
+        query, key, value = to_q(tokens), to_k(tokens), to_v(tokens)  # (B, n, h * d) each
+    query = split_heads(query, attn.heads)  # (B, n, h, d)
+    key = split_heads(key, attn.heads)  # (B, n, h, d)
+    value = split_heads(value, attn.heads)  # (B, n, h, d)
     if norm_q is not None:
         query = norm_q(query)
     if norm_k is not None:
@@ -185,7 +200,7 @@ class CachedSelfAttentionProcessor(CachingProcessor):
         )  # (P, M, M)
         state.attention_map = attention / heads
         rows, length = queries.shape[:2]
-        state.stats.macs += rows * length * length * heads * queries.shape[3]
+        state.attention_macs = rows * length * length * heads * queries.shape[3]
 
 
 class JointAttentionProcessor(CachedSelfAttentionProcessor):

@@ -16,7 +16,7 @@ from ..architectures import ARCHITECTURES, Architecture, resolve_architecture
 from ..config import CATPruningConfig
 from ..errors import UserError
 from ..integration import apply_cat_pruning
-from ..measure import SelectionTimer, compile_blocks, denoise, shared_weight_copy, timed
+from ..measure import COMPILE_MODES, SelectionTimer, compile_model, denoise, shared_weight_copy, timed
 from ..pruning import PruningState
 from ..runtime import DTYPES, format_count, resolve_device, resolve_dtype
 from .arguments import add_command, add_pruning_arguments, guidance_label
@@ -50,10 +50,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--compile",
-        choices=("none", "regional"),
+        choices=COMPILE_MODES,
         default="none",
-        help="regional: compile every block of both models with fullgraph=True (torch.compile's inductor); "
-        "compile time goes into the untimed warm-up and is reported apart (default: none)",
+        help="compile both models alike with fullgraph=True (torch.compile's inductor): regional, every "
+        "block; full, the whole model; compile time goes into the untimed warm-up and is reported apart "
+        "(default: none)",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="with --compile on cuda: mode='reduce-overhead' (the compiled graphs replayed as CUDA graphs)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -73,6 +79,8 @@ def _architecture(args: argparse.Namespace) -> Architecture:
     architecture = resolve_architecture(args.model)
     if architecture.weights is None and not args.random_weights:
         raise UserError(f"{args.model} is a named architecture without weights: add --random-weights")
+    if args.cuda_graphs and args.compile == "none":
+        raise UserError("--cuda-graphs needs --compile regional or full (CUDA graphs of compiled graphs)")
     if args.layers is not None and not args.random_weights:
         raise UserError("--layers needs --random-weights (a checkpoint's blocks are not cut)")
     return architecture.with_layers(args.layers)
@@ -127,6 +135,8 @@ def _time_pairs(
 def run(args: argparse.Namespace) -> int:
     architecture = _architecture(args)
     device = resolve_device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        raise UserError(f"--cuda-graphs needs a CUDA device, got {device.type}")
     dtype = resolve_dtype(args.dtype, device)
     steps = args.steps or architecture.default_steps
     cfg = not args.no_cfg
@@ -142,9 +152,8 @@ def run(args: argparse.Namespace) -> int:
         full_model = architecture.load(device, dtype)
     cat_model = shared_weight_copy(full_model)
     state = apply_cat_pruning(cat_model, config)
-    if args.compile == "regional":
-        for model in (full_model, cat_model):
-            compile_blocks(model, architecture)
+    for model in (full_model, cat_model):
+        compile_model(model, architecture, args.compile, args.cuda_graphs)
     selection = SelectionTimer(state, device)
     generator = torch.Generator(device).manual_seed(args.seed)
     latents = torch.randn(
@@ -182,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         "cfg": cfg,
         "rows": rows,
         "compile": args.compile,
+        "cuda_graphs": args.cuda_graphs,
         "warmup_seconds": timings.warmup_seconds,
         "image_tokens": stats.image_tokens,
         "kept_tokens": stats.kept_tokens,
@@ -217,7 +227,8 @@ def _lines(summary: dict[str, Any]) -> list[str]:
         f"{summary['steps']} steps with {summary['scheduler']}, {summary['pruned_steps']} pruned from step "
         f"{summary['start_step']} (keep ratio {summary['keep_ratio']})",
         f"timed: {summary['timed']}; {summary['repeats']} repeats, alternating full / CAT after a warm-up "
-        f"(compile: {summary['compile']}; warm-up full {summary['warmup_seconds']['full']:.1f}s, "
+        f"(compile: {summary['compile']}{', CUDA graphs' if summary['cuda_graphs'] else ''}; "
+        f"warm-up full {summary['warmup_seconds']['full']:.1f}s, "
         f"CAT {summary['warmup_seconds']['cat']:.1f}s, not in the medians)",
         "",
         f"  {'':<8}{'median':>10}{'min':>10}{'max':>10}",
