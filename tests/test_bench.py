@@ -19,8 +19,9 @@ from conftest import (
     tiny_pixart,
     tiny_sd3,
 )
+from diffusers import AutoencoderKL, FluxPipeline
 
-from catprune.architectures import Architecture
+from catprune.architectures import ARCHITECTURES, Architecture
 from catprune.measure import alternating_medians, busy_note, denoise
 
 
@@ -111,6 +112,46 @@ def test_bench_cli_on_a_local_model(tmp_path: Path) -> None:
     assert fields["kv_cache_bytes"] == 2 * 2 * 2 * (64 + 333) * 32 * 4
     assert fields["peak_memory_bytes"] is None
     assert fields["compile"] == "none" and set(fields["warmup_seconds"]) == {"full", "cat"}
+    assert fields["decode_seconds"] is None and fields["end_to_end_seconds"] is None
+
+
+@pytest.mark.parametrize("name", ["sd3-medium", "pixart-sigma", "flux-dev"])
+def test_each_family_decodes_its_latents_with_its_pipelines_vae(name: str) -> None:
+    """``--decode``: the family's VAE config, random weights, fed as its pipeline feeds it (Flux unpacked
+    as ``FluxPipeline._unpack_latents`` does)."""
+    architecture = ARCHITECTURES[name]
+    vae = architecture.build_vae(64, "cpu")
+    assert vae.config.latent_channels == (4 if name == "pixart-sigma" else 16)
+    latents = torch.randn(architecture.latent_shape(2, 64), generator=torch.Generator().manual_seed(0))
+    if name == "flux-dev":
+        expected = FluxPipeline._unpack_latents(latents, 64, 64, vae_scale_factor=8)
+        assert torch.equal(architecture.adapter.latent_image(latents, 64), expected)
+    with torch.no_grad():
+        images = architecture.decode(vae, latents, 64)
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+
+
+def test_bench_cli_reports_end_to_end_times_with_the_decode(tmp_path: Path) -> None:
+    """A local pipeline folder's own VAE config is decoded with; a bare transformer folder whose latents do
+    not fit the family's VAE is refused with what to give instead."""
+    tiny_sd3().save_pretrained(tmp_path / "transformer")
+    options = ("--resolution", "64", "--steps", "4", "--start-step", "2", "--repeats", "2", "--device", "cpu")
+    refused = run_bench("--model", str(tmp_path / "transformer"), *options, "--decode")
+    assert refused.returncode == 2 and "give its pipeline folder" in refused.stderr
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+    )  # fmt: skip
+    vae.save_pretrained(tmp_path / "vae")
+    result = run_bench("--model", str(tmp_path), *options, "--decode", "--json")
+    assert result.returncode == 0, result.stderr
+    fields = json.loads(result.stdout)
+    assert len(fields["decode_seconds"]["all"]) == 4 and fields["decode_seconds"]["min"] > 0
+    for kind in ("full", "cat"):
+        total, loop = fields["end_to_end_seconds"][kind], fields[f"{kind}_seconds"]
+        assert len(total["all"]) == 2 and total["median"] > loop["median"]
+    totals = fields["end_to_end_seconds"]
+    assert fields["end_to_end_speedup"] == pytest.approx(totals["full"]["median"] / totals["cat"]["median"])
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
@@ -39,6 +40,8 @@ class Architecture:
     scheduler_config: Mapping[str, Any] = field(default_factory=dict)
     weights: Path | None = None
     """The transformer folder of a local model (its weights can be loaded), None for a named architecture."""
+    vae_config: Mapping[str, Any] | None = None
+    """A local pipeline's ``vae/config.json``; None: the family's published VAE (``adapter.vae_config``)."""
 
     @property
     def adapter(self) -> ModelAdapter:
@@ -88,6 +91,35 @@ class Architecture:
                 f"{self.name} is a named architecture without weights: build it with random weights"
             )
         return self.model_class.from_pretrained(self.weights, torch_dtype=dtype).to(device).eval()
+
+    def build_vae(
+        self, resolution: int, device: torch.device | str, dtype: torch.dtype | None = None, seed: int = 0
+    ) -> nn.Module:
+        """The pipeline's VAE (``AutoencoderKL``: the local pipeline's config, else the family's) with random
+        weights, in eval mode: what timing the decode needs (no checkpoint). Raises ValueError when its
+        latent channels are not the transformer's."""
+        config = dict(self.vae_config or self.adapter.vae_config)
+        latents = torch.empty(self.latent_shape(1, resolution), device="meta")
+        channels = self.adapter.latent_image(latents, resolution).shape[1]
+        if config.get("latent_channels", 4) != channels:
+            raise ValueError(
+                f"{self.name}: its latents have {channels} channels but the VAE config "
+                f"{config.get('latent_channels', 4)}; for a local transformer give its pipeline folder "
+                "(with vae/config.json)"
+            )
+        torch.manual_seed(seed)
+        with torch.device(device):
+            vae = AutoencoderKL.from_config(config)
+        if dtype is not None:
+            nn.Module.to(vae, dtype=dtype)
+        return vae.eval()
+
+    def decode(self, vae: nn.Module, latents: torch.Tensor, resolution: int) -> torch.Tensor:
+        """Images (B, 3, H, W) from a generation's final latents, as the pipeline decodes them."""
+        config = vae.config
+        image_latents = self.adapter.latent_image(latents, resolution)  # (B, C, H/8, W/8)
+        image_latents = image_latents / config.scaling_factor + (config.shift_factor or 0.0)
+        return vae.decode(image_latents, return_dict=False)[0]
 
     def make_scheduler(self) -> SchedulerMixin:
         adapter = self.adapter
@@ -148,7 +180,10 @@ def load_architecture(path: str | Path) -> Architecture:
 
     text_tokens = adapter.default_text_tokens
     scheduler_config: dict[str, Any] = {}
+    vae_config = None
     if folder != root:
+        if (root / "vae" / "config.json").is_file():
+            vae_config = dict(AutoencoderKL.load_config(root / "vae"))
         index = root / "model_index.json"
         if index.is_file():
             pipeline = json.loads(index.read_text()).get("_class_name", "")
@@ -163,6 +198,7 @@ def load_architecture(path: str | Path) -> Architecture:
         default_steps=adapter.default_steps,
         scheduler_config=scheduler_config,
         weights=folder,
+        vae_config=vae_config,
     )
 
 

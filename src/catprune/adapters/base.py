@@ -36,6 +36,7 @@ REQUIRED_ATTRIBUTES = (
     "default_text_tokens",
     "text_tokens_by_pipeline",
     "public_models",
+    "vae_config",
 )
 """Class attributes every adapter defines (see :class:`ModelAdapter`)."""
 
@@ -63,6 +64,17 @@ class PublicModel:
     text_tokens: int
     default_steps: int | None = None
     """Steps its pipeline runs by default, where they differ from the family's (FLUX.1-schnell's 4)."""
+
+
+KL_AUTOENCODER: Mapping[str, Any] = {
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "sample_size": 1024,
+}
+"""The ``AutoencoderKL`` layout shared by the SD3, Flux and SDXL VAEs (8x down, 512 channels deep); each
+adapter's ``vae_config`` adds its latent channels and scaling."""
 
 
 def linear_macs(*modules: nn.Module | None) -> int:
@@ -112,6 +124,9 @@ class ModelAdapter(ABC):
     """Text tokens by pipeline class name, for a local pipeline folder whose ``model_index.json`` names it."""
     public_models: ClassVar[Mapping[str, PublicModel]]
     """Named public architectures (``catprune macs --model NAME``)."""
+    vae_config: ClassVar[Mapping[str, Any]]
+    """The ``AutoencoderKL`` config of the family's published pipelines: ``catprune bench --decode`` times
+    the decode with random weights."""
     depth_keys: ClassVar[tuple[str, ...]] = ("num_layers",)
     """Config keys that count blocks: ``Architecture.with_layers`` sets each (Flux has two kinds)."""
 
@@ -199,6 +214,10 @@ class ModelAdapter(ABC):
         """The image token grid (height, width) of a square image of ``resolution`` pixels."""
 
     @abstractmethod
+    def latent_image(self, latents: torch.Tensor, resolution: int) -> torch.Tensor:
+        """The denoised latents as the VAE takes them, (B, C, H/8, W/8), for square ``resolution`` images."""
+
+    @abstractmethod
     def conditioning(
         self, model: nn.Module, rows: int, text_tokens: int, resolution: int, make: TensorFactory
     ) -> dict[str, Any]:
@@ -237,3 +256,6 @@ class PatchedLatentAdapter(ModelAdapter):
     def image_grid(self, config: Mapping[str, Any], resolution: int) -> tuple[int, int]:
         side = self.latent_shape(config, 1, resolution)[-1] // int(config["patch_size"])
         return side, side
+
+    def latent_image(self, latents: torch.Tensor, resolution: int) -> torch.Tensor:
+        return latents  # (B, C, H/8, W/8) already

@@ -30,7 +30,7 @@ from .attention import (
     joint_block_macs,
     projections,
 )
-from .base import ModelAdapter, PublicModel, TensorFactory, linear_macs
+from .base import KL_AUTOENCODER, ModelAdapter, PublicModel, TensorFactory, linear_macs
 
 VAE_SCALE_FACTOR = 8
 PACKING = 2
@@ -100,6 +100,14 @@ class FluxAdapter(ModelAdapter):
     text_tokens_by_pipeline: ClassVar[Mapping[str, int]] = dict.fromkeys(
         ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline"), 512
     )
+    vae_config: ClassVar[Mapping[str, Any]] = {
+        **KL_AUTOENCODER,
+        "latent_channels": 16,
+        "scaling_factor": 0.3611,
+        "shift_factor": 0.1159,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    }
     public_models: ClassVar[Mapping[str, PublicModel]] = {
         "flux-dev": PublicModel(_FLUX_DEV, 512),
         "flux-schnell": PublicModel({**_FLUX_DEV, "guidance_embeds": False}, 256, default_steps=4),
@@ -181,6 +189,14 @@ class FluxAdapter(ModelAdapter):
     def latent_shape(self, config: Mapping[str, Any], batch: int, resolution: int) -> tuple[int, ...]:
         height, width = self.image_grid(config, resolution)
         return batch, height * width, int(config["in_channels"])
+
+    def latent_image(self, latents: Tensor, resolution: int) -> Tensor:
+        """Packed (B, N, C*4) latents -> (B, C, H/8, W/8), as ``FluxPipeline._unpack_latents``."""
+        height, width = self.image_grid({}, resolution)
+        batch, channels = latents.shape[0], latents.shape[2] // (PACKING * PACKING)
+        grid = latents.view(batch, height, width, channels, PACKING, PACKING)  # (B, h, w, C, 2, 2)
+        grid = grid.permute(0, 3, 1, 4, 2, 5)  # (B, C, h, 2, w, 2)
+        return grid.reshape(batch, channels, height * PACKING, width * PACKING)  # (B, C, H/8, W/8)
 
     def image_grid(self, config: Mapping[str, Any], resolution: int) -> tuple[int, int]:
         pixels = VAE_SCALE_FACTOR * PACKING

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..pruning import CachingProcessor, PruningState
 from .attention import CachedSelfAttentionProcessor, attend, project_out, split_heads
-from .base import PatchedLatentAdapter, PublicModel, TensorFactory, linear_macs
+from .base import KL_AUTOENCODER, PatchedLatentAdapter, PublicModel, TensorFactory, linear_macs
 
 _PIXART_SIGMA = {
     "sample_size": 128,
@@ -90,6 +90,12 @@ class PixArtAdapter(PatchedLatentAdapter):
         "PixArtSigmaPipeline": 300,
         "PixArtAlphaPipeline": 120,
     }
+    vae_config: ClassVar[Mapping[str, Any]] = {
+        **KL_AUTOENCODER,
+        "latent_channels": 4,
+        "scaling_factor": 0.13025,
+    }
+    """PixArt-Sigma's SDXL VAE."""
     public_models: ClassVar[Mapping[str, PublicModel]] = {
         "pixart-sigma": PublicModel(_PIXART_SIGMA, 300),
         "pixart-alpha": PublicModel({**_PIXART_SIGMA, "use_additional_conditions": True}, 120),

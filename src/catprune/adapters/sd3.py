@@ -15,7 +15,7 @@ from torch import nn
 
 from ..pruning import PruningState
 from .attention import CachedSelfAttentionProcessor, JointAttentionProcessor, joint_block_macs
-from .base import PatchedLatentAdapter, PublicModel, TensorFactory, linear_macs
+from .base import KL_AUTOENCODER, PatchedLatentAdapter, PublicModel, TensorFactory, linear_macs
 
 TEXT_TOKENS = 333
 """What ``StableDiffusion3Pipeline`` feeds the transformer: 77 CLIP tokens (CLIP-L + CLIP-G, padded to
@@ -69,6 +69,14 @@ class SD3Adapter(PatchedLatentAdapter):
     guidance_scale = 7.0
     default_text_tokens = TEXT_TOKENS
     text_tokens_by_pipeline: ClassVar[Mapping[str, int]] = {"StableDiffusion3Pipeline": TEXT_TOKENS}
+    vae_config: ClassVar[Mapping[str, Any]] = {
+        **KL_AUTOENCODER,
+        "latent_channels": 16,
+        "scaling_factor": 1.5305,
+        "shift_factor": 0.0609,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    }
     public_models: ClassVar[Mapping[str, PublicModel]] = {
         "sd3-medium": PublicModel(_SD3_MEDIUM, TEXT_TOKENS),
         "sd3.5-medium": PublicModel(

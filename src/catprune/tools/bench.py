@@ -22,7 +22,8 @@ from ..runtime import DTYPES, format_count, resolve_device, resolve_dtype
 from .arguments import add_command, add_pruning_arguments, guidance_label
 
 TIMED_PART = (
-    "denoising loop only (transformer + scheduler); text encoding and VAE excluded: random prompt embeddings"
+    "denoising loop (transformer + scheduler); text encoding excluded (random prompt embeddings); "
+    "the VAE decode timed apart with --decode"
 )
 
 
@@ -60,6 +61,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--cuda-graphs",
         action="store_true",
         help="with --compile on cuda: mode='reduce-overhead' (the compiled graphs replayed as CUDA graphs)",
+    )
+    parser.add_argument(
+        "--decode",
+        action="store_true",
+        help="also decode every generation's latents with the family's VAE (random weights) and report "
+        "end-to-end times (denoising + decode) beside the denoising loop's",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -99,10 +106,13 @@ class Timings:
     """Peak device memory by kind (CUDA only)."""
     warmup_seconds: dict[str, float]
     """The untimed first generation of each kind: compilation, when compiled."""
+    decode_seconds: dict[str, list[float]]
+    """With ``--decode``: the VAE decode after each timed generation, by kind."""
 
 
 def _time_pairs(
     generate: Callable[[torch.nn.Module], torch.Tensor],
+    decode: Callable[[torch.Tensor], torch.Tensor] | None,
     models: dict[str, torch.nn.Module],
     state: PruningState,
     selection: SelectionTimer,
@@ -110,15 +120,22 @@ def _time_pairs(
     repeats: int,
     quiet: bool,
 ) -> Timings:
-    """A warm-up pair, then ``repeats`` timed pairs alternating full and CAT, then (CUDA) an untimed pair
-    for peak memory."""
-    timings = Timings({kind: [] for kind in models}, [], 0, {}, {})
+    """A warm-up pair, then ``repeats`` timed pairs alternating full and CAT (each generation's decode timed
+    after it, with ``decode``), then (CUDA) an untimed pair for peak memory."""
+    timings = Timings({kind: [] for kind in models}, [], 0, {}, {}, {kind: [] for kind in models})
     with torch.inference_mode():
         for kind, model in models.items():  # warm-up: kernels, allocator, caches, compilation
-            timings.warmup_seconds[kind] = timed(lambda model=model: generate(model), device)[1]
+            latents, timings.warmup_seconds[kind] = timed(lambda model=model: generate(model), device)
+            if decode is not None:
+                decode(latents)
         for _ in tqdm(range(repeats), desc="full / CAT", unit="pair", disable=quiet):
             for kind, model in models.items():
-                timings.seconds[kind].append(timed(lambda model=model: generate(model), device)[1])
+                latents, seconds = timed(lambda model=model: generate(model), device)
+                timings.seconds[kind].append(seconds)
+                if decode is not None:
+                    timings.decode_seconds[kind].append(
+                        timed(lambda latents=latents: decode(latents), device)[1]
+                    )
             timings.selection_seconds.append(selection.seconds())
         timings.kv_cache_bytes = sum(processor.cache_bytes() for processor in state.processors)
         if device.type == "cuda":
@@ -170,8 +187,15 @@ def run(args: argparse.Namespace) -> int:
             selection.clear()
         return denoise(model, architecture, latents, conditioning, steps, cfg)
 
+    decode = None
+    if args.decode:
+        vae = architecture.build_vae(args.resolution, device, dtype, seed=args.seed)
+
+        def decode(latents: torch.Tensor) -> torch.Tensor:
+            return architecture.decode(vae, latents, args.resolution)
+
     models = {"full": full_model, "cat": cat_model}
-    timings = _time_pairs(generate, models, state, selection, device, args.repeats, quiet=args.json)
+    timings = _time_pairs(generate, decode, models, state, selection, device, args.repeats, quiet=args.json)
     selection_seconds = statistics.median(timings.selection_seconds)
     stats = state.stats
     full, cat = _spread(timings.seconds["full"]), _spread(timings.seconds["cat"])
@@ -211,9 +235,23 @@ def run(args: argparse.Namespace) -> int:
         "selection_share": selection_seconds / cat["median"],
         "kv_cache_bytes": timings.kv_cache_bytes,
         "peak_memory_bytes": timings.peak_memory or None,
+        **(_end_to_end(timings) if args.decode else {"decode_seconds": None, "end_to_end_seconds": None}),
     }
     print(json.dumps(summary, indent=2) if args.json else "\n".join(_lines(summary)))
     return 0
+
+
+def _end_to_end(timings: Timings) -> dict[str, Any]:
+    """Decode times and each generation's denoising + decode time, by kind, and the end-to-end speed-up."""
+    totals = {
+        kind: [loop + decode for loop, decode in zip(loops, timings.decode_seconds[kind], strict=True)]
+        for kind, loops in timings.seconds.items()
+    }
+    return {
+        "decode_seconds": _spread(timings.decode_seconds["full"] + timings.decode_seconds["cat"]),
+        "end_to_end_seconds": {kind: _spread(seconds) for kind, seconds in totals.items()},
+        "end_to_end_speedup": statistics.median(totals["full"]) / statistics.median(totals["cat"]),
+    }
 
 
 def _lines(summary: dict[str, Any]) -> list[str]:
@@ -244,6 +282,13 @@ def _lines(summary: dict[str, Any]) -> list[str]:
         f"{summary['selection_share']:.1%} of the CAT time",
         f"  K/V cache {format_count(summary['kv_cache_bytes'], 'B')}",
     ]
+    if summary["end_to_end_seconds"]:
+        total = summary["end_to_end_seconds"]
+        lines.append(
+            f"  end to end with the VAE decode ({summary['decode_seconds']['median']:.3f}s): full "
+            f"{total['full']['median']:.3f}s, CAT {total['cat']['median']:.3f}s, "
+            f"speedup {summary['end_to_end_speedup']:.2f}x"
+        )
     if summary["peak_memory_bytes"]:
         peak = summary["peak_memory_bytes"]
         lines.append(
