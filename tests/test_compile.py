@@ -44,6 +44,26 @@ def compile_blocks(pipe: Any, backend: str) -> None:
         block.compile(fullgraph=True, backend=backend)
 
 
+def compile_whole(pipe: Any, backend: str, way: str) -> None:
+    """The two whole-model ways: ``torch.compile(module)`` (a wrapper module put in the pipeline) and
+    ``module.compile()`` (in place)."""
+    if way == "torch.compile":
+        pipe.transformer = torch.compile(pipe.transformer, fullgraph=True, backend=backend)
+    else:
+        pipe.transformer.compile(fullgraph=True, backend=backend)
+
+
+COMPILATIONS = ("blocks", "torch.compile", "module.compile")
+"""Regional compilation, and the two whole-model ways."""
+
+
+def compile_as(pipe: Any, how: str, backend: str) -> None:
+    if how == "blocks":
+        compile_blocks(pipe, backend)
+    else:
+        compile_whole(pipe, backend, how)
+
+
 def latent_case(pipe: Any, **inputs: Any) -> tuple[Any, Callable[[Any], torch.Tensor]]:
     """A pipeline and a 6-step generation of two prompts from fixed latents with ``inputs``."""
 
@@ -94,23 +114,6 @@ def flux_case() -> tuple[Any, Callable[[Any], torch.Tensor]]:
 CASES = {"sd3": sd3_case, "pixart": pixart_case, "flux": flux_case}
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_compiled_blocks_trace_without_breaks_and_later_generations_do_not_recompile(case: str) -> None:
-    torch._dynamo.reset()
-    pipe, generate = CASES[case]()
-    apply_cat_pruning(pipe, CONFIG)
-    eager = generate(pipe)
-    compile_blocks(pipe, backend="eager")
-    counters.clear()
-    first = generate(pipe)  # fullgraph=True: any graph break raises here
-    assert counters["stats"]["unique_graphs"] > 0
-    for _ in range(2):
-        counters.clear()
-        assert torch.equal(generate(pipe), first)
-        assert counters["stats"]["unique_graphs"] == 0, "a later generation recompiled"
-    torch.testing.assert_close(first, eager, atol=1e-6, rtol=0)
-
-
 def test_blocks_compiled_before_pruning_is_applied_and_after_it_is_removed() -> None:
     """Compiled first, then pruned: the first pruned generation compiles the pruned paths, later ones
     nothing; removing pruning gives the compiled full model's output back, bit for bit."""
@@ -127,7 +130,7 @@ def test_blocks_compiled_before_pruning_is_applied_and_after_it_is_removed() -> 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["regional", "whole"])
+@pytest.mark.parametrize("how", ["blocks", "module.compile"])
 def test_inductor_compiled_pruned_generation_equals_eager_within_tolerance(how: str) -> None:
     """What a user gets from ``block.compile(fullgraph=True)`` or ``transformer.compile(fullgraph=True)``
     (inductor): pruned outputs as eager ones within 1e-4 (fused kernels reorder sums), and no
@@ -136,10 +139,7 @@ def test_inductor_compiled_pruned_generation_equals_eager_within_tolerance(how: 
     pipe, generate = sd3_case()
     apply_cat_pruning(pipe, CONFIG)
     eager = generate(pipe)
-    if how == "regional":
-        compile_blocks(pipe, backend="inductor")
-    else:
-        compile_whole(pipe, "inductor", "module.compile")
+    compile_as(pipe, how, "inductor")
     first = generate(pipe)
     counters.clear()
     second = generate(pipe)
@@ -148,29 +148,21 @@ def test_inductor_compiled_pruned_generation_equals_eager_within_tolerance(how: 
     assert torch.equal(second, first)
 
 
-def compile_whole(pipe: Any, backend: str, way: str) -> None:
-    """The two whole-model ways: ``torch.compile(module)`` (a wrapper module put in the pipeline) and
-    ``module.compile()`` (in place)."""
-    if way == "torch.compile":
-        pipe.transformer = torch.compile(pipe.transformer, fullgraph=True, backend=backend)
-    else:
-        pipe.transformer.compile(fullgraph=True, backend=backend)
-
-
-@pytest.mark.parametrize("way", ["torch.compile", "module.compile"])
+@pytest.mark.parametrize("how", COMPILATIONS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_whole_model_compiles_without_breaks_and_later_generations_do_not_recompile(
-    case: str, way: str
+def test_compiled_pruning_has_no_graph_breaks_and_later_generations_do_not_recompile(
+    case: str, how: str
 ) -> None:
-    """The model's forward, with the traced parts of pruning (gather after the embedder, scatter after the
-    output projection, the caching processors) is one graph per step kind; the plan is made before it,
-    in the model's own hooks, which run outside the graph."""
+    """Compiled after ``apply_cat_pruning``: the plan is made in the model's own hooks, outside the graphs;
+    what is traced (the blocks' caching processors; whole, also the gather after the embedder and the
+    scatter after the output projection) gives one graph per step kind, and removing pruning gives the
+    unpatched outputs back."""
     torch._dynamo.reset()
     pipe, generate = CASES[case]()
     unpatched = generate(pipe)
     apply_cat_pruning(pipe, CONFIG)
     eager = generate(pipe)
-    compile_whole(pipe, "eager", way)
+    compile_as(pipe, how, "eager")
     counters.clear()
     first = generate(pipe)  # fullgraph=True: any graph break raises here
     assert counters["stats"]["unique_graphs"] > 0

@@ -200,6 +200,17 @@ class TokenHistory:
         self.previous = self.last_time = self.previous_time = None
 
 
+@dataclass
+class PassBuffers:
+    """What one pass of a step (see the module docstring) keeps from step to step, besides K/V caches."""
+
+    output: torch.Tensor | None = None
+    """(B, N, p*p*C) its output tokens at the latest step, from the fill step on: what pruned steps reuse
+    (one tensor, updated in place)."""
+    history: TokenHistory | None = None
+    """The output tokens' history (``output_extrapolation``)."""
+
+
 class KVCache:
     """Keys and values of one attention layer for every token, reused by the tokens not recomputed.
 
@@ -321,7 +332,8 @@ PROCESSOR_INPUTS = ("encoder_hidden_states", "attention_mask", "image_rotary_emb
 class CachingProcessor:
     """Base of the adapters' attention processors: full steps run the layer's original processor untouched,
     the fill step and pruned steps run :meth:`attend` (the adapter's), with :attr:`cache` to keep K/V in
-    (one per pass of a step, see :attr:`PruningState.pass_key`).
+    (one per pass of a step, see :attr:`PruningState.pass_key`, switched by :meth:`enter_pass` before the
+    call, so that a compiled layer reads the same attribute in every pass).
 
     ``extra_first``: the layer attends over [extra (text) tokens, image tokens] (Flux) rather than
     [image, extra] (SD3): its caches and attention keep the model's order (see :class:`KVCache`)."""
@@ -332,20 +344,22 @@ class CachingProcessor:
         self.state = state
         self.extra_first = extra_first
         self.caches: dict[str | None, KVCache] = {}
+        """The K/V cache of each pass."""
+        self.cache: KVCache | None = None
+        """The current pass's K/V cache."""
 
-    @property
-    def cache(self) -> KVCache:
-        """The K/V cache of the current pass."""
-        key = self.state.pass_key
+    def enter_pass(self, key: str | None) -> None:
+        """Make pass ``key``'s cache the current one (created empty the first time)."""
         if key not in self.caches:
             extrapolate = self.state.config.kv_extrapolation == "linear"
             self.caches[key] = KVCache(self.extra_first, extrapolate)
-        return self.caches[key]
+        self.cache = self.caches[key]
 
     def store(self, key: torch.Tensor, value: torch.Tensor, extra: int = 0) -> None:
         """Image tokens' K/V (B, n, h, d) of the call: all N at a fill or refresh step (``extra`` rows go
         with them), the selected ones at a pruned step."""
         state = self.state
+        assert self.cache is not None
         if state.mode is StepMode.FILL:
             assert state.plan is not None
             self.cache.fill(key, value, extra, state.time, state.plan.refresh)
@@ -354,6 +368,7 @@ class CachingProcessor:
 
     def cached(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The K and V to attend over (see :meth:`KVCache.attention_inputs`)."""
+        assert self.cache is not None
         return self.cache.attention_inputs(self.state.num_tokens, self.state.time)
 
     def reset(self) -> None:
@@ -363,6 +378,7 @@ class CachingProcessor:
 
     def release(self) -> None:
         self.caches.clear()
+        self.cache = None
 
     def cache_bytes(self) -> int:
         return sum(cache.nbytes() for cache in self.caches.values())
@@ -502,19 +518,18 @@ class PruningState:
         """(B, K) the tokens recomputed at the latest pruned step (chosen by its first pass)."""
         self.pass_key: str | None = None
         """The current pass's cache context: keys its K/V caches and previous output."""
+        self.passes: dict[str | None, PassBuffers] = {}
+        """Each pass's buffers."""
+        self.current: PassBuffers | None = None
+        """The current pass's buffers (switched before the call: compiled code reads one attribute)."""
         self.first_pass = True
         """Whether the current call is its step's first pass (the one that selects and is observed)."""
-        self.outputs: dict[str | None, torch.Tensor] = {}
-        """(B, N, p*p*C) output tokens of each pass at the latest step from the fill step on: what pruned
-        steps reuse."""
         self.attention_map: torch.Tensor | None = None
         """(P, M, M) attention probabilities of the latest step, kept only for attention strategies."""
         self.time: torch.Tensor | None = None
         """(B,) float32 timestep of the latest call, kept when an extrapolation option needs it."""
         self.refresh: frozenset[int] = frozenset()
         """The generation's ``refresh_steps``, counted from its start."""
-        self.output_histories: dict[str | None, TokenHistory] = {}
-        """Per pass, the output tokens' history (``output_extrapolation``)."""
         self._step_output: torch.Tensor | None = None
         self.attention_macs = 0
         """MACs of the latest call's attention-map capture (attention strategies), added at its end."""
@@ -567,7 +582,12 @@ class PruningState:
     @property
     def last_output(self) -> torch.Tensor | None:
         """The current pass's output tokens at the latest step (None before the fill step)."""
-        return self.outputs.get(self.pass_key)
+        return None if self.current is None else self.current.output
+
+    @property
+    def outputs(self) -> dict[str | None, torch.Tensor]:
+        """Each pass's output tokens at the latest step (from the fill step on)."""
+        return {key: buffers.output for key, buffers in self.passes.items() if buffers.output is not None}
 
     @property
     def num_tokens(self) -> int:
@@ -612,7 +632,7 @@ class PruningState:
             if self.clock.scheduler is not None:
                 self.clock.cfg = self.adapter.cfg_batch == 2 and _is_cfg_batch(arguments["hidden_states"])
         self.first_pass = kind is not CallKind.PASS
-        self.pass_key = self.context
+        self._enter_pass(self.context)
         step = self.step if self.first_pass else self.step - 1
         if step == 0 and self.first_pass:
             for check in self.checks:
@@ -647,6 +667,16 @@ class PruningState:
                 arguments.update(gathered)
                 return bound.args, bound.kwargs
         return args, kwargs
+
+    def _enter_pass(self, key: str | None) -> None:
+        """Point the state and every processor at pass ``key``'s buffers: Python work per processor, done
+        only when the pass changes (once per generation, or per call under true CFG)."""
+        if self.current is not None and key == self.pass_key:
+            return
+        self.pass_key = key
+        self.current = self.passes.setdefault(key, PassBuffers())
+        for processor in self.processors:
+            processor.enter_pass(key)
 
     def _hold_indices(self, indices: torch.Tensor) -> None:
         """Copy a step's selection into the generation's index buffer: one address for every pruned step
@@ -770,10 +800,14 @@ class PruningState:
         plan = self.plan
         if plan is None:
             return tokens
-        previous = self.last_output
+        buffers = self.current
+        assert buffers is not None
+        previous = buffers.output
         history = None
         if self.config.output_extrapolation == "linear" and plan.mode is not StepMode.FULL:
-            history = self.output_histories.setdefault(self.pass_key, TokenHistory())
+            if buffers.history is None:
+                buffers.history = TokenHistory()
+            history = buffers.history
         if plan.mode is StepMode.PRUNED:
             assert previous is not None
             if history is not None:
@@ -784,7 +818,7 @@ class PruningState:
             history.record_all(previous if plan.refresh else None, self.time, tokens)
         if plan.keeps_output:
             if previous is None or previous.shape != tokens.shape or previous.dtype != tokens.dtype:
-                self.outputs[self.pass_key] = tokens.clone()  # (B, N, p*p*C), the kept output's buffer
+                buffers.output = tokens.clone()  # (B, N, p*p*C), the kept output's buffer
             else:
                 previous.copy_(tokens)
         if self.first_pass:
