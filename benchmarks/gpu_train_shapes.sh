@@ -8,7 +8,8 @@
 #
 # Environment: PYTHON (default python3), MINUTES (training time of each run, default 6), BATCH (default
 # 256), RUNS ("ARCH:WIDTH:LAYERS ...", default "mmdit:96:5 pixart:96:5 mmdit:128:6 pixart:128:6"),
-# DEVICE (default cuda; DEVICE=cpu MINUTES=0.1 BATCH=8 RUNS=mmdit:32:1 is a smoke test).
+# DEVICE (default cuda; DEVICE=cpu MINUTES=0.1 BATCH=8 RUNS=mmdit:32:1 is a smoke test), DATA (shapes,
+# the default, or textures: DATA=textures RUNS=mmdit:128:6 trains the textures-mmdit test bed).
 set -euo pipefail
 
 OUT="${1:?usage: benchmarks/gpu_train_shapes.sh OUTDIR}"
@@ -17,6 +18,7 @@ PYTHON="${PYTHON:-python3}"
 MINUTES="${MINUTES:-6}"
 BATCH="${BATCH:-256}"
 DEVICE="${DEVICE:-cuda}"
+DATA="${DATA:-shapes}"
 read -r -a SETTINGS <<<"${RUNS:-mmdit:96:5 pixart:96:5 mmdit:128:6 pixart:128:6}"
 WORK="$(mktemp -d)"
 mkdir -p "$OUT"
@@ -32,10 +34,10 @@ catprune_with_tools catprune.tools.train_shapes
 names=()
 for setting in "${SETTINGS[@]}"; do
     IFS=: read -r arch width layers <<<"$setting"
-    name="$arch-w$width-l$layers"
+    name="$DATA-$arch-w$width-l$layers"
     names+=("$name")
     mkdir -p "$WORK/$name"
-    "${CATPRUNE[@]}" train-shapes --arch "$arch" --width "$width" --layers "$layers" --batch-size "$BATCH" \
+    "${CATPRUNE[@]}" train-shapes --data "$DATA" --arch "$arch" --width "$width" --layers "$layers" --batch-size "$BATCH" \
         --minutes "$MINUTES" --device "$DEVICE" --data-workers 2 --threads 2 --checkpoint-every 1000 \
         --out "$WORK/$name" >"$WORK/$name/train.log" 2>&1 &
 done

@@ -16,14 +16,19 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from catprune.cli import main
 from catprune.config import CATPruningConfig
 from catprune.evaluation import (
     DEFAULT_CLIP_MODEL,
+    SHEET_GAP,
+    SHEET_HEADER,
+    SHEET_LABEL,
     TIMING_RECORD_KEYS,
     EvalSettings,
     RunFolder,
+    contact_sheet,
     equal_macs_steps,
     fidelity,
     load_clip_scorer,
@@ -244,6 +249,33 @@ def test_eval_writes_images_records_and_the_table(
     assert main(args) == 0
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("items/*/*.json")}
     assert table_without_timing(out) == table
+
+
+def sheet_cell(sheet: Image.Image, row: int, column: int, size: tuple[int, int]) -> np.ndarray:
+    """The pixels of a contact sheet's cell (``size``: the enlarged image's)."""
+    left = SHEET_LABEL + column * (size[0] + SHEET_GAP)
+    top = SHEET_HEADER + row * (size[1] + SHEET_GAP)
+    return np.array(sheet.crop((left, top, left + size[0], top + size[1])))
+
+
+def test_eval_writes_a_contact_sheet_of_the_images(tiny_model: str, tmp_path: Path) -> None:
+    assert main(eval_args(tiny_model, tmp_path / "run", "cat", 2)) == 0
+    with Image.open(tmp_path / "run" / "sheet.png") as sheet:
+        sheet.load()
+    cell = (32 * 4 + SHEET_GAP, 32 * 4 + SHEET_GAP)  # 32-pixel images enlarged 4 times, to 128
+    assert sheet.size == (SHEET_LABEL + 2 * cell[0], SHEET_HEADER + 2 * cell[1])  # full, cat; 2 prompts
+    cat = RunFolder(tmp_path / "run").read_image("cat", 1)
+    assert np.array_equal(sheet_cell(sheet, 1, 1, (128, 128)), cat.repeat(4, axis=0).repeat(4, axis=1))
+
+    # At most 8 prompts, only those every method finished; 64-pixel images enlarged twice.
+    folder, images = RunFolder(tmp_path / "store"), np.random.default_rng(0).integers(0, 256, (10, 64, 64, 3))
+    for method, index in [(m, i) for m in ("full", "cat") for i in range(10) if (m, i) != ("cat", 1)]:
+        folder.write_item({"method": method, "index": index}, images[index].astype(np.uint8))
+    rows = [{"method": "full", "psnr": None}, {"method": "cat", "psnr": 23.14}]
+    sheet = contact_sheet(folder, rows, 10)
+    assert sheet.size == (SHEET_LABEL + 2 * cell[0], SHEET_HEADER + 8 * cell[1])
+    enlarged = images[2].astype(np.uint8).repeat(2, axis=0).repeat(2, axis=1)
+    assert np.array_equal(sheet_cell(sheet, 1, 0, (128, 128)), enlarged)  # row 1 is prompt 2
 
 
 def test_fewer_steps_match_cat_macs(tiny_model: str, tmp_path: Path) -> None:

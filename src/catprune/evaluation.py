@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from .config import CATPruningConfig
@@ -246,7 +246,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 class RunFolder:
     """The files of one run: ``run.json`` (settings, prompts), ``images/<method>/<index>.png``,
     ``items/<method>/<index>.json`` (one record per image, the proof that the item is done),
-    ``results.jsonl`` and ``summary.md``."""
+    ``results.jsonl``, ``summary.md`` and ``sheet.png``."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -496,7 +496,7 @@ def run_evaluation(
     echo: Callable[[str], None] = print,
 ) -> list[dict[str, Any]] | None:
     """Run (or resume) an evaluation into ``out``; returns the summary rows on the main process (None on
-    the others) after writing ``results.jsonl`` and ``summary.md`` there."""
+    the others) after writing ``results.jsonl``, ``summary.md`` and ``sheet.png`` there."""
     if settings.clip_model is not None and settings.clip_model.strip().lower() in (AUTO_CLIP, "none"):
         settings = replace(
             settings, clip_model=resolve_clip_model(settings.clip_model, settings.model, settings.prompts)
@@ -517,6 +517,8 @@ def run_evaluation(
     rows = summarize(records, [method.name for method in methods])
     markdown = summary_markdown(rows, settings, len(context.prompts), clip_note=context.clip_note)
     atomic_write(context.folder.root / "summary.md", lambda p: p.write_text(markdown))
+    sheet = contact_sheet(context.folder, rows, len(context.prompts))
+    atomic_write(context.folder.root / "sheet.png", lambda p: sheet.save(p, format="PNG"))
     return rows
 
 
@@ -720,3 +722,52 @@ def summary_markdown(
     if clip_note:
         notes.append(clip_note)
     return markdown_table(columns, rows, [*notes, *why_marked])
+
+
+# --- the contact sheet ---------------------------------------------------------------------------------
+
+
+SHEET_PROMPTS = 8
+"""The most prompts (rows) :func:`contact_sheet` shows."""
+SHEET_MIN_CELL, SHEET_MAX_CELL = 128, 256
+"""A contact sheet's image sides in pixels: smaller images are enlarged by a whole factor to reach the
+least, larger ones shrunk to the most (a real model's 1024-pixel images)."""
+SHEET_GAP, SHEET_HEADER, SHEET_LABEL = 4, 32, 40
+"""Pixels between cells, of the header row (method names, PSNR) and of the prompt-index column."""
+
+
+def contact_sheet(
+    folder: RunFolder, rows: Sequence[dict[str, Any]], num_prompts: int, max_prompts: int = SHEET_PROMPTS
+) -> Image.Image:
+    """The images side by side, to see what the table's figures mean: one row per prompt (the first
+    ``max_prompts`` of ``num_prompts`` that every method of ``rows``, :func:`summarize`'s, has finished),
+    one column per method in the rows' order, headed by its name and pooled PSNR against ``full``. Cells
+    are enlarged by a whole factor with nearest neighbour (the toy images are 32 or 64 pixels), so every
+    pixel stays a crisp square, or shrunk to ``SHEET_MAX_CELL``; a cell is ``SHEET_GAP`` pixels wider
+    and taller than its image."""
+    methods = [row["method"] for row in rows]
+    indices = [i for i in range(num_prompts) if all(folder.done(m, i) for m in methods)][:max_prompts]
+    # Every image of a run has the pipeline's size.
+    cells = {(m, i): Image.fromarray(folder.read_image(m, i)) for i in indices for m in methods}
+    width, height = next(iter(cells.values())).size if cells else (SHEET_MIN_CELL, SHEET_MIN_CELL)
+    scale = max(1, math.ceil(SHEET_MIN_CELL / min(width, height)))
+    size = (width * scale, height * scale)
+    if max(width, height) > SHEET_MAX_CELL:
+        shrink = SHEET_MAX_CELL / max(width, height)
+        size = (round(width * shrink), round(height * shrink))
+    resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
+    cell_w, cell_h = size[0] + SHEET_GAP, size[1] + SHEET_GAP
+    sheet = Image.new(
+        "RGB", (SHEET_LABEL + len(methods) * cell_w, SHEET_HEADER + len(indices) * cell_h), "white"
+    )
+    draw = ImageDraw.Draw(sheet)
+    for column, row in enumerate(rows):
+        psnr_line = f"\n{table_cell(row['psnr'], '.1f')} dB" if row.get("psnr") is not None else ""
+        draw.text((SHEET_LABEL + column * cell_w, 2), row["method"] + psnr_line, fill="black")
+    for line, index in enumerate(indices):
+        top = SHEET_HEADER + line * cell_h
+        draw.text((4, top + cell_h // 2 - 6), str(index), fill="black")
+        for column, method in enumerate(methods):
+            image = cells[method, index].resize(size, resample)
+            sheet.paste(image, (SHEET_LABEL + column * cell_w, top))
+    return sheet

@@ -898,12 +898,12 @@ def detach(model: torch.nn.Module) -> None:
         return
     for processor in state.processors:
         processor.attention.set_processor(processor.original)
-        processor.release()
     for handle in state.hook_handles:
         handle.remove()
     # A forward compiled whole with the hooks in it may outlive them (dynamo does not guard on module
     # hooks): with no plan, its traced hooks are the identity and its processors' original ones run.
-    state.reset()
+    # ``stats`` keep the last generation's counts.
+    state.release_caches()
     if "cache_context" in vars(model):
         del model.cache_context
     del model._catprune_state
