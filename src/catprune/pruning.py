@@ -736,6 +736,7 @@ class PruningState:
         else:
             stats.macs += full
         if not self.first_pass:
+            self._step_output = None
             return
         if self.config.prune and plan.step == self.config.start_step - 2:
             assert self._step_output is not None
@@ -821,8 +822,7 @@ class PruningState:
                 buffers.output = tokens.clone()  # (B, N, p*p*C), the kept output's buffer
             else:
                 previous.copy_(tokens)
-        if self.first_pass:
-            self._step_output = tokens
+        self._step_output = tokens  # read by end_step for a step's first pass only
         if history is not None and plan.mode is StepMode.PRUNED:
             return history.extrapolate(tokens, self.time)  # (B, N, p*p*C), what the scheduler steps with
         return tokens
