@@ -79,8 +79,10 @@ class CATPruningConfig:
     def extrapolated(cls) -> CATPruningConfig:
         """The setting that beat "just run fewer steps" on both shipped shapes models: keep 0.5 from step 5,
         K/V extrapolation, the last step in full. Meant for 20 steps instead of 28 (0.46-0.48x the MACs of 28
-        full steps): +1.2 dB (MMDiT) and +5.1 dB (PixArt) PSNR above the fewer-steps curve at equal MACs,
-        measured on toy models (``docs/results-frontier.md``), not on SD3 or PixArt-Sigma themselves."""
+        full steps): +1.2 dB (MMDiT) and +5.1 dB (PixArt) PSNR above the fewer-steps curve at equal MACs on
+        those toys (``docs/results-frontier.md``), whose paths are nearly straight, but 3.5 dB *below* it on
+        ``textures-mmdit``, whose paths bend (``docs/results-textures.md``); not measured on SD3 or
+        PixArt-Sigma themselves."""
         return cls(keep_ratio=0.5, start_step=5, kv_extrapolation="linear", refresh_steps=(-1,))
 
     @classmethod
