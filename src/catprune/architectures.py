@@ -75,14 +75,7 @@ class Architecture:
     ) -> nn.Module:
         """The transformer in eval mode: on ``meta`` it has shapes but no data (instant, no memory); on a real
         device it has random weights, seeded by ``seed`` (it reseeds torch's global generator)."""
-        if torch.device(device).type != "meta":
-            torch.manual_seed(seed)
-        with torch.device(device):
-            model = self.model_class.from_config(dict(self.config))
-        if dtype is not None:
-            # nn.Module.to: diffusers' override warns about fp32-only modules, which concern checkpoints only.
-            nn.Module.to(model, dtype=dtype)
-        return model.eval()
+        return _random_module(self.model_class, self.config, device, dtype, seed)
 
     def load(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
         """The transformer with the local folder's weights, in eval mode."""
@@ -107,12 +100,7 @@ class Architecture:
                 f"{config.get('latent_channels', 4)}; for a local transformer give its pipeline folder "
                 "(with vae/config.json)"
             )
-        torch.manual_seed(seed)
-        with torch.device(device):
-            vae = AutoencoderKL.from_config(config)
-        if dtype is not None:
-            nn.Module.to(vae, dtype=dtype)
-        return vae.eval()
+        return _random_module(AutoencoderKL, config, device, dtype, seed)
 
     def decode(self, vae: nn.Module, latents: torch.Tensor, resolution: int) -> torch.Tensor:
         """Images (B, 3, H, W) from a generation's final latents, as the pipeline decodes them."""
@@ -153,6 +141,25 @@ class Architecture:
     def noise_prediction(self, model: nn.Module, output: torch.Tensor) -> torch.Tensor:
         """The channels the scheduler steps with (PixArt's learned sigma doubles the output channels)."""
         return self.adapter.noise_prediction(model, output)
+
+
+def _random_module(
+    model_class: Any,
+    config: Mapping[str, Any],
+    device: torch.device | str,
+    dtype: torch.dtype | None,
+    seed: int,
+) -> nn.Module:
+    """A diffusers model from ``config`` in eval mode, random weights seeded by ``seed`` (torch's global
+    generator is reseeded), or shapes only on ``meta``."""
+    if torch.device(device).type != "meta":
+        torch.manual_seed(seed)
+    with torch.device(device):
+        model = model_class.from_config(dict(config))
+    if dtype is not None:
+        # nn.Module.to: diffusers' override warns about fp32-only modules, which concern checkpoints only.
+        nn.Module.to(model, dtype=dtype)
+    return model.eval()
 
 
 ARCHITECTURES: dict[str, Architecture] = {

@@ -235,10 +235,14 @@ def run(args: argparse.Namespace) -> int:
         "selection_share": selection_seconds / cat["median"],
         "kv_cache_bytes": timings.kv_cache_bytes,
         "peak_memory_bytes": timings.peak_memory or None,
-        **(_end_to_end(timings) if args.decode else {"decode_seconds": None, "end_to_end_seconds": None}),
+        **(_end_to_end(timings) if args.decode else dict.fromkeys(END_TO_END_FIELDS)),
     }
     print(json.dumps(summary, indent=2) if args.json else "\n".join(_lines(summary)))
     return 0
+
+
+END_TO_END_FIELDS = ("decode_seconds", "end_to_end_seconds", "end_to_end_speedup")
+"""The report's fields with ``--decode`` (null without it)."""
 
 
 def _end_to_end(timings: Timings) -> dict[str, Any]:
