@@ -9,7 +9,8 @@
 # Environment: PYTHON (default python3), MINUTES (training time of each run, default 6), BATCH (default
 # 256), RUNS ("ARCH:WIDTH:LAYERS ...", default "mmdit:96:5 pixart:96:5 mmdit:128:6 pixart:128:6"),
 # DEVICE (default cuda; DEVICE=cpu MINUTES=0.1 BATCH=8 RUNS=mmdit:32:1 is a smoke test), DATA (shapes,
-# the default, or textures: DATA=textures RUNS=mmdit:128:6 trains the textures-mmdit test bed).
+# the default, or textures: DATA=textures RUNS=mmdit:128:6 trains the textures-mmdit test bed),
+# OBJECT_WEIGHT (--object-weight; default unweighted).
 set -euo pipefail
 
 OUT="${1:?usage: benchmarks/gpu_train_shapes.sh OUTDIR}"
@@ -19,6 +20,8 @@ MINUTES="${MINUTES:-6}"
 BATCH="${BATCH:-256}"
 DEVICE="${DEVICE:-cuda}"
 DATA="${DATA:-shapes}"
+WEIGHTING=()
+if [[ -n "${OBJECT_WEIGHT:-}" ]]; then WEIGHTING=(--object-weight "$OBJECT_WEIGHT"); fi
 read -r -a SETTINGS <<<"${RUNS:-mmdit:96:5 pixart:96:5 mmdit:128:6 pixart:128:6}"
 WORK="$(mktemp -d)"
 mkdir -p "$OUT"
@@ -39,7 +42,7 @@ for setting in "${SETTINGS[@]}"; do
     mkdir -p "$WORK/$name"
     "${CATPRUNE[@]}" train-shapes --data "$DATA" --arch "$arch" --width "$width" --layers "$layers" --batch-size "$BATCH" \
         --minutes "$MINUTES" --device "$DEVICE" --data-workers 2 --threads 2 --checkpoint-every 1000 \
-        --out "$WORK/$name" >"$WORK/$name/train.log" 2>&1 &
+        "${WEIGHTING[@]}" --out "$WORK/$name" >"$WORK/$name/train.log" 2>&1 &
 done
 wait
 for name in "${names[@]}"; do

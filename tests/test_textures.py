@@ -16,7 +16,7 @@ from catprune.shapes import HELDOUT_PAIRS, object_mask, scenes, score, textures
 from catprune.shapes.checker import detect_on_texture
 from catprune.shapes.pipelines import load_shapes_pipeline
 from catprune.shapes.text import MAX_WORDS
-from catprune.shapes.training import TrainConfig
+from catprune.shapes.training import TrainConfig, Trainer, batch, build_pipeline, flow_loss
 
 PROMPT = (
     "a large red circle at the top left and a small blue square at the bottom right "
@@ -121,6 +121,54 @@ def test_train_shapes_on_textures_saves_a_64x64_pipeline(tmp_path: Path, restore
     generator = torch.Generator().manual_seed(0)
     images = pipe(PROMPT, num_inference_steps=2, generator=generator, output_type="np").images
     assert images.shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize("module", [scenes, textures], ids=["shapes", "textures"])
+def test_object_masks_are_the_pixels_the_caption_decides(module) -> None:
+    images, _ = module.make_dataset(24, seed=11, split="train")
+    masks = module.object_masks(24, seed=11, split="train")
+    assert masks.shape == images.shape[:3] and masks.any(axis=(1, 2)).all()
+
+    def chroma(rgb: np.ndarray) -> np.ndarray:
+        rgb = rgb.astype(np.float32)
+        return np.linalg.norm(rgb - rgb.mean(axis=-1, keepdims=True), axis=-1)
+
+    # Object pixels are saturated palette colours (shaded on textures), backdrop pixels are not.
+    palette = np.array(list(scenes.COLOUR_RGB.values()))
+    assert chroma(images)[masks].min() >= (1 - textures.MAX_SHADING) * chroma(palette).min()
+    assert chroma(images)[~masks].max() <= textures.MAX_BACKDROP_CHROMA + 2
+
+
+def test_object_weight_scales_object_pixels_and_keeps_the_loss_s_scale() -> None:
+    plain = TrainConfig(data="textures", batch_size=4, steps=1)
+    weighted = TrainConfig(data="textures", batch_size=4, steps=1, object_weight=10.0)
+    assert batch(plain, 3)[3] is None
+    weight = batch(weighted, 3)[3]
+    masks = torch.from_numpy(textures.object_masks(4, 3, "train"))[:, None]
+    assert weight.shape == (4, 1, 64, 64)
+    torch.testing.assert_close(weight.mean(dim=(1, 2, 3)), torch.ones(4))
+    for w, m in zip(weight, masks, strict=True):
+        assert torch.allclose(w[m] / w[~m].max(), torch.tensor(10.0)) and w[~m].unique().numel() == 1
+    # Uniform weights give exactly the unweighted loss.
+    pipe = build_pipeline(TrainConfig(data="textures", width=32, layers=1, text_layers=1, steps=1))
+    x0, captions, _, _ = batch(plain, 3)
+    losses = [
+        flow_loss(pipe, x0, captions, torch.Generator().manual_seed(5), w)
+        for w in (None, torch.ones(4, 1, 64, 64))
+    ]
+    torch.testing.assert_close(losses[0], losses[1])
+    with pytest.raises(ValueError, match="object_weight"):
+        TrainConfig(steps=1, object_weight=0.0)
+
+
+def test_a_resumed_run_can_start_weighting_objects(tmp_path: Path) -> None:
+    tiny = {"data": "textures", "width": 32, "layers": 1, "text_layers": 1, "batch_size": 2, "bf16": False}
+    Trainer(TrainConfig(**tiny, steps=1), tmp_path).run()
+    resumed = Trainer(TrainConfig(**tiny, steps=2, object_weight=4.0), tmp_path)
+    assert resumed.step == 1 and resumed.config.object_weight == 4.0
+    resumed.run()
+    # Resuming without a weight keeps the checkpoint's.
+    assert Trainer(TrainConfig(**tiny, steps=3), tmp_path).config.object_weight == 4.0
 
 
 def test_saved_configs_without_a_data_set_are_shapes_runs() -> None:

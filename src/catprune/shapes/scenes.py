@@ -22,6 +22,7 @@ scene is held-out as soon as one of its objects uses such a pair.
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -188,6 +189,14 @@ def object_mask(obj: ShapeObject, size: int = 32) -> np.ndarray:
     # apex row is not empty; rows then widen by 2 px every 2 rows.
     rel = (dy + 0.5 + half) / (2 * half)  # 1/(2*half) on the apex row, 1 on the base row
     return (np.abs(dy) <= half) & (np.abs(dx) <= rel * half)
+
+
+def objects_mask(objects: Sequence[ShapeObject], size: int) -> np.ndarray:
+    """Boolean (size, size) mask of all the objects' pixels: what a caption decides."""
+    mask = np.zeros((size, size), dtype=bool)
+    for obj in objects:
+        mask |= object_mask(obj, size)
+    return mask
 
 
 def render(scene: Scene, size: int = 32) -> np.ndarray:
@@ -387,6 +396,11 @@ def make_dataset(n: int, seed: int, split: Split, size: int = 32) -> tuple[np.nd
     for i, scene in enumerate(scenes):
         images[i] = render(scene, size)
     return images, [caption(scene) for scene in scenes]
+
+
+def object_masks(n: int, seed: int, split: Split, size: int = 32) -> np.ndarray:
+    """The objects' masks (n, size, size) of ``make_dataset(n, seed, split, size)``'s images."""
+    return np.stack([objects_mask(scene.objects, size) for scene in sample_scenes(n, seed, split)])
 
 
 def heldout_captions(n: int, seed: int = 0) -> list[str]:

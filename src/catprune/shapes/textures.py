@@ -41,6 +41,7 @@ from .scenes import (
     check_member,
     object_mask,
     object_phrase,
+    objects_mask,
     random_object,
     scene_from_words,
 )
@@ -268,6 +269,11 @@ def make_dataset(n: int, seed: int, split: Split, size: int = IMAGE_SIZE) -> tup
     for i, (scene, texture_seed) in enumerate(draws):
         images[i] = render(scene, texture_seed, size)
     return images, [caption(scene) for scene, _ in draws]
+
+
+def object_masks(n: int, seed: int, split: Split, size: int = IMAGE_SIZE) -> np.ndarray:
+    """The objects' masks (n, size, size) of ``make_dataset(n, seed, split, size)``'s images."""
+    return np.stack([objects_mask(scene.objects, size) for scene, _ in sample_scenes(n, seed, split)])
 
 
 def heldout_captions(n: int, seed: int = 0) -> list[str]:

@@ -45,7 +45,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import (
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
@@ -77,6 +76,7 @@ class DataSet:
     """A procedural training set and what the model built for it depends on."""
 
     make_dataset: Callable[[int, int, str, int], tuple[np.ndarray, list[str]]]
+    object_masks: Callable[[int, int, str, int], np.ndarray]
     image_size: int
     vocabulary: tuple[str, ...]
     flow_shift: float
@@ -85,11 +85,14 @@ class DataSet:
 
 
 DATASETS: dict[str, DataSet] = {
-    "shapes": DataSet(scenes.make_dataset, 32, scenes.VOCABULARY, 1.0),
-    "textures": DataSet(textures.make_dataset, textures.IMAGE_SIZE, textures.VOCABULARY, 3.0),
+    "shapes": DataSet(scenes.make_dataset, scenes.object_masks, 32, scenes.VOCABULARY, 1.0),
+    "textures": DataSet(
+        textures.make_dataset, textures.object_masks, textures.IMAGE_SIZE, textures.VOCABULARY, 3.0
+    ),
 }
-Batch = tuple[torch.Tensor, list[str], torch.Generator]
-"""A step's images in [-1, 1], its captions (some dropped) and the generator of its noise."""
+Batch = tuple[torch.Tensor, list[str], torch.Generator, torch.Tensor | None]
+"""A step's images in [-1, 1], its captions (some dropped), the generator of its noise and its per-pixel
+loss weights (B, 1, size, size) (None: unweighted)."""
 
 
 @dataclass
@@ -112,6 +115,11 @@ class TrainConfig:
     steps: int | None = None
     minutes: float | None = None
     seed: int = 0
+    object_weight: float | None = None
+    """Loss weight of the named objects' pixels relative to the backdrop's (None: unweighted; each
+    image's weights are scaled to average 1). On textures most of the loss is backdrop detail that the
+    caption does not fix, whose gradient noise drowns the few pixels the caption decides. Besides the
+    budget, the only setting a resumed run may change."""
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHES:
@@ -122,6 +130,8 @@ class TrainConfig:
             raise ValueError("give exactly one training budget: steps or minutes")
         if self.width % HEAD_DIM:
             raise ValueError(f"width must be a multiple of {HEAD_DIM}, got {self.width}")
+        if self.object_weight is not None and not self.object_weight > 0:
+            raise ValueError(f"object_weight must be positive, got {self.object_weight}")
 
 
 def build_pipeline(config: TrainConfig) -> ShapesPipeline:
@@ -183,7 +193,8 @@ def named_parameters(pipe: ShapesPipeline) -> dict[str, torch.nn.Parameter]:
 
 
 def batch(config: TrainConfig, step: int) -> Batch:
-    """Images in [-1, 1] (B, 3, size, size), captions with 10% dropped, and the step's noise generator."""
+    """Images in [-1, 1] (B, 3, size, size), captions with 10% dropped, the step's noise generator and
+    the pixel weights of ``config.object_weight``."""
     seed = config.seed * 1_000_003 + step
     data = DATASETS[config.data]
     images, captions = data.make_dataset(config.batch_size, seed, "train", data.image_size)
@@ -191,7 +202,12 @@ def batch(config: TrainConfig, step: int) -> Batch:
     drop = torch.rand(len(captions), generator=generator) < CAPTION_DROP
     captions = ["" if d else c for d, c in zip(drop.tolist(), captions, strict=True)]
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return pixels, captions, generator
+    weight = None
+    if config.object_weight is not None:
+        masks = torch.from_numpy(data.object_masks(config.batch_size, seed, "train", data.image_size))
+        weight = 1 + (config.object_weight - 1) * masks[:, None].float()  # (B, 1, size, size)
+        weight = weight / weight.mean(dim=(2, 3), keepdim=True)  # (B, 1, size, size), mean 1 per image
+    return pixels, captions, generator, weight
 
 
 def _as_drawn(item: Batch) -> Batch:
@@ -237,8 +253,17 @@ def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of (B, C, H, W) ``values`` with per-pixel weights (B, 1, H, W) of mean 1 (None: plain mean)."""
+    return values.mean() if weight is None else (values * weight).mean()
+
+
 def flow_loss(
-    pipe: ShapesPipeline, x0: torch.Tensor, captions: list[str], gen: torch.Generator
+    pipe: ShapesPipeline,
+    x0: torch.Tensor,
+    captions: list[str],
+    gen: torch.Generator,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     sigma = shift_sigmas(torch.sigmoid(torch.randn(len(x0), generator=gen)), pipe.scheduler.config.shift)
     sigma = sigma.to(x0.device)
@@ -246,7 +271,7 @@ def flow_loss(
     s = sigma.view(-1, 1, 1, 1)
     text = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
     velocity = pipe.model_output((1 - s) * x0 + s * noise, sigma * 1000, text)
-    return F.mse_loss(velocity, noise - x0)
+    return weighted_mean((velocity - (noise - x0)) ** 2, weight)
 
 
 def _normal_kl(
@@ -266,7 +291,11 @@ def epsilon_loss_weight(snr: torch.Tensor) -> torch.Tensor:
 
 
 def ddpm_loss(
-    pipe: ShapesPipeline, x0: torch.Tensor, captions: list[str], gen: torch.Generator
+    pipe: ShapesPipeline,
+    x0: torch.Tensor,
+    captions: list[str],
+    gen: torch.Generator,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     scheduler = pipe.scheduler
     betas = scheduler.betas.float()
@@ -285,7 +314,7 @@ def ddpm_loss(
     output = pipe.model_output(x_t, t.to(x0.device), text)
     eps, var_signal = output.chunk(2, dim=1)
     snr = abar_t / (1 - abar_t)
-    mse = (epsilon_loss_weight(snr) * (eps - noise) ** 2).mean()
+    mse = weighted_mean(epsilon_loss_weight(snr) * (eps - noise) ** 2, weight)
 
     posterior_var = betas * (1 - torch.cat([abar.new_ones(1), abar[:-1]])) / (1 - abar)
     log_posterior = per_sample(torch.log(torch.cat([posterior_var[1:2], posterior_var[1:]])))
@@ -345,13 +374,17 @@ class Trainer:
 
     @staticmethod
     def _merge(saved: TrainConfig, given: TrainConfig) -> TrainConfig:
-        """A resumed run keeps its saved model and optimisation settings; only the budget can change."""
+        """A resumed run keeps its saved model and optimisation settings; only the budget can change,
+        and the object weight when one is given (a run may start weighting objects late)."""
+        changes: dict[str, object] = {"steps": given.steps, "minutes": given.minutes}
+        if given.object_weight is not None:
+            changes["object_weight"] = given.object_weight
+            if saved.object_weight != given.object_weight:
+                print(f"resuming: object_weight {saved.object_weight!r} -> {given.object_weight!r}")
         for field in fields(TrainConfig):
-            if field.name not in ("steps", "minutes") and getattr(saved, field.name) != getattr(
-                given, field.name
-            ):
+            if field.name not in changes and getattr(saved, field.name) != getattr(given, field.name):
                 print(f"resuming: keeping the checkpoint's {field.name}={getattr(saved, field.name)!r}")
-        return TrainConfig(**{**asdict(saved), "steps": given.steps, "minutes": given.minutes})
+        return TrainConfig(**{**asdict(saved), **changes})
 
     def progress(self) -> float:
         """Share of the budget used, which drives the learning-rate schedule and the end of the run."""
@@ -368,7 +401,7 @@ class Trainer:
         so that a GPU is not waited for."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate()
-        x0, captions, generator = data
+        x0, captions, generator, weight = data
         # On a CPU the math attention kernel is faster than the flash kernel on 16x16 token grids, and
         # 2.5 times slower on 32x32 ones (measured at width 128, one thread).
         grid = DATASETS[self.config.data].image_size // PATCH_SIZE
@@ -376,7 +409,8 @@ class Trainer:
         attention = sdpa_kernel(SDPBackend.MATH) if small else nullcontext()
         autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.config.bf16)
         with autocast, attention:
-            loss = LOSSES[self.config.arch](self.pipe, x0.to(self.device), captions, generator)
+            weight = None if weight is None else weight.to(self.device)
+            loss = LOSSES[self.config.arch](self.pipe, x0.to(self.device), captions, generator, weight)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)

@@ -40,6 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32 throughout")
     parser.add_argument(
+        "--object-weight",
+        type=float,
+        default=None,
+        help="loss weight of the caption's objects' pixels relative to the backdrop's; may change when "
+        "resuming (default: unweighted, or the checkpoint's when resuming)",
+    )
+    parser.add_argument(
         "--checkpoint-every", type=int, default=200, help="steps between checkpoints (default: 200)"
     )
     parser.add_argument(
