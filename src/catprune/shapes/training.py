@@ -118,8 +118,10 @@ class TrainConfig:
     object_weight: float | None = None
     """Loss weight of the named objects' pixels relative to the backdrop's (None: unweighted; each
     image's weights are scaled to average 1). On textures most of the loss is backdrop detail that the
-    caption does not fix, whose gradient noise drowns the few pixels the caption decides. Besides the
-    budget, the only setting a resumed run may change."""
+    caption does not fix, whose gradient noise drowns the few pixels the caption decides. But it biases a
+    model that cannot yet place the objects towards painting their colours wherever one might be (tried
+    on textures-mmdit, not shipped: docs/shapes-models.md). Besides the budget, the only setting a
+    resumed run may change."""
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHES:

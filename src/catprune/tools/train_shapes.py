@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="loss weight of the caption's objects' pixels relative to the backdrop's; may change when "
-        "resuming (default: unweighted, or the checkpoint's when resuming)",
+        "resuming; an undertrained model then floods images with the named colours (default: unweighted, "
+        "or the checkpoint's when resuming)",
     )
     parser.add_argument(
         "--checkpoint-every", type=int, default=200, help="steps between checkpoints (default: 200)"
