@@ -19,7 +19,8 @@ from conftest import (
 
 from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
 from catprune.adapters.attention import CachedSelfAttentionProcessor
-from catprune.pruning import StepMode
+from catprune.engine import StepMode
+from catprune.selection import Grid
 from catprune.strategies import ATTENTION_STRATEGIES, SelectionInput, get_strategy, weighted_pagerank
 
 CASES = {
@@ -51,7 +52,9 @@ def selection_input(attention: torch.Tensor | None, counts: torch.Tensor, num_ke
     noise = torch.zeros(prompts, tokens, 4)
     config = CATPruningConfig(strategy="at-edm")
     scores = torch.zeros(prompts, tokens)
-    return SelectionInput(noise, noise, scores, counts, 1, 1, tokens, num_kept, config, attention=attention)
+    return SelectionInput(
+        noise, noise, scores, counts, 1, Grid(1, tokens), num_kept, config, attention=attention
+    )
 
 
 def test_at_edm_keeps_the_most_important_image_tokens_and_ignores_text_nodes() -> None:
@@ -81,7 +84,7 @@ def run_recording(case: str, strategy: str, steps: int = 6) -> tuple[Any, list[d
             {
                 "mode": state.mode,
                 "indices": None if state.indices is None else state.indices.clone(),
-                "map": None if state.attention_map is None else state.attention_map.clone(),
+                "map": None if state.slot.capture.map is None else state.slot.capture.map.clone(),
             }
         )
 
@@ -101,7 +104,7 @@ def run_recording(case: str, strategy: str, steps: int = 6) -> tuple[Any, list[d
 @pytest.mark.parametrize("case", list(CASES))
 def test_one_block_captures_a_row_stochastic_map_over_image_and_text_tokens(case: str) -> None:
     pipe, calls, _ = run_recording(case, "at-edm")
-    state = pipe.transformer._catprune_state
+    state = pipe.transformer._catprune_engine
     capturing = [p for p in state.processors if getattr(p, "capture_attention", False)]
     assert len(capturing) == 1 and isinstance(capturing[0], CachedSelfAttentionProcessor)
     text = CASES[case][3]
@@ -125,11 +128,11 @@ def test_each_pruned_step_keeps_the_top_pagerank_tokens_of_the_step_before(case:
 def test_other_strategies_capture_nothing_and_the_capture_costs_one_product_per_step() -> None:
     pipe, calls, _ = run_recording("pixart", "cat")
     assert all(call["map"] is None for call in calls)
-    cat_macs = pipe.transformer._catprune_state.stats.macs
+    cat_macs = pipe.transformer._catprune_engine.stats.macs
     pipe, _, _ = run_recording("pixart", "at-edm")
     attention = pipe.transformer.transformer_blocks[0].attn1
     # Fill step and 3 pruned steps, 2 prompts, Q K^T over 64 tokens at the block's width.
-    assert pipe.transformer._catprune_state.stats.macs - cat_macs == 4 * 2 * 64 * 64 * attention.inner_dim
+    assert pipe.transformer._catprune_engine.stats.macs - cat_macs == 4 * 2 * 64 * 64 * attention.inner_dim
 
 
 def test_remove_restores_the_original_after_at_edm() -> None:
@@ -170,7 +173,7 @@ def test_the_fill_step_map_is_the_blocks_attention_probabilities() -> None:
     attention.register_forward_pre_hook(reference, with_kwargs=True)
     maps: list[torch.Tensor] = []
     pipe.transformer.register_forward_hook(
-        lambda *_: maps.append(state.attention_map) if state.mode is StepMode.FILL else None
+        lambda *_: maps.append(state.slot.capture.map) if state.mode is StepMode.FILL else None
     )
     pipe(**prompts(1), num_inference_steps=4, latents=seeded_latents(1), output_type="latent", **extra)
     assert len(expected) == len(maps) == 1

@@ -94,7 +94,7 @@ def snapshot(transformer: torch.nn.Module) -> dict[str, Any]:
             if hasattr(module, "_diffusers_hook")
         },
         "forward": transformer.forward,
-        "state": "_catprune_state" in transformer.__dict__,
+        "state": "_catprune_engine" in transformer.__dict__,
     }
 
 

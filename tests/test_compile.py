@@ -28,7 +28,7 @@ from conftest import (
 from torch._dynamo.utils import counters
 
 from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
-from catprune.pruning import StepMode
+from catprune.engine import StepMode
 
 CONFIG = CATPruningConfig(keep_ratio=0.3, start_step=3)
 
@@ -203,7 +203,7 @@ def test_pruned_steps_use_buffers_at_fixed_addresses(case: str) -> None:
             caches = [cache for processor in state.processors for cache in processor.caches.values()]
             buffers = [
                 state.indices,
-                *state.outputs.values(),
+                *(output.tokens for output in state.outputs.values()),
                 *(c.key for c in caches),
                 *(c.value for c in caches),
             ]

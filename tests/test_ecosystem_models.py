@@ -24,7 +24,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
-from catprune.pruning import CachingProcessor, PruningState
+from catprune.engine import CachingProcessor, PruningEngine
 
 STEPS, START = 6, 3
 SIZE = 128  # 16x16 latents (the pipeline's VAE factor is 8 without a VAE): 8x8 = 64 image tokens
@@ -49,7 +49,7 @@ def generate(pipe: Any, dtype: torch.dtype = torch.float32, **kwargs: Any) -> to
     ).images
 
 
-def assert_pruned(state: PruningState, keep_ratio: float) -> None:
+def assert_pruned(state: PruningEngine, keep_ratio: float) -> None:
     stats = state.stats
     assert (stats.steps, stats.pruned_steps) == (STEPS, STEPS - START)
     assert (stats.image_tokens, stats.kept_tokens) == (64, round(keep_ratio * 64))
@@ -76,7 +76,7 @@ def lora_pipeline() -> StableDiffusion3Pipeline:
     return sd3_pipeline(add_lora(tiny_sd3()))
 
 
-def pruned_lora_pipeline(order: str, config: CATPruningConfig) -> tuple[Any, PruningState]:
+def pruned_lora_pipeline(order: str, config: CATPruningConfig) -> tuple[Any, PruningEngine]:
     """A pipeline with the LoRA of :func:`add_lora` and pruning, applied in ``order``."""
     if order == "lora-then-prune":
         pipe = lora_pipeline()
@@ -207,7 +207,7 @@ REDUCED_PRECISION = {
 }
 
 
-def cache_tensors(state: PruningState) -> list[torch.Tensor]:
+def cache_tensors(state: PruningEngine) -> list[torch.Tensor]:
     return [t for p in state.processors for t in (p.cache.key, p.cache.value)]
 
 
@@ -265,7 +265,7 @@ def test_cpu_offload_without_an_accelerator_is_refused_by_diffusers(offload: str
     assert_pruned(state, 1.0)
 
 
-def offloaded_pruned_pipeline(order: str, config: CATPruningConfig) -> tuple[Any, PruningState]:
+def offloaded_pruned_pipeline(order: str, config: CATPruningConfig) -> tuple[Any, PruningEngine]:
     """``enable_model_cpu_offload(device="cpu")``: diffusers' documented ``device`` argument, accelerate's
     real offload hooks (moving to the execution device "cpu:0" is a no-op here, the hooks and their
     re-installation after every call are not)."""
@@ -410,7 +410,7 @@ def test_save_pretrained_of_a_patched_model_writes_the_original_only(what: str, 
     else:
         loaded = sd3_pipeline(SD3Transformer2DModel.from_pretrained(tmp_path / "patched"))
     transformer = loaded.transformer
-    assert not hasattr(transformer, "_catprune_state")
+    assert not hasattr(transformer, "_catprune_engine")
     assert {name: type(p) for name, p in transformer.attn_processors.items()} == original_processors
     assert not any(isinstance(p, CachingProcessor) for p in transformer.attn_processors.values())
     assert not getattr(getattr(transformer, "_diffusers_hook", None), "hooks", {})

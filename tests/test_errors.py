@@ -50,7 +50,7 @@ def test_unsupported_model_raises_type_error_naming_the_supported_classes() -> N
     forward = unet.forward
     with pytest.raises(TypeError, match=r"SD3Transformer2DModel.*PixArtTransformer2DModel"):
         apply_cat_pruning(unet)
-    assert unet.forward == forward and not hasattr(unet, "_catprune_state")
+    assert unet.forward == forward and not hasattr(unet, "_catprune_engine")
     with pytest.raises(TypeError, match="pipeline"):
         apply_cat_pruning("not a model")
     with pytest.raises(TypeError, match="CATPruningConfig"):
@@ -64,9 +64,12 @@ def test_applying_twice_is_a_clear_error_and_keeps_the_first_application() -> No
         apply_cat_pruning(pipe, CATPruningConfig(keep_ratio=0.2))
     with pytest.raises(RuntimeError, match="already applied"):
         apply_cat_pruning(pipe.transformer)
-    assert pipe.transformer._catprune_state is state
+    assert pipe.transformer._catprune_engine is state
     remove_cat_pruning(pipe)
-    remove_cat_pruning(pipe)  # removing again is a no-op
+    with pytest.warns(
+        UserWarning, match=r"^CAT pruning is not applied to this SD3Transformer2DModel: nothing"
+    ):
+        remove_cat_pruning(pipe)  # removing again changes nothing, and says so
     apply_cat_pruning(pipe, CATPruningConfig(keep_ratio=0.2))
 
 
@@ -83,7 +86,7 @@ def test_unknown_strategy_fails_at_apply_and_changes_nothing() -> None:
     transformer = tiny_sd3()
     with pytest.raises(ValueError, match="unknown token-choice strategy"):
         apply_cat_pruning(transformer, CATPruningConfig(strategy="best"))
-    assert not hasattr(transformer, "_catprune_state")
+    assert not hasattr(transformer, "_catprune_engine")
     assert all(
         type(m.processor).__module__.startswith("diffusers")
         for m in transformer.modules()

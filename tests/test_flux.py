@@ -27,8 +27,8 @@ from PIL import Image
 
 from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
 from catprune.architectures import Architecture
+from catprune.engine import StepMode
 from catprune.measure import count_macs
-from catprune.pruning import StepMode
 
 STEPS = 6
 START = 3
@@ -155,7 +155,9 @@ def test_true_cfg_passes_share_one_selection_per_step_and_count_as_one_step(pipe
 
     def record(module: torch.nn.Module, args: Any, output: Any) -> None:
         pruned = state.mode is StepMode.PRUNED
-        calls.append((state.plan.step, state.pass_key, state.indices.clone() if pruned else None))
+        calls.append(
+            (state.context.step, state.context.pass_key[0], state.indices.clone() if pruned else None)
+        )
 
     pipe.transformer.register_forward_hook(record)
     generate(pipe, {**flux_prompts(2), **negative_prompts(2)}, packed_latents(2))
@@ -170,34 +172,13 @@ def test_true_cfg_passes_share_one_selection_per_step_and_count_as_one_step(pipe
     pruned_indices = [indices for _, _, indices in calls[::2] if indices is not None]
     assert len(pruned_indices) == STEPS - START
     assert any(not torch.equal(a, b) for a, b in itertools.pairwise(pruned_indices))
-    assert {key for processor in state.processors for key in processor.caches} == {"cond", "uncond"}
-
-
-def test_a_sequence_with_reference_image_tokens_is_refused_naming_the_reason() -> None:
-    """FluxKontextPipeline appends a reference image's tokens (ids with first coordinate 1) to the
-    sequence: the ids then end at the reference's grid, which does not hold all the tokens."""
-    transformer = tiny_flux()
-    apply_cat_pruning(transformer, CONFIG)
-    prompts = flux_prompts(1)
-    image_ids = FluxPipeline._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32)
-    reference_ids = FluxPipeline._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32)
-    reference_ids[:, 0] = 1
-    with pytest.raises(ValueError, match=r"beyond the generated image.s grid.*FluxKontextPipeline"):
-        transformer(
-            torch.randn(1, 64 + 16, 16),
-            encoder_hidden_states=prompts["prompt_embeds"],
-            pooled_projections=prompts["pooled_prompt_embeds"],
-            timestep=torch.tensor([0.9]),
-            img_ids=torch.cat([image_ids, reference_ids]),
-            txt_ids=torch.zeros(TEXT_TOKENS, 3),
-            guidance=torch.tensor([3.5]),
-        )
+    assert {key for processor in state.processors for key in processor.caches} == {("cond", 0), ("uncond", 0)}
 
 
 def test_a_non_square_grid_is_read_from_the_image_ids(pipe: FluxPipeline) -> None:
     state = apply_cat_pruning(pipe, CONFIG)
     pipe(height=64, width=192, num_inference_steps=STEPS, output_type="latent", **flux_prompts(1))
-    assert (state.plan.height, state.plan.width) == (4, 12)
+    assert (state.context.grid.height, state.context.grid.width) == (4, 12)
     assert state.stats.pruned_steps == STEPS - START
 
 

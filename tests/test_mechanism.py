@@ -11,8 +11,9 @@ from conftest import sd3_pipeline, sd3_prompts, seeded_latents, tiny_sd3
 from test_pipelines import CASES, CONFIG, START, STEPS, generate, record_indices
 
 from catprune import CATPruningConfig, apply_cat_pruning
-from catprune.adapters import ADAPTERS, ModelAdapter, SD3Adapter, register_adapter
-from catprune.pruning import StepMode, StepRecord
+from catprune.adapters import ADAPTERS, ModelAdapter, PruningAdapter, SD3Adapter, register_adapter
+from catprune.engine import StepMode, StepRecord
+from catprune.strategies import TokenSelector
 
 
 @pytest.mark.parametrize("case_name", ["sd3", "pixart-sigma"])
@@ -54,23 +55,44 @@ def test_the_unpruned_config_runs_the_unpatched_model_and_counts_macs() -> None:
     assert stats.macs == stats.full_macs > 0
 
 
-def test_an_unknown_strategy_is_refused_when_the_config_is_built_with_the_valid_names() -> None:
+def test_an_unknown_strategy_is_refused_where_strategies_are_looked_up_with_the_valid_names() -> None:
+    """The config knows no strategies (the core's layers import downward only); applying looks them up."""
+    config = CATPruningConfig(strategy="best")
+    transformer = tiny_sd3()
+    processors = dict(transformer.attn_processors)
     with pytest.raises(ValueError, match=r"unknown token-choice strategy 'best'; known: .*at-edm.*cat"):
-        CATPruningConfig(strategy="best")
+        apply_cat_pruning(transformer, config)
+    assert not hasattr(transformer, "_catprune_engine") and transformer.attn_processors == processors
+    with pytest.raises(ValueError, match=r"unknown token-choice strategy 'best'; known: .*at-edm.*cat"):
+        TokenSelector(config)
 
 
 def test_an_incomplete_adapter_is_refused_at_registration_naming_what_is_missing() -> None:
-    class Bare(ModelAdapter):
+    class Bare(PruningAdapter):
         family = "bare"
         model_class = torch.nn.Linear
-        output_projection = "proj_out"
+        scatter_point = "proj_out"
 
     with pytest.raises(TypeError) as error:
         register_adapter(Bare)
     message = str(error.value)
-    assert message.startswith("adapter Bare does not define attribute embedder, attribute token_arguments")
+    assert message.startswith(
+        "adapter Bare does not define attribute gather_point, attribute token_arguments"
+    )
     assert "method token_grid()" in message and "method attention_processors()" in message
-    assert "output_projection" not in message and "bare" not in ADAPTERS
+    assert "scatter_point" not in message and "bare" not in ADAPTERS
+    assert "vae_config" not in message and "block_macs" not in message  # optional parts not declared
+
+    class Declared(ModelAdapter):  # all three parts declared: each is checked
+        family = "declared"
+        model_class = torch.nn.Linear
+
+    with pytest.raises(TypeError) as error:
+        register_adapter(Declared)
+    message = str(error.value)
+    assert "attribute gather_point" in message and "attribute blocks" in message
+    assert "attribute vae_config" in message and "method block_macs()" in message
+    assert "method conditioning()" in message and "declared" not in ADAPTERS
 
 
 def test_a_second_adapter_for_a_family_is_refused() -> None:

@@ -23,7 +23,7 @@ from conftest import (
 )
 
 from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
-from catprune.pruning import StepMode
+from catprune.engine import StepMode
 
 STEPS = 6
 START = 3
@@ -92,7 +92,7 @@ def record_indices(pipe: Any) -> list[torch.Tensor]:
     seen: list[torch.Tensor] = []
 
     def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-        state = module._catprune_state
+        state = module._catprune_engine
         if state.mode is StepMode.PRUNED:
             seen.append(state.indices.clone())
 
@@ -254,9 +254,9 @@ def test_bare_transformer_starts_a_new_generation_when_the_timestep_goes_up() ->
         return latents
 
     first = denoise()
-    assert (state.step, state.stats.pruned_steps) == (4, 2)
+    assert (state.stats.steps, state.stats.pruned_steps) == (4, 2)
     assert torch.equal(denoise(), first)
-    assert (state.step, state.stats.pruned_steps) == (4, 2)
+    assert (state.stats.steps, state.stats.pruned_steps) == (4, 2)
 
 
 def test_row_pairing_cfg_on_a_bare_transformer_shares_the_selection() -> None:

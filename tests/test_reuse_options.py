@@ -24,7 +24,7 @@ from conftest import (
 )
 
 from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
-from catprune.pruning import KVCache, StepMode, TokenHistory
+from catprune.engine import KVCache, StepMode, TokenHistory
 
 STEPS = 8
 START = 3
@@ -86,12 +86,12 @@ def test_a_refresh_step_is_the_unpruned_step_bit_for_bit(case: str) -> None:
     modes: list[StepMode] = []
 
     def before(module: torch.nn.Module, args: Any, kwargs: Any) -> None:
-        if state.step == 5:
+        if state.context.step == 5:
             seen["inputs"] = (args, {k: v for k, v in kwargs.items()})
 
     def after(module: torch.nn.Module, args: Any, output: Any) -> None:
-        modes.append(state.plan.mode)
-        if state.plan.step == 5:
+        modes.append(state.context.mode)
+        if state.context.step == 5:
             seen["output"] = output[0].clone()
 
     handles = [
@@ -122,7 +122,7 @@ def test_kv_extrapolation_is_exact_for_keys_and_values_linear_in_time() -> None:
     """Tokens computed at different times (each at least twice) are moved to the current time exactly;
     the text rows and the stored cache are untouched."""
     rows, tokens, text, heads, dim = 2, 12, 3, 2, 4
-    cache = KVCache(extra_first=True, extrapolate=True)
+    cache = KVCache(extrapolate=True)
 
     def at(time: float) -> torch.Tensor:
         return linear_in_time(time, (rows, tokens, heads, dim))
@@ -131,18 +131,19 @@ def test_kv_extrapolation_is_exact_for_keys_and_values_linear_in_time() -> None:
         return torch.full((rows,), value)
 
     text_key = torch.randn(rows, text, heads, dim)
-    cache.fill(at(1.0), at(1.0) + 1, extra=text, time=times(1.0))
-    cache.write_extra(text_key, text_key, tokens)
+    sequence = torch.cat([torch.randn(rows, text, heads, dim), at(1.0)], dim=1)  # [text, image]
+    cache.fill(sequence, sequence + 1, image_start=text, num_image=tokens, time=times(1.0))
+    cache.write(0, text_key, text_key)
     first = torch.stack([torch.randperm(tokens)[:6] for _ in range(rows)])  # (B, 6) each row its own
     second = torch.stack([torch.tensor([t for t in range(tokens) if t not in row]) for row in first])
     for indices, time in ((first, 0.8), (second, 0.6)):
         index = indices[:, :, None, None].expand(-1, -1, heads, dim)
-        cache.update(indices, at(time).gather(1, index), (at(time) + 1).gather(1, index), tokens, times(time))
-    key, value = cache.attention_inputs(tokens, times(0.3))
+        cache.update(indices, at(time).gather(1, index), (at(time) + 1).gather(1, index), times(time))
+    key, value = cache.attention_inputs(times(0.3))
     torch.testing.assert_close(key[:, text:], at(0.3), atol=1e-5, rtol=0)
     torch.testing.assert_close(value[:, text:], at(0.3) + 1, atol=1e-5, rtol=0)
     assert torch.equal(key[:, :text], text_key)
-    stored = cache.image_rows(cache.key, tokens)
+    stored = cache.image_rows(cache.key)
     assert not torch.allclose(stored, at(0.3))  # the cache keeps the values as computed
 
 

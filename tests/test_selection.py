@@ -7,6 +7,7 @@ import torch
 
 from catprune import CATPruningConfig
 from catprune.selection import (
+    Grid,
     cluster_adjacency,
     cluster_max_pool,
     effective_num_clusters,
@@ -31,7 +32,7 @@ def run_selector(
     selector = TokenSelector(config)
     selector.set_reference(noise_steps[0])
     num_kept = config.num_kept(height * width)
-    return torch.stack([selector.select(noise, height, width, num_kept) for noise in noise_steps[1:]])
+    return torch.stack([selector.select(noise, Grid(height, width), num_kept) for noise in noise_steps[1:]])
 
 
 def random_noise(steps: int, samples: int, height: int, width: int, channels: int = 16, seed: int = 0):
@@ -48,7 +49,7 @@ def test_relative_noise_is_the_channel_norm_of_the_difference() -> None:
 
 
 def test_positional_encoding_rows_then_columns() -> None:
-    encoding = positional_encoding(2, 4, 4)
+    encoding = positional_encoding(Grid(2, 4), 4)
     assert encoding.shape == (8, 4)
     # token (row 1, column 3): first half i / h = 0.5, second half j / w = 0.75
     assert torch.equal(encoding[1 * 4 + 3], torch.tensor([0.5, 0.5, 0.75, 0.75]))
@@ -78,7 +79,7 @@ def test_kmeans_separates_well_separated_blobs_and_is_batch_invariant() -> None:
 def test_cluster_adjacency_from_the_token_grid() -> None:
     # 2 x 3 grid: cluster 0 | 1 | 2 in columns, cluster 1 touches both others, 0 and 2 do not touch.
     labels = torch.tensor([[0, 1, 2, 0, 1, 2]])
-    adjacency = cluster_adjacency(labels, 2, 3, 3)[0]
+    adjacency = cluster_adjacency(labels, Grid(2, 3), 3)[0]
     expected = torch.tensor([[False, True, False], [True, False, True], [False, True, False]])
     assert torch.equal(adjacency, expected)
 
@@ -167,7 +168,7 @@ def test_the_seed_changes_the_clustering() -> None:
     second = TokenSelector(CATPruningConfig(seed=1))
     for selector in (first, second):
         selector.set_reference(noise[0])
-        selector.select(noise[1], 16, 16, 77)
+        selector.select(noise[1], Grid(16, 16), 77)
     assert not torch.equal(first.memory["labels"], second.memory["labels"])
 
 

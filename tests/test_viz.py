@@ -14,7 +14,7 @@ from PIL import Image
 from catprune import viz
 from catprune.adapters import adapter_for
 from catprune.cli import main
-from catprune.pruning import StepMode, StepRecord
+from catprune.engine import StepMode, StepRecord
 from catprune.shapes.pipelines import load_shapes_pipeline
 from catprune.shapes.training import ARCHES, TrainConfig, build_pipeline
 from catprune.tools.viz import DEFAULT_PROMPTS, default_prompts
@@ -84,7 +84,7 @@ def test_noise_correlation_plots_the_runs_relative_noise(any_model_dir: Path, tm
     # The same quantities from an unpruned run, read at the output projection with a plain hook.
     pipe = load_shapes_pipeline(any_model_dir)
     outputs: list[torch.Tensor] = []
-    projection = pipe.transformer.get_submodule(adapter_for(pipe.transformer).output_projection)
+    projection = pipe.transformer.get_submodule(adapter_for(pipe.transformer).scatter_point)
     handle = projection.register_forward_hook(lambda module, args, output: outputs.append(output))
     pipe(prompt=PROMPTS, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0))
     handle.remove()

@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import CATPruningConfig
+    from .engine import GenerationStats, PruningEngine
     from .integration import apply_cat_pruning, remove_cat_pruning
-    from .pruning import GenerationStats, PruningState
 
-__all__ = ["CATPruningConfig", "GenerationStats", "PruningState", "apply_cat_pruning", "remove_cat_pruning"]
+__all__ = ["CATPruningConfig", "GenerationStats", "PruningEngine", "apply_cat_pruning", "remove_cat_pruning"]
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "CATPruningConfig": "catprune.config",
-    "GenerationStats": "catprune.pruning",
-    "PruningState": "catprune.pruning",
+    "GenerationStats": "catprune.engine",
+    "PruningEngine": "catprune.engine",
     "apply_cat_pruning": "catprune.integration",
     "remove_cat_pruning": "catprune.integration",
 }

@@ -4,7 +4,7 @@ Each combination either works or is refused with an error that names it and says
 never a crash deep inside diffusers and never a silently wrong image. Either side can come first, so every
 combination is checked twice: by :func:`check_before_apply` when ``apply_cat_pruning`` is called (before
 anything changes), and by the checks :func:`generation_checks` returns, which ``apply_cat_pruning`` puts in
-``PruningState.checks`` so that they run at every generation's first step (for what was added after
+``PruningEngine.checks`` so that they run at every generation's first step (for what was added after
 pruning was applied).
 
 Refused, because pruned steps would compute something else than the model as the user configured it:
@@ -30,7 +30,7 @@ from torch import nn
 
 from .adapters import ModelAdapter
 from .config import CATPruningConfig
-from .pruning import CachingProcessor, PruningState
+from .engine import CachingProcessor, PruningEngine, StepSlot
 
 PLAIN_PROCESSORS = (
     "AttnProcessor",
@@ -90,9 +90,8 @@ def is_ip_adapter_processor(processor: object) -> bool:
 
 def replaced_layers(model: nn.Module, adapter: ModelAdapter, config: CATPruningConfig) -> list[nn.Module]:
     """The attention layers whose processors ``apply_cat_pruning`` would replace, resolved as ``attach``
-    resolves them (on a throwaway state; nothing is installed)."""
-    probe = PruningState(config, adapter, model)
-    return [processor.attention for processor in adapter.attention_processors(model, probe)]
+    resolves them (with a throwaway slot; nothing is installed)."""
+    return [processor.attention for processor in adapter.attention_processors(model, StepSlot())]
 
 
 def check_before_apply(model: nn.Module, adapter: ModelAdapter, config: CATPruningConfig) -> None:
@@ -117,9 +116,9 @@ def check_not_compiled_whole(model: nn.Module) -> None:
     )
 
 
-def generation_checks(model: nn.Module, state: PruningState) -> list[Callable[[], None]]:
+def generation_checks(model: nn.Module, state: PruningEngine) -> list[Callable[[], None]]:
     """The checks to run at every generation's first step, for what was combined after pruning was applied:
-    for ``PruningState.checks``."""
+    for ``PruningEngine.checks``."""
     return [
         lambda: check_processors_installed(model, state.processors),
         lambda: check_no_cache(model, after_apply=True),

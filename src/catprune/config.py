@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .strategies import STRATEGIES
-
-RowPairing = Literal["none", "cfg"]
+RowPairing = Literal["none", "cfg", "cfg-cond-first"]
 Extrapolation = Literal["none", "linear"]
 
 
@@ -36,11 +34,14 @@ class CATPruningConfig:
         seed: seed of the KMeans++ initialisation (authors' code: ``random_state=0``).
         strategy: how tokens are chosen, by name (``catprune.strategies``): ``"cat"`` (the paper's method),
             an ablation at the same budget (``"noise"``, ``"noise+balance"``, ``"rows"``, ``"random"``) or the
-            AT-EDM baseline (``"at-edm"``: attention PageRank).
+            AT-EDM baseline (``"at-edm"``: attention PageRank). An unknown name is refused by
+            ``apply_cat_pruning``, where strategies are looked up.
         row_pairing: how batch rows pair up when the model is used without a pipeline. ``"none"``: each row
             is its own prompt. ``"cfg"``: the batch is ``[uncond..., cond...]`` as diffusers pipelines build
             it under classifier-free guidance, and the two rows of a prompt share one selection computed
-            from the conditional row. Ignored when applied to a pipeline, which knows when CFG is on.
+            from the conditional row. ``"cfg-cond-first"``: the same with the batch ``[cond..., uncond...]``
+            (Z-Image's order). Ignored when applied to a pipeline, whose first call tells whether CFG is on
+            (in the order the model's adapter declares for its pipelines).
         prune: False runs every step unpruned while the state still tracks steps and counts MACs: the
             "full model" baseline of measurements (see :meth:`unpruned`).
 
@@ -119,13 +120,10 @@ class CATPruningConfig:
             f"kmeans_iterations must be a positive integer, got {self.kmeans_iterations!r}",
         )
         require(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        require(isinstance(self.strategy, str), f"strategy must be a name, got {self.strategy!r}")
         require(
-            self.strategy in STRATEGIES,
-            f"unknown token-choice strategy {self.strategy!r}; known: {', '.join(sorted(STRATEGIES))}",
-        )
-        require(
-            self.row_pairing in ("none", "cfg"),
-            f"row_pairing must be 'none' or 'cfg', got {self.row_pairing!r}",
+            self.row_pairing in ("none", "cfg", "cfg-cond-first"),
+            f"row_pairing must be 'none', 'cfg' or 'cfg-cond-first', got {self.row_pairing!r}",
         )
         for name in ("kv_extrapolation", "output_extrapolation"):
             value = getattr(self, name)

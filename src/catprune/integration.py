@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import functools
+import warnings
+import weakref
 from typing import Any
 
 from diffusers.utils.torch_utils import is_compiled_module
@@ -11,7 +12,7 @@ from torch import nn
 from .adapters import adapter_for
 from .compatibility import check_before_apply, check_not_compiled_whole, generation_checks
 from .config import CATPruningConfig
-from .pruning import PruningState, attach, attached_state, detach
+from .engine import PruningEngine, attach, attached_engine, detach
 
 
 def _split_target(target: Any) -> tuple[Any | None, nn.Module]:
@@ -28,16 +29,18 @@ def _split_target(target: Any) -> tuple[Any | None, nn.Module]:
     )
 
 
-def apply_cat_pruning(target: Any, config: CATPruningConfig | None = None) -> PruningState:
+def apply_cat_pruning(target: Any, config: CATPruningConfig | None = None) -> PruningEngine:
     """Turn CAT pruning on for a pipeline (``StableDiffusion3Pipeline``, ...) or its transformer.
 
     Important args:
-        target: the pipeline (recommended: its scheduler then tells when a generation starts, for every
-            pipeline sharing it, e.g. made with ``from_pipe``) or its transformer.
+        target: the pipeline (recommended: its scheduler, looked up on it at every call, then tells when a
+            generation and a step start, for every pipeline sharing it, e.g. made with ``from_pipe``) or its
+            transformer.
         config: :class:`CATPruningConfig`; its defaults are the paper's (keep 30% of the tokens from step 8).
 
-    Returns the pruning state: ``.stats`` describes the current (or last) generation, ``.reset()`` starts
-    a new one by hand. Raises TypeError for an unsupported model and RuntimeError when pruning is already
+    Returns the pruning engine: ``.stats`` describes the current (or last) generation, ``.reset()`` starts
+    a new one by hand. Raises TypeError for an unsupported model, ValueError for an unknown token-choice
+    strategy, and RuntimeError when pruning is already
     applied or the model carries something pruning cannot be combined with (an IP-Adapter or another
     non-default attention processor, a diffusers cache: see ``catprune.compatibility``, which also checks
     at every generation's first step for what was added later); nothing is changed when it raises.
@@ -48,32 +51,32 @@ def apply_cat_pruning(target: Any, config: CATPruningConfig | None = None) -> Pr
     pipeline, transformer = _split_target(target)
     check_not_compiled_whole(transformer)
     adapter = adapter_for(transformer)
-    if attached_state(transformer) is not None:
+    if attached_engine(transformer) is not None:
         raise RuntimeError(
             f"CAT pruning is already applied to this {type(transformer).__name__}; "
             "call remove_cat_pruning first to change its settings"
         )
     check_before_apply(transformer, adapter, config)
-    state = attach(transformer, adapter, config)
-    state.checks.extend(generation_checks(transformer, state))
-    scheduler = getattr(pipeline, "scheduler", None)
-    if hasattr(scheduler, "step_index"):
-        state.clock.watch(scheduler)
-        state.expected_steps = functools.partial(_steps_under_way, scheduler)
-    return state
+    engine = attach(transformer, adapter, config)
+    engine.checks.extend(generation_checks(transformer, engine))
+    if pipeline is not None and hasattr(pipeline, "scheduler"):
+        pipeline_ref = weakref.ref(pipeline)
+        engine.tracker.scheduler = lambda: getattr(pipeline_ref(), "scheduler", None)
+        engine.detect_cfg = True
+    return engine
 
 
 def remove_cat_pruning(target: Any) -> None:
-    """Turn CAT pruning off: the model computes exactly as before ``apply_cat_pruning`` (a no-op if off)."""
+    """Turn CAT pruning off: the model computes exactly as before ``apply_cat_pruning``.
+
+    On a model without pruning it changes nothing and warns, as diffusers' ``disable_cache`` does: unlike
+    applying twice (which raises, because the second settings would silently replace the first), nothing
+    is lost, so cleanup code may call it unconditionally."""
     transformer = _split_target(target)[1]
     # ``torch.compile(transformer)`` (applied after pruning) wraps the module that carries the hooks.
-    detach(transformer._orig_mod if is_compiled_module(transformer) else transformer)
-
-
-def _steps_under_way(scheduler: Any) -> int | None:
-    """Denoising steps of the loop under way, read at its first step from the scheduler: its timesteps
-    after the begin index (img2img's strength cut)."""
-    timesteps = getattr(scheduler, "timesteps", None)
-    if timesteps is None:
-        return None
-    return (len(timesteps) - (getattr(scheduler, "begin_index", None) or 0)) // getattr(scheduler, "order", 1)
+    if not detach(transformer._orig_mod if is_compiled_module(transformer) else transformer):
+        warnings.warn(
+            f"CAT pruning is not applied to this {type(transformer).__name__}: nothing to remove "
+            "(apply_cat_pruning turns it on)",
+            stacklevel=2,
+        )

@@ -3,7 +3,7 @@
 MACs are counted, not derived from a formula: the model is built on the ``meta`` device (shapes, no
 data, no memory), pruning is applied, and one full, one fill and one pruned transformer call run under
 ``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2). The meta device has no data to select
-tokens from, so the pruned call recomputes a given index set (``PruningState.force_indices``); its cost
+tokens from, so the pruned call recomputes a given index set (``PruningEngine.force_indices``); its cost
 does not depend on which tokens are chosen. The selection itself runs on real CPU tensors of the right
 shapes, counted separately (see :func:`count_selection`).
 
@@ -27,8 +27,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .architectures import Architecture
 from .config import CATPruningConfig
+from .engine import PruningEngine
 from .integration import apply_cat_pruning
-from .pruning import PruningState
+from .selection import Grid
 from .strategies import TokenSelector
 
 PAPER_MACS: dict[tuple[str, int], tuple[float, float]] = {
@@ -249,7 +250,7 @@ def count_selection(
     model = architecture.build("meta")
     adapter = architecture.adapter
     height, width = adapter.image_grid(architecture.config, resolution)
-    output_channels = model.get_submodule(adapter.output_projection).out_features  # p*p*C_out per token
+    output_channels = model.get_submodule(adapter.scatter_point).out_features  # p*p*C_out per token
     shape = (batch, height * width, output_channels * adapter.noise_channels(model) // model.out_channels)
     generator = torch.Generator().manual_seed(0)
     reference = torch.randn(shape, generator=generator)
@@ -262,7 +263,7 @@ def count_selection(
             noise = reference + 0.1 * torch.randn(shape, generator=generator)
             counter = _ElementOps()
             with counter:
-                selector.select(noise, height, width, num_kept)
+                selector.select(noise, Grid(height, width), num_kept)
             counts.append(counter.ops)
     return SelectionCost(counts[0], counts[1], matmuls.get_total_flops() // 2, shape)
 
@@ -292,7 +293,7 @@ class SelectionTimer:
     """Times every ``state.selector.select`` call of a pruned model without adding host syncs: CUDA events
     around each call on a GPU (read after the generation), the wall clock on the CPU."""
 
-    def __init__(self, state: PruningState, device: torch.device) -> None:
+    def __init__(self, state: PruningEngine, device: torch.device) -> None:
         self.device = device
         self.selector = state.selector
         self.select = self.selector.select

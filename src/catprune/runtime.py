@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from .config import CATPruningConfig
+from .engine import GenerationStats, StepRecord
 from .errors import UserError
 from .integration import apply_cat_pruning, remove_cat_pruning
 from .measure import timed
-from .pruning import GenerationStats, StepRecord
 
 SMALL_MODEL_PARAMETERS = 100_000_000
 """Transformers below this size run on one CPU thread by default (:func:`use_cpu_threads`)."""

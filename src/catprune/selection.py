@@ -4,14 +4,35 @@ Every function works on a batch of P independent samples (one per prompt), on an
 shapes and no host-device synchronisation, so that a pruned step can be captured by torch.compile or
 CUDA graphs. Rows never interact: a prompt gets the same selection alone or in a batch.
 
-Shapes: P samples, N tokens on an ``height x width`` grid, C noise channels, k clusters, K kept tokens.
+Shapes: P samples, N tokens on a ``frames x height x width`` grid (:class:`Grid`; frames = 1 for an
+image), C noise channels, k clusters, K kept tokens.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A token grid: N = frames * height * width tokens in raster order (frames = 1 for images)."""
+
+    height: int
+    width: int
+    frames: int = 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+    @property
+    def axes(self) -> tuple[int, ...]:
+        """The extents of the axes positions vary along: (height, width), with frames first for video."""
+        return (self.frames, self.height, self.width) if self.frames > 1 else (self.height, self.width)
+
 
 MIN_TOKENS_PER_CLUSTER = 8
 """Clamp rule for small grids: at most ``N // 8`` clusters (and at least one), so that every cluster
@@ -30,19 +51,22 @@ def relative_noise(noise: torch.Tensor, reference: torch.Tensor) -> tuple[torch.
     return delta, delta.norm(dim=-1)
 
 
-def positional_encoding(
-    height: int, width: int, channels: int, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """The paper's Eq. 3: token (i, j) gets i / h in the first half of the channels and j / w in the rest.
+def positional_encoding(grid: Grid, channels: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The paper's Eq. 3: token (i, j) gets i / h in the first half of the channels and j / w in the rest;
+    on a video grid, token (f, i, j) gets f / F, i / h and j / w in three near-equal parts.
 
-    Returns (N, channels) float32, tokens in row-major order.
+    Returns (N, channels) float32, tokens in raster order.
     """
-    rows = torch.arange(height, device=device, dtype=torch.float32) / height
-    cols = torch.arange(width, device=device, dtype=torch.float32) / width
-    half = channels // 2
-    row_part = rows[:, None, None].expand(height, width, half)
-    col_part = cols[None, :, None].expand(height, width, channels - half)
-    return torch.cat([row_part, col_part], dim=-1).reshape(height * width, channels)
+    axes = grid.axes
+    widths = [channels // len(axes)] * len(axes)
+    widths[-1] = channels - sum(widths[:-1])
+    parts = []
+    for axis, (extent, width) in enumerate(zip(axes, widths, strict=True)):
+        position = torch.arange(extent, device=device, dtype=torch.float32) / extent  # (extent,)
+        shape = [1] * len(axes)
+        shape[axis] = extent
+        parts.append(position.view(*shape, 1).expand(*axes, width))  # (*axes, width)
+    return torch.cat(parts, dim=-1).reshape(grid.num_tokens, channels)
 
 
 def effective_num_clusters(num_tokens: int, requested: int) -> int:
@@ -87,12 +111,17 @@ def kmeans(features: torch.Tensor, num_clusters: int, iterations: int, seed: int
     return _squared_distances(points, centers).argmin(dim=-1)
 
 
-def cluster_adjacency(labels: torch.Tensor, height: int, width: int, num_clusters: int) -> torch.Tensor:
-    """Clusters are adjacent where any of their tokens are 4-neighbours on the grid: (P, k, k) bool."""
-    grid = labels.view(-1, height, width)
-    first = torch.cat([grid[:, :, :-1].flatten(1), grid[:, :-1, :].flatten(1)], dim=1)
-    second = torch.cat([grid[:, :, 1:].flatten(1), grid[:, 1:, :].flatten(1)], dim=1)
-    flat = torch.zeros(grid.shape[0], num_clusters * num_clusters, dtype=torch.bool, device=labels.device)
+def cluster_adjacency(labels: torch.Tensor, grid: Grid, num_clusters: int) -> torch.Tensor:
+    """Clusters are adjacent where any of their tokens are neighbours on the grid (4 on an image, 6 on a
+    video grid): (P, k, k) bool."""
+    cells = labels.view(-1, *grid.axes)  # (P, [F,] H, W)
+    firsts, seconds = [], []
+    for axis in range(cells.dim() - 1, 0, -1):  # width, height, then frames
+        length = cells.shape[axis]
+        firsts.append(cells.narrow(axis, 0, length - 1).flatten(1))
+        seconds.append(cells.narrow(axis, 1, length - 1).flatten(1))
+    first, second = torch.cat(firsts, dim=1), torch.cat(seconds, dim=1)  # (P, pairs)
+    flat = torch.zeros(cells.shape[0], num_clusters * num_clusters, dtype=torch.bool, device=labels.device)
     flat.scatter_(1, first * num_clusters + second, True)
     flat.scatter_(1, second * num_clusters + first, True)
     eye = torch.eye(num_clusters, dtype=torch.bool, device=labels.device)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .selection import (
+    Grid,
     cluster_adjacency,
     cluster_max_pool,
     cluster_ranks,
@@ -32,7 +33,7 @@ from .selection import (
     update_selection_counts,
 )
 
-if TYPE_CHECKING:  # the config validates strategy names against this module's registry
+if TYPE_CHECKING:
     from .config import CATPruningConfig
 
 
@@ -50,8 +51,7 @@ class SelectionInput:
     """(P, N) EWMA selection counts (zeros before the first pruned step)."""
     pruned_step: int
     """0 at the first pruned step (t0), 1 at the next..."""
-    height: int
-    width: int
+    grid: Grid
     num_kept: int
     config: CATPruningConfig
     memory: dict[str, Any] = field(default_factory=dict)
@@ -94,14 +94,12 @@ def cluster_aware(inputs: SelectionInput) -> torch.Tensor:
     globally stalest tokens."""
     memory, config = inputs.memory, inputs.config
     if "labels" not in memory:
-        num_clusters = effective_num_clusters(inputs.height * inputs.width, config.num_clusters)
-        encoding = positional_encoding(
-            inputs.height, inputs.width, inputs.noise.shape[-1], inputs.noise.device
-        )
+        num_clusters = effective_num_clusters(inputs.grid.num_tokens, config.num_clusters)
+        encoding = positional_encoding(inputs.grid, inputs.noise.shape[-1], inputs.noise.device)
         features = config.cluster_feature_scale * inputs.noise.float() + encoding
         labels = kmeans(features, num_clusters, config.kmeans_iterations, config.seed)
         pooled, occupied = cluster_max_pool(inputs.delta, labels, num_clusters)
-        adjacency = cluster_adjacency(labels, inputs.height, inputs.width, num_clusters)
+        adjacency = cluster_adjacency(labels, inputs.grid, num_clusters)
         ranks = cluster_ranks(graph_pool(pooled, adjacency), occupied)
         num_noise = round(config.noise_fraction * inputs.num_kept)
         memory.update(
@@ -137,7 +135,7 @@ def noise_and_staleness(inputs: SelectionInput) -> torch.Tensor:
 @register_strategy("rows")
 def consecutive_rows(inputs: SelectionInput) -> torch.Tensor:
     """Ablation (paper Fig. 6, column 3): consecutive tokens in raster order (whole rows), in turn."""
-    num_tokens = inputs.height * inputs.width
+    num_tokens = inputs.grid.num_tokens
     start = inputs.pruned_step * inputs.num_kept
     window = (start + torch.arange(inputs.num_kept, device=inputs.scores.device)) % num_tokens
     return window.sort().values.expand(inputs.scores.shape[0], -1)
@@ -147,7 +145,7 @@ def consecutive_rows(inputs: SelectionInput) -> torch.Tensor:
 def uniformly_random(inputs: SelectionInput) -> torch.Tensor:
     """Baseline: K tokens drawn uniformly at each step (seeded by the config seed and the step)."""
     generator = torch.Generator().manual_seed(inputs.config.seed * 100_003 + inputs.pruned_step)
-    draws = torch.rand(inputs.height * inputs.width, generator=generator).to(inputs.scores.device)
+    draws = torch.rand(inputs.grid.num_tokens, generator=generator).to(inputs.scores.device)
     return take_first([draws.expand_as(inputs.scores)], inputs.num_kept)
 
 
@@ -174,7 +172,7 @@ def attention_pagerank(inputs: SelectionInput) -> torch.Tensor:
     """Baseline (paper Sec. 4.1): AT-EDM's selection with CAT's cache-and-reuse: the K image tokens with
     the largest weighted-PageRank importance over the latest attention map, ties to the stalest. Without a
     map (the selection core used alone) every token is equally important and staleness decides."""
-    num_tokens = inputs.height * inputs.width
+    num_tokens = inputs.grid.num_tokens
     if inputs.attention is None:
         importance = torch.zeros_like(inputs.scores)
     else:
@@ -217,8 +215,7 @@ class TokenSelector:
     def select(
         self,
         noise: torch.Tensor,
-        height: int,
-        width: int,
+        grid: Grid,
         num_kept: int,
         attention: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -235,8 +232,7 @@ class TokenSelector:
             scores,
             self.counts,
             self.pruned_step,
-            height,
-            width,
+            grid,
             num_kept,
             self.config,
             self.memory,

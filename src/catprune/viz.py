@@ -5,7 +5,7 @@ plotted data as a :class:`FigureData`; ``draw_*`` turns those data into a matplo
 apart lets :func:`save_figure` write the data beside the PNG, so a figure can be checked against what was
 measured. Generations run through :func:`catprune.runtime.run_generation`; measurement goes through a
 :class:`GenerationRecorder`, an observer that the pruning state calls after each denoising step with its
-:class:`~catprune.pruning.StepRecord`: which tokens were recomputed, the output noise, the clusters.
+:class:`~catprune.engine.StepRecord`: which tokens were recomputed, the output noise, the clusters.
 
 Figures use matplotlib's object API (``Figure`` with the Agg canvas), so nothing depends on pyplot's
 global backend.
@@ -31,7 +31,7 @@ from matplotlib.ticker import MaxNLocator
 
 from . import runtime
 from .config import CATPruningConfig
-from .pruning import StepMode, StepRecord
+from .engine import StepMode, StepRecord
 from .selection import relative_noise
 
 PANEL_INCHES = 1.8
@@ -62,7 +62,7 @@ class GenerationRecorder:
     """Records the steps of the latest generation, as an observer of the pruning state.
 
     Pass it to :func:`catprune.runtime.run_generation` (``observers=[recorder]``) or to
-    :meth:`PruningState.add_observer`: it is called with each step's :class:`StepRecord`, and keeps CPU
+    :meth:`PruningEngine.add_observer`: it is called with each step's :class:`StepRecord`, and keeps CPU
     copies of what the figures plot. A record of step 0 starts a new generation (what was recorded before
     is dropped).
     """

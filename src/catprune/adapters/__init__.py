@@ -1,24 +1,30 @@
-"""Per-model adapters and their one registry: a new model is one adapter file and one line here."""
+"""Per-model adapters and their one registry: a new model is one adapter file, plus its import and its
+class in the tuple registered below."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from .base import REQUIRED_ATTRIBUTES, ModelAdapter, PublicModel, TensorFactory
+from .base import Catalogue, CostModel, ModelAdapter, PruningAdapter, PublicModel, TensorFactory
 from .flux import FluxAdapter
 from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
 
-ADAPTERS: dict[str, ModelAdapter] = {}
+ADAPTERS: dict[str, PruningAdapter] = {}
 """Registered adapters by family name."""
 
 
-def register_adapter(adapter_class: type[ModelAdapter]) -> ModelAdapter:
-    """Check that ``adapter_class`` says everything an adapter must say, then register an instance.
+def register_adapter(adapter_class: type[PruningAdapter]) -> PruningAdapter:
+    """Check that ``adapter_class`` says everything its parts require (the pruning part always, the cost
+    model and catalogue where it declares them), then register an instance.
 
     Raises TypeError naming what is missing, so that an incomplete adapter fails here rather than at the
     first pruned step."""
-    missing = [name for name in REQUIRED_ATTRIBUTES if not hasattr(adapter_class, name)]
+    parts = [part for part in (PruningAdapter, CostModel, Catalogue) if issubclass(adapter_class, part)]
+    if PruningAdapter not in parts:
+        raise TypeError(f"adapter {adapter_class.__name__} is not a PruningAdapter")
+    required = [name for part in parts for name in part.REQUIRED]
+    missing = [name for name in required if not hasattr(adapter_class, name)]
     abstract = sorted(getattr(adapter_class, "__abstractmethods__", ()))
     if missing or abstract:
         what = [*(f"attribute {name}" for name in missing), *(f"method {name}()" for name in abstract)]
@@ -34,18 +40,20 @@ for _adapter_class in (SD3Adapter, PixArtAdapter, FluxAdapter):
     register_adapter(_adapter_class)
 
 
-def adapter_for(model: nn.Module) -> ModelAdapter:
+def adapter_for(model: nn.Module) -> PruningAdapter:
     """The adapter of ``model``'s class, or a TypeError naming the supported classes."""
-    for adapter in ADAPTERS.values():
-        if isinstance(model, adapter.model_class):
-            return adapter
+    # The most specific registered class wins: an adapter for a subclass overrides its base's.
+    for cls in type(model).__mro__:
+        for adapter in ADAPTERS.values():
+            if adapter.model_class is cls:
+                return adapter
     supported = ", ".join(adapter.model_class.__name__ for adapter in ADAPTERS.values())
     raise TypeError(
         f"CAT pruning does not support {type(model).__name__}; supported transformers: {supported}"
     )
 
 
-def adapter_for_class_name(class_name: str) -> ModelAdapter:
+def adapter_for_class_name(class_name: str) -> PruningAdapter:
     """The adapter of a transformer class named in a saved config (``_class_name``)."""
     for adapter in ADAPTERS.values():
         if adapter.model_class.__name__ == class_name:
@@ -56,9 +64,12 @@ def adapter_for_class_name(class_name: str) -> ModelAdapter:
 
 __all__ = [
     "ADAPTERS",
+    "Catalogue",
+    "CostModel",
     "FluxAdapter",
     "ModelAdapter",
     "PixArtAdapter",
+    "PruningAdapter",
     "PublicModel",
     "SD3Adapter",
     "TensorFactory",

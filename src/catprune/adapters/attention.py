@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..pruning import CachingProcessor, StepMode
+from ..engine import CachingProcessor, StepMode, StepSlot
 from .base import linear_macs
 
 Projections = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -118,20 +118,25 @@ class CachedSelfAttentionProcessor(CachingProcessor):
     image tokens only, writes K and V into the cache at their positions, rewrites the extra rows, and
     attends over the whole cache.
 
-    With ``capture_attention`` (set by ``ModelAdapter.processors`` on one layer for attention strategies)
-    it also caches the image queries the same way and stores the attention map in ``state.attention_map``.
+    With ``capture_attention`` (set by ``PruningAdapter.processors`` on one layer for attention strategies)
+    it also caches the image queries the same way and leaves the attention map in the slot's capture.
     """
 
     capture_attention = False
 
-    def __init__(self, attention: torch.nn.Module, state: Any, extra_first: bool = False) -> None:
-        super().__init__(attention, state, extra_first)
+    def __init__(self, attention: torch.nn.Module, slot: StepSlot, extra_first: bool = False) -> None:
+        super().__init__(attention, slot, extra_first)
         self.query: torch.Tensor | None = None
         """(B, N, h, d) image queries of every token, kept only when capturing attention."""
 
     def release(self) -> None:
         super().release()
         self.query = None
+
+    def take_rows(self, rows: slice) -> None:
+        super().take_rows(rows)
+        if self.query is not None:
+            self.query = self.query[rows]
 
     def cache_bytes(self) -> int:
         query = 0 if self.query is None else self.query.numel() * self.query.element_size()
@@ -155,52 +160,52 @@ class CachedSelfAttentionProcessor(CachingProcessor):
             raise NotImplementedError("CAT pruning does not support masked image self-attention")
         # A rotary embedding's rows: [text, image] (Flux's order); at a pruned step the selected image rows.
         text_rotary, image_rotary = split_rotary(rotary, 0 if context is None else context.shape[1])
-        query, key, value = projections(attn, tokens, IMAGE_PROJECTIONS, image_rotary)  # (B, n, h, d)
+        query, key, value = projections(attn, tokens, IMAGE_PROJECTIONS, image_rotary)  # (B, n + R, h, d)
         extra = self.extra_projections(attn, context, text_rotary)  # (B, T, h, d) each, or None
-        num_image, num_queries = self.state.num_tokens, tokens.shape[1]
-        self.store(key, value, extra=0 if extra is None else extra[1].shape[1])
-        if extra is not None:
-            self.cache.write_extra(extra[1], extra[2], num_image)
+        extra_kv = None if extra is None else (extra[1], extra[2])
+        if self.extra_first:
+            self.store(key, value, lead=extra_kv)
+        else:
+            self.store(key, value, trail=extra_kv)
         if self.capture_attention:
             self._capture_attention(attn, query, None if extra is None else extra[0])
-        keys, values = self.cached()  # (B, N + T, h, d) each, in the cache's order
+        keys, values = self.cached()  # (B, L, h, d) each, in the layer's order
         if extra is None:
-            out = attend(query, keys, values)  # (B, n, h * d)
+            out = attend(query, keys, values)  # (B, n + R, h * d)
             return self.finish(attn, project_out(attn, out, tokens), None)
+        num_extra, num_stream = extra[0].shape[1], query.shape[1]
         queries = [extra[0], query] if self.extra_first else [query, extra[0]]
-        out = attend(torch.cat(queries, dim=1), keys, values)  # (B, n + T, h * d), in the cache's order
-        num_extra = extra[0].shape[1]
+        out = attend(torch.cat(queries, dim=1), keys, values)  # (B, L', h * d), in the layer's order
         if self.extra_first:
             image_out, extra_out = out[:, num_extra:], out[:, :num_extra]
         else:
-            image_out, extra_out = out[:, :num_queries], out[:, num_queries:]
+            image_out, extra_out = out[:, :num_stream], out[:, num_stream:]
         return self.finish(attn, project_out(attn, image_out, tokens), extra_out)
 
     def _capture_attention(self, attn: Any, image_query: Tensor, extra_query: Tensor | None) -> None:
-        """Update the image query cache from ``image_query`` (the recomputed image tokens) and store the
+        """Update the image query cache from ``image_query`` (the recomputed image tokens) and leave the
         head-averaged attention probabilities of the prompt rows over all tokens (image first, then the
-        extra tokens); the extra Q K^T product is added to the generation's MACs."""
-        if self.state.mode is StepMode.FILL:
+        others) in the slot's capture, with the MACs of the extra Q K^T product."""
+        step = self.context
+        if step.mode is StepMode.FILL:
             self.query = image_query.clone()
         else:
-            index = self.state.indices[:, :, None, None].expand_as(image_query)
+            index = step.indices[:, :, None, None].expand_as(image_query)
             self.query.scatter_(1, index, image_query)
         extra_queries = () if extra_query is None else (extra_query,)
         queries = torch.cat([self.query, *extra_queries], dim=1)  # (B, M, h, d)
-        cache, num_image = self.cache, self.state.num_tokens
-        keys = torch.cat(
-            [cache.image_rows(cache.key, num_image), cache.extra_rows(cache.key, num_image)], dim=1
-        )
-        state = self.state
-        queries, keys = state.prompt_half(queries).float(), state.prompt_half(keys).float()
+        cache = self.cache
+        keys = torch.cat([cache.image_rows(cache.key), cache.other_rows(cache.key)], dim=1)  # (B, M, h, d)
+        queries = step.row_layout.prompt_rows(queries).float()
+        keys = step.row_layout.prompt_rows(keys).float()
         heads = queries.shape[2]
         attention = sum(
             torch.softmax(attn.scale * queries[:, :, h] @ keys[:, :, h].transpose(1, 2), dim=-1)
             for h in range(heads)
         )  # (P, M, M)
-        state.attention_map = attention / heads
         rows, length = queries.shape[:2]
-        state.attention_macs = rows * length * length * heads * queries.shape[3]
+        self.slot.capture.map = attention / heads
+        self.slot.capture.macs = rows * length * length * heads * queries.shape[3]
 
 
 class JointAttentionProcessor(CachedSelfAttentionProcessor):

@@ -1,44 +1,29 @@
-"""What an adapter tells the rest of catprune about one transformer class, and the checks at registration.
+"""The adapter contract: what catprune knows about one transformer class, in three parts.
 
-An adapter owns everything model-specific: which modules gather and scatter, its attention processors,
-the token grid, text tokens, noise channels, the MAC formula, the public configs of its checkpoints and
-the pipeline facts that set their cost (text tokens, scheduler, default steps and guidance). The base class
-has no model's defaults: what an adapter must say is listed in :data:`REQUIRED_ATTRIBUTES` and the
-abstract methods, and :func:`catprune.adapters.register_adapter` refuses an adapter that omits any of it.
+- :class:`PruningAdapter`, required: where to gather and scatter tokens, the token layout (grid and
+  segments never pruned), per-token call arguments, the attention processors, the noise channels. This is
+  all the step engine (``catprune.engine``) reads.
+- :class:`CostModel`, optional: the MAC formula, from the layer shapes (without it, generations count no
+  MACs; ``FlopCounterMode`` still counts them for ``catprune macs``).
+- :class:`Catalogue`, optional: what the tools need to run the model without its pipeline: public
+  configs, the pipeline's scheduler, steps, guidance and text tokens, the VAE config and the call inputs.
+
+:func:`catprune.adapters.register_adapter` checks the required part, and each optional part the adapter
+declares, and names whatever is missing.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from torch import nn
+from torch import Tensor, nn
 
-from ..pruning import CachingProcessor, PruningState
-
-REQUIRED_ATTRIBUTES = (
-    "family",
-    "model_class",
-    "embedder",
-    "output_projection",
-    "token_arguments",
-    "cfg_batch",
-    "text_embedder",
-    "blocks",
-    "scheduler_class",
-    "scheduler_config",
-    "default_steps",
-    "guidance_scale",
-    "default_text_tokens",
-    "text_tokens_by_pipeline",
-    "public_models",
-    "vae_config",
-)
-"""Class attributes every adapter defines (see :class:`ModelAdapter`)."""
+from ..engine import CachingProcessor, Grid, StepSlot, TokenLayout
 
 
 @dataclass(frozen=True)
@@ -88,59 +73,66 @@ def linear_macs(*modules: nn.Module | None) -> int:
     )
 
 
-class ModelAdapter(ABC):
-    """Everything catprune knows about one transformer class.
+def gather_tokens(slot: StepSlot, tokens: Tensor, lead: int = 0) -> Tensor:
+    """A per-token tensor (B, lead + N + R, ...) as the current call uses it: the selected image tokens at
+    a pruned step (see :meth:`catprune.engine.StepContext.gather`), as it is otherwise."""
+    context = slot.context
+    return tokens if context is None else context.gather(tokens, lead)
 
-    The mechanism (``catprune.pruning``) gathers the selected tokens after ``embedder``, scatters them back
-    after ``output_projection`` and installs :meth:`processors`; measurement and the tools read the
-    pipeline facts and ``public_models``.
+
+class PruningAdapter(ABC):
+    """The required part: everything the step engine needs from one transformer class.
+
+    The engine gathers the selected tokens after ``gather_point``, scatters them back after
+    ``scatter_point`` (or wherever :meth:`install` puts the hooks) and installs :meth:`processors`.
     """
 
+    REQUIRED: ClassVar[tuple[str, ...]] = (
+        "family",
+        "model_class",
+        "gather_point",
+        "scatter_point",
+        "token_arguments",
+    )
+    """Class attributes every adapter defines."""
+
     family: ClassVar[str]
-    """Short name of the model family (``"sd3"``), used by ``catprune.architectures``."""
+    """Short name of the model family (``"sd3"``): the registry's key."""
     model_class: ClassVar[type[nn.Module]]
-    embedder: ClassVar[str]
-    """Submodule whose output is the image tokens (B, N, D): the gather happens after it."""
-    output_projection: ClassVar[str]
-    """Submodule whose output is the output tokens (B, n, p*p*C) before unpatchify: the scatter point."""
+    gather_point: ClassVar[str]
+    """Submodule whose output is the token sequence (B, N + R, D) that the blocks run on: the image tokens,
+    then any fixed ones (see :class:`TokenLayout`); the gather happens after it."""
+    scatter_point: ClassVar[str]
+    """Submodule whose output is the output tokens (B, N + R, p*p*C) before unpatchify: the scatter point."""
     token_arguments: ClassVar[tuple[str, ...]]
     """Call arguments holding sequences of per-image-token tensors (B, N, D) that the blocks add to the image
     tokens (ControlNet residuals): gathered at the selected tokens at a pruned step."""
-    cfg_batch: ClassVar[int]
-    """Rows per prompt in a call of the family's pipelines under guidance: 2 where classifier-free guidance
-    is one batch ``[uncond..., cond...]`` (SD3, PixArt), 1 for guidance-distilled models (Flux)."""
-    text_embedder: ClassVar[str]
-    """Submodule that projects the text embeddings (run on every step, for every text token)."""
-    blocks: ClassVar[tuple[str, ...]]
-    """The ``nn.ModuleList`` s of transformer blocks, in the order they run."""
-
-    scheduler_class: ClassVar[type[SchedulerMixin]]
-    scheduler_config: ClassVar[Mapping[str, Any]]
-    default_steps: ClassVar[int]
-    guidance_scale: ClassVar[float]
-    default_text_tokens: ClassVar[int]
-    """Text tokens the family's main pipeline feeds the transformer."""
-    text_tokens_by_pipeline: ClassVar[Mapping[str, int]]
-    """Text tokens by pipeline class name, for a local pipeline folder whose ``model_index.json`` names it."""
-    public_models: ClassVar[Mapping[str, PublicModel]]
-    """Named public architectures (``catprune macs --model NAME``)."""
-    vae_config: ClassVar[Mapping[str, Any]]
-    """The ``AutoencoderKL`` config of the family's published pipelines: ``catprune bench --decode`` times
-    the decode with random weights."""
-    depth_keys: ClassVar[tuple[str, ...]] = ("num_layers",)
-    """Config keys that count blocks: ``Architecture.with_layers`` sets each (Flux has two kinds)."""
-
-    # --- the mechanism's questions
+    cond_first: ClassVar[bool] = False
+    """Whether the family's pipelines put CFG's conditional rows first (``[cond..., uncond...]``); diffusers'
+    usual order is ``[uncond..., cond...]``."""
 
     @abstractmethod
-    def token_grid(self, model: nn.Module, arguments: dict[str, Any]) -> tuple[int, int]:
-        """The (height, width) of the image token grid of a call, from its bound arguments."""
+    def token_grid(self, model: nn.Module, arguments: dict[str, Any]) -> Grid:
+        """The image token grid of a call, from its bound arguments."""
+
+    def token_layout(self, model: nn.Module, arguments: dict[str, Any]) -> TokenLayout:
+        """The call's token sequence at the gather point: its grid, and no fixed tokens unless the adapter
+        says so."""
+        return TokenLayout(self.token_grid(model, arguments))
+
+    def batch_rows(self, arguments: dict[str, Any]) -> int:
+        """Batch rows of a call."""
+        return arguments["hidden_states"].shape[0]
+
+    @abstractmethod
+    def text_tokens(self, arguments: dict[str, Any]) -> int:
+        """Text tokens of a call, from its bound arguments."""
 
     @abstractmethod
     def noise_channels(self, model: nn.Module) -> int:
         """How many leading output channels form the noise prediction."""
 
-    def noise_tokens(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    def noise_tokens(self, model: nn.Module, tokens: Tensor) -> Tensor:
         """Output tokens (B, N, p*p*C_out) -> their noise channels (B, N, p*p*C_noise)."""
         kept = self.noise_channels(model)
         if kept == model.out_channels:
@@ -153,31 +145,47 @@ class ModelAdapter(ABC):
         return False
 
     @abstractmethod
-    def text_tokens(self, arguments: dict[str, Any]) -> int:
-        """Text tokens of a call, from its bound arguments."""
-
-    @abstractmethod
-    def attention_processors(self, model: nn.Module, state: PruningState) -> Iterator[CachingProcessor]:
+    def attention_processors(self, model: nn.Module, slot: StepSlot) -> Iterator[CachingProcessor]:
         """One caching processor per attention layer that pruning replaces."""
 
-    def hooks(self, model: nn.Module, state: PruningState) -> list[Any]:
-        """Module hooks the model needs besides the gather and scatter (their handles); none by default."""
+    def hooks(self, model: nn.Module, slot: StepSlot) -> list[Any]:
+        """Module hooks the model needs besides the gather and scatter (their handles): per-token tables
+        computed inside ``forward`` (rotary embeddings), gathered per row; none by default."""
         return []
 
-    def processors(self, model: nn.Module, state: PruningState) -> list[CachingProcessor]:
+    def install(self, model: nn.Module, slot: StepSlot, scatter: Callable[[Tensor], Tensor]) -> list[Any]:
+        """The module hooks that gather after ``gather_point`` and call ``scatter`` after ``scatter_point``,
+        then :meth:`hooks`; returns their handles. An adapter whose model has no such modules overrides
+        it."""
+        gather_module = model.get_submodule(self.gather_point)
+        scatter_module = model.get_submodule(self.scatter_point)
+        return [
+            gather_module.register_forward_hook(lambda module, args, output: gather_tokens(slot, output)),
+            scatter_module.register_forward_hook(lambda module, args, output: scatter(output)),
+            *self.hooks(model, slot),
+        ]
+
+    def processors(self, model: nn.Module, slot: StepSlot, capture_attention: bool) -> list[CachingProcessor]:
         """:meth:`attention_processors`, with the attention map captured in the middle self-attention
         layer when the strategy needs one (AT-EDM)."""
-        processors = list(self.attention_processors(model, state))
-        if state.selector.needs_attention:
+        processors = list(self.attention_processors(model, slot))
+        if capture_attention:
             capturing = [p for p in processors if hasattr(p, "capture_attention")]
             if not capturing:
-                raise TypeError(
-                    f"{type(self).__name__} cannot capture attention maps for {state.config.strategy}"
-                )
+                raise TypeError(f"{type(self).__name__} cannot capture the attention maps a strategy needs")
             capturing[len(capturing) // 2].capture_attention = True
         return processors
 
-    # --- cost
+
+class CostModel(ABC):
+    """Optional part: MACs of a call from the layer shapes."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("text_embedder", "blocks")
+
+    text_embedder: ClassVar[str]
+    """Submodule that projects the text embeddings (run on every step, for every text token)."""
+    blocks: ClassVar[tuple[str, ...]]
+    """The ``nn.ModuleList`` s of transformer blocks, in the order they run."""
 
     @abstractmethod
     def embedder_macs(self, model: nn.Module) -> int:
@@ -196,14 +204,47 @@ class ModelAdapter(ABC):
         ``image_tokens`` go through the blocks. adaLN and timestep embeddings, the same in every step and
         tiny, are left out."""
         total = image_tokens * self.embedder_macs(model)
-        total += image_queries * linear_macs(model.get_submodule(self.output_projection))
+        total += image_queries * linear_macs(model.get_submodule(self.scatter_point))  # type: ignore[attr-defined]
         total += text_tokens * linear_macs(model.get_submodule(self.text_embedder))
         for blocks in self.blocks:
             for block in model.get_submodule(blocks):
                 total += self.block_macs(block, image_queries, image_tokens, text_tokens, pruned)
         return total
 
-    # --- the pipeline around the transformer (measurement without a pipeline)
+
+class Catalogue(ABC):
+    """Optional part: what the tools need to measure and run a family without its pipeline."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = (
+        "cfg_batch",
+        "scheduler_class",
+        "scheduler_config",
+        "default_steps",
+        "guidance_scale",
+        "default_text_tokens",
+        "text_tokens_by_pipeline",
+        "public_models",
+        "vae_config",
+    )
+
+    cfg_batch: ClassVar[int]
+    """Rows per prompt in a call of the family's pipelines under guidance: 2 where classifier-free guidance
+    is one batch of pairs (SD3, PixArt), 1 for guidance-distilled models (Flux)."""
+    scheduler_class: ClassVar[type[SchedulerMixin]]
+    scheduler_config: ClassVar[Mapping[str, Any]]
+    default_steps: ClassVar[int]
+    guidance_scale: ClassVar[float]
+    default_text_tokens: ClassVar[int]
+    """Text tokens the family's main pipeline feeds the transformer."""
+    text_tokens_by_pipeline: ClassVar[Mapping[str, int]]
+    """Text tokens by pipeline class name, for a local pipeline folder whose ``model_index.json`` names it."""
+    public_models: ClassVar[Mapping[str, PublicModel]]
+    """Named public architectures (``catprune macs --model NAME``)."""
+    vae_config: ClassVar[Mapping[str, Any]]
+    """The ``AutoencoderKL`` config of the family's published pipelines: ``catprune bench --decode`` times
+    the decode with random weights."""
+    depth_keys: ClassVar[tuple[str, ...]] = ("num_layers",)
+    """Config keys that count blocks: ``Architecture.with_layers`` sets each (Flux has two kinds)."""
 
     @abstractmethod
     def latent_shape(self, config: Mapping[str, Any], batch: int, resolution: int) -> tuple[int, ...]:
@@ -214,7 +255,7 @@ class ModelAdapter(ABC):
         """The image token grid (height, width) of a square image of ``resolution`` pixels."""
 
     @abstractmethod
-    def latent_image(self, latents: torch.Tensor, resolution: int) -> torch.Tensor:
+    def latent_image(self, latents: Tensor, resolution: int) -> Tensor:
         """The denoised latents as the VAE takes them, (B, C, H/8, W/8), for square ``resolution`` images."""
 
     @abstractmethod
@@ -224,10 +265,14 @@ class ModelAdapter(ABC):
         """Transformer kwargs besides the latents and timestep, with random prompt embeddings of the shapes
         the pipeline's text encoders give (text encoding is not part of the transformer's cost)."""
 
-    def noise_prediction(self, model: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    def noise_prediction(self, model: nn.Module, output: Tensor) -> Tensor:
         """The channels of a (B, C, H, W) output that the scheduler steps with."""
-        kept = self.noise_channels(model)
+        kept = self.noise_channels(model)  # type: ignore[attr-defined]
         return output if kept == output.shape[1] else output[:, :kept]
+
+
+class ModelAdapter(PruningAdapter, CostModel, Catalogue):
+    """An adapter with all three parts, as every built-in family has."""
 
 
 class PatchedLatentAdapter(ModelAdapter):
@@ -236,12 +281,12 @@ class PatchedLatentAdapter(ModelAdapter):
 
     vae_scale_factor: ClassVar[int] = 8
 
-    def token_grid(self, model: nn.Module, arguments: dict[str, Any]) -> tuple[int, int]:
+    def token_grid(self, model: nn.Module, arguments: dict[str, Any]) -> Grid:
         patch, latents = model.config.patch_size, arguments["hidden_states"]
-        return latents.shape[-2] // patch, latents.shape[-1] // patch
+        return Grid(latents.shape[-2] // patch, latents.shape[-1] // patch)
 
     def embedder_macs(self, model: nn.Module) -> int:
-        embedder = model.get_submodule(self.embedder)
+        embedder = model.get_submodule(self.gather_point)
         return sum(conv.weight.numel() for conv in embedder.modules() if isinstance(conv, nn.Conv2d))
 
     def latent_shape(self, config: Mapping[str, Any], batch: int, resolution: int) -> tuple[int, ...]:

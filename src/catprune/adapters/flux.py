@@ -7,7 +7,12 @@ sequence through shared weights). At a pruned step the selected image tokens and
 through both kinds; every attention reads the cached K/V of all image tokens, cached after q/k norm and
 rotary embedding (positions do not move). Each prompt selects its own tokens, so the rotary embedding is
 gathered per row, once per step, by a hook on ``pos_embed``. The pipelines are guidance-distilled (one row
-per prompt); true CFG is a second call per step, under its own cache context (see ``catprune.pruning``).
+per prompt); true CFG is a second call per step, under its own cache context (see
+``catprune.engine.tracker``).
+
+Flux.1 Kontext (``FluxKontextPipeline``) appends a reference image's tokens to the image tokens, with ids
+whose first coordinate is 1: they are a fixed segment of the token layout, recomputed at every step like
+the text tokens (in the joint blocks they attend to the noisy image and change with it).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 from torch import Tensor, nn
 
-from ..pruning import CachingProcessor, PruningState, StepMode
+from ..engine import CachingProcessor, Grid, StepSlot, TokenLayout
 from .attention import (
     IMAGE_PROJECTIONS,
     JointAttentionProcessor,
@@ -52,36 +57,43 @@ _FLUX_DEV = {
 
 
 class SingleStreamAttentionProcessor(CachingProcessor):
-    """The attention of a single-stream block: its input is [text T, image n] through one set of
-    projections (the caches keep that order: ``extra_first``), and it has no output projection (the
-    block's ``proj_out`` mixes it with the MLP)."""
+    """The attention of a single-stream block: its input is [text T, image n (+ fixed R)] through one set
+    of projections (the caches keep that order), and it has no output projection (the block's
+    ``proj_out`` mixes it with the MLP)."""
 
     def attend(
         self, attn: Any, tokens: Tensor, context: Tensor | None, mask: Tensor | None, rotary: Rotary | None
     ) -> Any:
         if context is not None or mask is not None:
             raise NotImplementedError("CAT pruning: a single-stream attention with a context or a mask")
-        text, num_image = self.state.plan.text_tokens, self.state.num_tokens
-        query, key, value = projections(attn, tokens, IMAGE_PROJECTIONS, rotary)  # (B, T+n, h, d)
-        image_key, image_value = key[:, text:], value[:, text:]  # (B, n, h, d)
-        self.store(image_key, image_value, extra=text)
-        self.cache.write_extra(key[:, :text], value[:, :text], num_image)
-        return attend(query, *self.cached())  # (B, T+n, h*d)
+        text = self.context.text_tokens
+        query, key, value = projections(attn, tokens, IMAGE_PROJECTIONS, rotary)  # (B, T+n+R, h, d)
+        self.store(key[:, text:], value[:, text:], lead=(key[:, :text], value[:, :text]))
+        return attend(query, *self.cached())  # (B, T+n+R, h*d)
 
 
-def gather_rows(rotary_part: Tensor, text: int, indices: Tensor) -> Tensor:
-    """One part of a rotary embedding over [text, all image tokens] (T+N, d) -> per row over [text, the
-    row's selected image tokens] (B, T+K, d)."""
-    text_rows = rotary_part[:text].expand(indices.shape[0], -1, -1)  # (B, T, d)
-    image_rows = rotary_part[text:][indices]  # (B, K, d)
-    return torch.cat([text_rows, image_rows], dim=1)  # (B, T+K, d)
+def token_layout_of(ids: Tensor) -> TokenLayout:
+    """The token layout that image ids (N + R, 3) describe (one host read): the generated image's tokens
+    first, a raster grid sharing the first id's index, then any others (a reference image's) as fixed
+    tokens."""
+    rows = ids.tolist()
+    generated = next((i for i, row in enumerate(rows) if row[0] != rows[0][0]), len(rows))
+    first, last = rows[0], rows[generated - 1]
+    grid = Grid(int(last[1] - first[1]) + 1, int(last[2] - first[2]) + 1)
+    if grid.num_tokens != generated:
+        raise ValueError(
+            f"CAT pruning: the Flux transformer's first {generated} image tokens do not form a raster grid "
+            f"(their ids span {grid.height}x{grid.width}); pruning needs the generated image's tokens first, "
+            "in raster order"
+        )
+    return TokenLayout(grid, fixed_tokens=len(rows) - generated)
 
 
 class FluxAdapter(ModelAdapter):
     family = "flux"
     model_class = FluxTransformer2DModel
-    embedder = "x_embedder"
-    output_projection = "proj_out"
+    gather_point = "x_embedder"
+    scatter_point = "proj_out"
     token_arguments = ("controlnet_block_samples", "controlnet_single_block_samples")
     cfg_batch = 1
     text_embedder = "context_embedder"
@@ -114,30 +126,29 @@ class FluxAdapter(ModelAdapter):
     }
 
     def __init__(self) -> None:
-        self._grid: tuple[Tensor, tuple[int, int]] | None = None
-        """The latest image ids read and their grid: a pipeline passes the same ids at every step."""
+        self._layout: tuple[Tensor, TokenLayout] | None = None
+        """The latest image ids read and their layout: a pipeline passes the same ids at every step."""
 
-    def token_grid(self, model: nn.Module, arguments: dict[str, Any]) -> tuple[int, int]:
+    def token_grid(self, model: nn.Module, arguments: dict[str, Any]) -> Grid:
+        return self.token_layout(model, arguments).grid
+
+    def token_layout(self, model: nn.Module, arguments: dict[str, Any]) -> TokenLayout:
         """From the image ids (read once per ids tensor: one host read per generation); a square grid for
         ids on ``meta`` (shapes only: MAC counting)."""
         tokens = arguments["hidden_states"].shape[1]
         ids = arguments["img_ids"]
-        ids = ids[0] if ids.ndim == 3 else ids  # (N, 3): (0, row, column) in raster order
+        ids = ids[0] if ids.ndim == 3 else ids  # (N + R, 3): (0, row, column) in raster order, then others
         if ids.device.type == "meta":
             side = math.isqrt(tokens)
-            return side, tokens // side
-        if self._grid is None or self._grid[0] is not ids:
-            first, last = ids[[0, -1], 1:].tolist()
-            self._grid = ids, (int(last[0] - first[0]) + 1, int(last[1] - first[1]) + 1)
-        height, width = self._grid[1]
-        if height * width != tokens:
+            return TokenLayout(Grid(side, tokens // side))
+        if self._layout is None or self._layout[0] is not ids:
+            self._layout = ids, token_layout_of(ids)
+        layout = self._layout[1]
+        if layout.grid.num_tokens + layout.fixed_tokens != tokens:
             raise ValueError(
-                f"CAT pruning: the Flux transformer got {tokens} image tokens, but their ids end at a "
-                f"{height}x{width} grid: the sequence holds tokens beyond the generated image's grid (a "
-                "reference image's, as FluxKontextPipeline appends), and pruning would treat them as part of "
-                "the image. Generate with this pipeline without CAT pruning (remove_cat_pruning(pipe))."
+                f"CAT pruning: the Flux transformer got {tokens} image tokens but {len(ids)} image ids"
             )
-        return height, width
+        return layout
 
     def noise_channels(self, model: nn.Module) -> int:
         return model.out_channels
@@ -149,29 +160,30 @@ class FluxAdapter(ModelAdapter):
     def text_tokens(self, arguments: dict[str, Any]) -> int:
         return arguments["encoder_hidden_states"].shape[1]
 
-    def attention_processors(self, model: nn.Module, state: PruningState) -> Iterator[CachingProcessor]:
+    def attention_processors(self, model: nn.Module, slot: StepSlot) -> Iterator[CachingProcessor]:
         for block in model.transformer_blocks:
-            yield JointAttentionProcessor(block.attn, state, extra_first=True)
+            yield JointAttentionProcessor(block.attn, slot, extra_first=True)
         for block in model.single_transformer_blocks:
-            yield SingleStreamAttentionProcessor(block.attn, state, extra_first=True)
+            yield SingleStreamAttentionProcessor(block.attn, slot, extra_first=True)
 
-    def hooks(self, model: nn.Module, state: PruningState) -> list[Any]:
-        """At a pruned step, the rotary embedding (cos, sin), each (T+N, d), becomes each row's over its
-        text and selected image tokens (B, T+K, d)."""
+    def hooks(self, model: nn.Module, slot: StepSlot) -> list[Any]:
+        """At a pruned step, the rotary embedding (cos, sin), each (T+N+R, d), becomes each row's over its
+        text, selected image and fixed tokens (B, T+K+R, d)."""
 
         def gather_rotary(module: nn.Module, args: Any, output: Rotary) -> Rotary:
-            if state.mode is not StepMode.PRUNED:
+            context = slot.context
+            if context is None:
                 return output
             cos, sin = output
-            text = state.plan.text_tokens
-            return gather_rows(cos, text, state.indices), gather_rows(sin, text, state.indices)
+            text = context.text_tokens
+            return context.gather_table(cos, lead=text), context.gather_table(sin, lead=text)
 
         return [model.pos_embed.register_forward_hook(gather_rotary)]
 
     # --- cost
 
     def embedder_macs(self, model: nn.Module) -> int:
-        return linear_macs(model.get_submodule(self.embedder))
+        return linear_macs(model.get_submodule(self.gather_point))
 
     def block_macs(
         self, block: nn.Module, image_queries: int, image_tokens: int, text_tokens: int, pruned: bool

@@ -15,7 +15,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
 from torch import Tensor, nn
 
-from ..pruning import CachingProcessor, PruningState
+from ..engine import CachingProcessor, StepSlot
 from .attention import CachedSelfAttentionProcessor, attend, project_out, split_heads
 from .base import KL_AUTOENCODER, PatchedLatentAdapter, PublicModel, TensorFactory, linear_macs
 
@@ -73,8 +73,8 @@ class ReusedTextAttentionProcessor(CachingProcessor):
 class PixArtAdapter(PatchedLatentAdapter):
     family = "pixart"
     model_class = PixArtTransformer2DModel
-    embedder = "pos_embed"
-    output_projection = "proj_out"
+    gather_point = "pos_embed"
+    scatter_point = "proj_out"
     token_arguments = ()
     cfg_batch = 2
     text_embedder = "caption_projection"
@@ -107,10 +107,10 @@ class PixArtAdapter(PatchedLatentAdapter):
     def text_tokens(self, arguments: dict[str, Any]) -> int:
         return arguments["encoder_hidden_states"].shape[1]
 
-    def attention_processors(self, model: nn.Module, state: PruningState) -> Iterator[CachingProcessor]:
+    def attention_processors(self, model: nn.Module, slot: StepSlot) -> Iterator[CachingProcessor]:
         for block in model.transformer_blocks:
-            yield CachedSelfAttentionProcessor(block.attn1, state)
-            yield ReusedTextAttentionProcessor(block.attn2, state)
+            yield CachedSelfAttentionProcessor(block.attn1, slot)
+            yield ReusedTextAttentionProcessor(block.attn2, slot)
 
     def block_macs(
         self, block: nn.Module, image_queries: int, image_tokens: int, text_tokens: int, pruned: bool

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from torch import nn
 
-from ..pruning import PruningState
+from ..engine import StepSlot
 from .attention import CachedSelfAttentionProcessor, JointAttentionProcessor, joint_block_macs
 from .base import KL_AUTOENCODER, PatchedLatentAdapter, PublicModel, TensorFactory, linear_macs
 
@@ -56,8 +56,8 @@ MINIATURE = PublicModel(
 class SD3Adapter(PatchedLatentAdapter):
     family = "sd3"
     model_class = SD3Transformer2DModel
-    embedder = "pos_embed"
-    output_projection = "proj_out"
+    gather_point = "pos_embed"
+    scatter_point = "proj_out"
     token_arguments = ("block_controlnet_hidden_states",)
     cfg_batch = 2
     text_embedder = "context_embedder"
@@ -111,12 +111,12 @@ class SD3Adapter(PatchedLatentAdapter):
         return arguments.get("skip_layers") is not None
 
     def attention_processors(
-        self, model: nn.Module, state: PruningState
+        self, model: nn.Module, slot: StepSlot
     ) -> Iterator[CachedSelfAttentionProcessor]:
         for block in model.transformer_blocks:
-            yield JointAttentionProcessor(block.attn, state)
+            yield JointAttentionProcessor(block.attn, slot)
             if block.attn2 is not None:
-                yield CachedSelfAttentionProcessor(block.attn2, state)
+                yield CachedSelfAttentionProcessor(block.attn2, slot)
 
     def block_macs(
         self, block: nn.Module, image_queries: int, image_tokens: int, text_tokens: int, pruned: bool

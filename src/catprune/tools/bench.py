@@ -14,10 +14,10 @@ from tqdm import tqdm
 
 from ..architectures import ARCHITECTURES, Architecture, resolve_architecture
 from ..config import CATPruningConfig
+from ..engine import PruningEngine
 from ..errors import UserError
 from ..integration import apply_cat_pruning
 from ..measure import COMPILE_MODES, SelectionTimer, compile_model, denoise, shared_weight_copy, timed
-from ..pruning import PruningState
 from ..runtime import DTYPES, format_count, resolve_device, resolve_dtype
 from .arguments import add_command, add_pruning_arguments, guidance_label
 
@@ -114,7 +114,7 @@ def _time_pairs(
     generate: Callable[[torch.nn.Module], torch.Tensor],
     decode: Callable[[torch.Tensor], torch.Tensor] | None,
     models: dict[str, torch.nn.Module],
-    state: PruningState,
+    state: PruningEngine,
     selection: SelectionTimer,
     device: torch.device,
     repeats: int,

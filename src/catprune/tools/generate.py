@@ -16,9 +16,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..config import CATPruningConfig
+from ..engine import GenerationStats, StepRecord
 from ..errors import UserError
 from ..measure import alternating_medians, busy_note
-from ..pruning import GenerationStats, StepRecord
 from ..runtime import DTYPES, load_pipeline, psnr, run_generation, use_cpu_threads
 from ..shapes.pipelines import (
     SHIPPED_MODELS,

@@ -1,0 +1,423 @@
+"""The step engine: pruning of one transformer, one call at a time.
+
+How a pruned step runs, for any diffusion transformer whose blocks act on tokens one by one except in
+attention: a hook after the adapter's gather point keeps only the selected image tokens, so the blocks' own
+forward code runs unchanged on K instead of N tokens; the adapter's attention processors recompute K and V
+for those tokens only and attend over a per-layer :class:`KVCache` that holds them for all tokens; a hook
+after the scatter point puts the new outputs of the selected tokens into the pass's :class:`OutputCache`.
+
+Before each call the engine asks the :class:`StepTracker` which generation, step and pass the call belongs
+to, plans it (:class:`GenerationPlan`), has :class:`Selections` choose the tokens at a pruned step's first
+pass, and publishes an immutable :class:`StepContext` in the :class:`StepSlot` that processors and hooks
+read. After the call the :class:`MacCounter` counts it and observers get a :class:`StepRecord` per step.
+Everything about a model comes from its adapter (``catprune.adapters``), which the engine knows only
+through :class:`PruningFacts`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from ..config import CATPruningConfig
+from ..strategies import TokenSelector
+from .caches import CachingProcessor, OutputCache, PassKey
+from .context import RowLayout, StepContext, StepMode, StepSlot, TokenLayout
+from .plan import GenerationPlan, refresh_steps, too_short_warning
+from .records import GenerationStats, MacCounter, Observer, StepRecord
+from .selections import Selections
+from .tracker import Call, CallKind, NamedContext, StepTracker
+
+
+class PruningFacts(Protocol):
+    """What the engine needs from a model's adapter: the required part of ``catprune.adapters``'
+    contract (``PruningAdapter``)."""
+
+    token_arguments: tuple[str, ...]
+    cond_first: bool
+
+    def token_layout(self, model: torch.nn.Module, arguments: dict[str, Any]) -> TokenLayout: ...
+
+    def batch_rows(self, arguments: dict[str, Any]) -> int: ...
+
+    def text_tokens(self, arguments: dict[str, Any]) -> int: ...
+
+    def noise_tokens(self, model: torch.nn.Module, tokens: Tensor) -> Tensor: ...
+
+    def is_auxiliary_call(self, arguments: dict[str, Any]) -> bool: ...
+
+    def processors(
+        self, model: torch.nn.Module, slot: StepSlot, capture_attention: bool
+    ) -> Iterable[CachingProcessor]: ...
+
+    def install(
+        self, model: torch.nn.Module, slot: StepSlot, scatter: Callable[[Tensor], Tensor]
+    ) -> list[Any]: ...
+
+
+class PruningEngine:
+    """CAT pruning of one transformer: returned by ``apply_cat_pruning``.
+
+    A generation starts when the tracker says so (see ``catprune.engine.tracker``), when the token layout
+    or the batch changes (except CFG truncation: the conditional rows keep their selection and caches), or
+    on :meth:`begin_generation` / :meth:`reset`.
+    """
+
+    def __init__(self, config: CATPruningConfig, adapter: PruningFacts, model: torch.nn.Module) -> None:
+        self.config = config
+        self.adapter = adapter
+        self.model = model
+        self.selections = Selections(config)
+        self.slot = StepSlot()
+        self.tracker = StepTracker()
+        self.counter = MacCounter(adapter if hasattr(adapter, "step_macs") else None, model)  # type: ignore[arg-type]
+        self.processors: list[CachingProcessor] = []
+        self.hook_handles: list[Any] = []
+        """The module hooks :func:`attach` installed (removed by :func:`detach`)."""
+        self.checks: list[Callable[[], None]] = []
+        """Run at every generation's first call: each raises when something combined with pruning since it
+        was applied cannot work with it (see ``catprune.compatibility``)."""
+        self.detect_cfg = False
+        """Whether a generation's first call tells if the batch is CFG pairs (applied to a pipeline)."""
+        self.declared: tuple[bool | None, int | None] = (None, None)
+        """(CFG pairs, steps) as :meth:`begin_generation` was told."""
+        self.plan: GenerationPlan | None = None
+        self.outputs: dict[PassKey, OutputCache] = {}
+        """Each pass's output cache."""
+        self.output: OutputCache | None = None
+        """The current pass's (switched before the call: compiled code reads one attribute)."""
+        self.call_output: Tensor | None = None
+        """(B, N, C) the current call's output tokens, every image token as computed (read at its end)."""
+        self._observers: list[Observer] = []
+        self._warned: set[str] = set()
+        self._signature = inspect.signature(model.forward)
+
+    # --- the public controls
+
+    @property
+    def stats(self) -> GenerationStats:
+        """What pruning did in the current (or last) generation."""
+        return self.counter.stats
+
+    @property
+    def context(self) -> StepContext | None:
+        """The latest call's context (None for a call that is not a denoising step, and before the first)."""
+        return self.slot.context
+
+    @property
+    def mode(self) -> StepMode:
+        return self.slot.mode
+
+    @property
+    def indices(self) -> Tensor | None:
+        """(B, K) the latest pruned step's tokens (the generation's index buffer)."""
+        return self.selections.indices
+
+    @property
+    def selector(self) -> TokenSelector:
+        return self.selections.selector
+
+    def reset(self) -> None:
+        """Forget the current generation (and free its caches); the next call starts a new one."""
+        self._forget()
+        self.tracker.restart()
+
+    def begin_generation(self, cfg: bool | None = None, steps: int | None = None) -> None:
+        """Start a new generation explicitly; ``cfg`` says whether the batch is CFG row pairs (None: as
+        ``config.row_pairing`` says), ``steps`` how many steps it has (for ``refresh_steps`` counted from
+        the end). Applied to a pipeline, its scheduler starts generations and tells both."""
+        self._forget()
+        self.declared = (cfg, steps)
+        self.tracker.begin()
+
+    def release_caches(self) -> None:
+        """End the current generation and free its caches (K/V of every image token per layer: 1.2 GiB
+        for SD3-medium at 1024x1024 with CFG); ``stats`` keep the generation's counts."""
+        stats = self.stats
+        self.reset()
+        self.counter.stats = stats
+
+    def force_indices(self, indices: Tensor | None) -> None:
+        """For measurement: pruned steps recompute ``indices`` (B, K) int64, K = ``config.num_kept(N)``,
+        instead of the selector's choice (None: the selector again); kept across :meth:`reset`.
+
+        Counting MACs on the ``meta`` device (no data to select from) and timing a pruned step without its
+        selection need it."""
+        self.selections.forced = indices
+
+    def add_observer(self, observer: Observer) -> Callable[[], None]:
+        """Call ``observer(record)`` after every denoising step; returns a function that removes it."""
+        self._observers.append(observer)
+        return lambda: self._observers.remove(observer)
+
+    # --- one call: the model's pre-hook, the scatter hook, the model's post-hook
+
+    def begin_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict]:
+        """Plan the call and publish its context; at a pruned step, its per-token arguments (ControlNet
+        residuals) are gathered at the selected tokens. Returns the call's arguments."""
+        bound = self._signature.bind_partial(*args, **kwargs)
+        arguments = bound.arguments
+        if self.adapter.is_auxiliary_call(arguments):
+            self.slot.context = None
+            return args, kwargs
+        call, plan = self._locate(arguments)
+        context = self._plan_call(call, plan, arguments)
+        self.slot.context = context
+        self.call_output = None
+        if context.mode is not StepMode.PRUNED:
+            return args, kwargs
+        gathered = {
+            name: [context.gather(tokens) for tokens in arguments[name]]
+            for name in self.adapter.token_arguments
+            if arguments.get(name) is not None
+        }
+        arguments.update(gathered)
+        return (bound.args, bound.kwargs) if gathered else (args, kwargs)
+
+    def scatter(self, output: Tensor) -> Tensor:
+        """The output tokens at the scatter point (B, n + R, C): unselected image tokens reuse the pass's
+        previous output (traced by ``torch.compile`` with the forward)."""
+        context = self.slot.context
+        if context is None:
+            return output
+        assert self.output is not None
+        returned, self.call_output = self.output.complete(output, context)
+        return returned
+
+    def end_call(self) -> None:
+        context = self.slot.context
+        if context is None:
+            return
+        self.counter.count_call(context, self.slot.capture.macs)
+        self.slot.capture.macs = 0
+        if not context.first_pass:
+            return
+        if self.config.prune and context.step == self.config.start_step - 2:
+            self.selector.set_reference(self._prompt_noise(self._call_output(context)))
+        self.counter.count_step(context)
+        if self._observers:
+            self._notify(context)
+
+    # --- planning
+
+    def _locate(self, arguments: dict[str, Any]) -> tuple[Call, GenerationPlan]:
+        """Which generation, step and pass the call is; starts the generation or steps it."""
+        layout = self.adapter.token_layout(self.model, arguments)
+        rows = self.adapter.batch_rows(arguments)
+        call = self.tracker.classify(arguments.get("timestep"))
+        plan = self.plan
+        if call.kind is not CallKind.GENERATION and plan is not None:
+            if plan.drops_unconditional_rows(layout, rows):
+                self._take_rows(plan.drop_unconditional_rows())
+            elif (layout, rows) != (plan.layout, plan.rows):
+                self.tracker.restart()
+                call = self.tracker.classify(arguments.get("timestep"))
+        if call.kind is CallKind.GENERATION or plan is None:
+            plan = self._start_generation(arguments, rows, layout)
+        elif call.kind is CallKind.STEP:
+            plan.step += 1
+        return call, plan
+
+    def _start_generation(self, arguments: dict[str, Any], rows: int, layout: TokenLayout) -> GenerationPlan:
+        self._forget()
+        for check in self.checks:
+            check()
+        steps = self.tracker.expected_steps() or self.declared[1]
+        refresh, refresh_warning = refresh_steps(self.config, steps)
+        for key, message in (("refresh", refresh_warning), ("short", too_short_warning(self.config, steps))):
+            if message is not None and key not in self._warned:
+                self._warned.add(key)
+                warnings.warn(message, stacklevel=6)
+        self.plan = GenerationPlan(self.config, rows, layout, self._row_layout(arguments), refresh)
+        return self.plan
+
+    def _row_layout(self, arguments: dict[str, Any]) -> RowLayout:
+        """CFG pairs as declared (``begin_generation``), detected (a pipeline's first call: both halves hold
+        the same latents, one host read at a full step; in the order the adapter declares), or as
+        ``config.row_pairing`` says."""
+        declared = self.declared[0]
+        if declared is None and self.detect_cfg:
+            paired = _is_cfg_batch(arguments["hidden_states"])
+            return RowLayout(paired, paired and self.adapter.cond_first)
+        paired = self.config.row_pairing != "none" if declared is None else declared
+        return RowLayout(paired, paired and self.config.row_pairing == "cfg-cond-first")
+
+    def _plan_call(self, call: Call, plan: GenerationPlan, arguments: dict[str, Any]) -> StepContext:
+        self._enter_pass(call.pass_key)
+        assert self.output is not None
+        mode = plan.mode
+        if mode is StepMode.PRUNED and self.output.tokens is None:
+            mode = StepMode.FILL  # a pass first seen after the fill step fills its own caches now
+        first_pass = call.kind is not CallKind.PASS
+        num_kept = self.config.num_kept(plan.layout.grid.num_tokens)
+        if mode is StepMode.PRUNED and first_pass:
+            noise = self._prompt_noise(self.output.tokens)
+            self.selections.choose(noise, plan, num_kept, self.slot.capture.map)
+        rows = plan.rows
+        return StepContext(
+            step=plan.step,
+            pass_key=call.pass_key,
+            first_pass=first_pass,
+            mode=mode,
+            rows=rows,
+            row_layout=plan.row_layout,
+            layout=plan.layout,
+            num_kept=num_kept,
+            text_tokens=self.adapter.text_tokens(arguments),
+            indices=self.selections.indices if mode is StepMode.PRUNED else None,
+            timestep=self._timesteps(arguments, rows),
+            refreshing=mode is StepMode.FILL and plan.step >= self.config.start_step,
+            keeps_output=plan.keeps_output,
+        )
+
+    def _enter_pass(self, key: PassKey) -> None:
+        """Point the scatter and every processor at pass ``key``'s caches: Python work per processor, done
+        only when the pass changes (once per generation, or per call under true CFG)."""
+        if self.output is not None and self.outputs.get(key) is self.output:
+            return
+        extrapolate = self.config.output_extrapolation == "linear"
+        self.output = self.outputs.setdefault(key, OutputCache(extrapolate))
+        for processor in self.processors:
+            processor.enter_pass(key)
+
+    def _take_rows(self, rows: slice) -> None:
+        """Keep only batch rows ``rows`` in every cache and buffer (CFG truncation)."""
+        for cache in (*self.processors, *self.outputs.values(), self.selections):
+            cache.take_rows(rows)
+
+    def _timesteps(self, arguments: dict[str, Any], rows: int) -> Tensor | None:
+        """The call's timestep as (rows,) float32 on the model's device (a device-side cast, no host
+        read), where an extrapolation option needs it."""
+        if "linear" not in (self.config.kv_extrapolation, self.config.output_extrapolation):
+            return None
+        timestep = arguments.get("timestep")
+        if timestep is None:
+            raise ValueError("CAT pruning: extrapolation needs the transformer call's timestep")
+        device = arguments["hidden_states"].device
+        time = torch.as_tensor(timestep, device=device, dtype=torch.float32).reshape(-1)
+        return time.expand(rows) if time.numel() == 1 else time
+
+    # --- after the call
+
+    def _prompt_noise(self, tokens: Tensor) -> Tensor:
+        """Output tokens (B, N, C) -> the noise channels of the prompt rows (P, N, C_noise)."""
+        assert self.plan is not None
+        return self.adapter.noise_tokens(self.model, self.plan.row_layout.prompt_rows(tokens))
+
+    def _call_output(self, context: StepContext) -> Tensor:
+        if self.call_output is None:
+            raise RuntimeError(
+                f"CAT pruning: the call of step {context.step} never reached the adapter's scatter point"
+            )
+        return self.call_output
+
+    def _notify(self, context: StepContext) -> None:
+        grid, indices = context.grid, context.indices
+        if indices is not None:
+            indices = context.row_layout.prompt_rows(indices).clone()  # the buffer changes
+        record = StepRecord(
+            step=context.step,
+            mode=context.mode,
+            height=grid.height,
+            width=grid.width,
+            indices=indices,
+            noise=self._prompt_noise(self._call_output(context)),
+            reference=self.selector.reference,
+            cluster_labels=self.selector.cluster_labels,
+            frames=grid.frames,
+        )
+        for observer in list(self._observers):
+            observer(record)
+
+    def _forget(self) -> None:
+        """Free one generation's caches and start its statistics afresh."""
+        self.plan = None
+        self.outputs.clear()
+        self.output = None
+        self.call_output = None
+        self.slot.capture.map = None
+        self.slot.capture.macs = 0
+        self.selections.reset()
+        for processor in self.processors:
+            processor.release()
+        self.counter.stats = GenerationStats()
+
+
+def _is_cfg_batch(hidden_states: Tensor) -> bool:
+    """Whether a pipeline's batch is CFG pairs: both halves hold the same latents. One host read, at a
+    generation's first call (a full step)."""
+    rows = hidden_states.shape[0]
+    return rows % 2 == 0 and torch.equal(hidden_states[: rows // 2], hidden_states[rows // 2 :])
+
+
+def attached_engine(model: torch.nn.Module) -> PruningEngine | None:
+    """The pruning engine of a transformer, or None when pruning is not applied to it."""
+    return getattr(model, "_catprune_engine", None)
+
+
+def attach(model: torch.nn.Module, adapter: PruningFacts, config: CATPruningConfig) -> PruningEngine:
+    """Install the hooks and processors on ``model``; everything is resolved before anything changes."""
+    engine = PruningEngine(config, adapter, model)
+    engine.processors = list(adapter.processors(model, engine.slot, engine.selector.needs_attention))
+    for processor in engine.processors:
+        processor.extrapolate = config.kv_extrapolation == "linear"
+    # PyTorch's own module hooks, not a replaced ``forward``: accelerate's offload hooks and diffusers'
+    # hook registry replace and restore ``forward`` on their own schedule, which would drop or revive ours.
+    # The model's own hooks plan and account for each call in Python, outside ``torch.compile``: compiled
+    # whole, the model's forward is one graph per step kind, entered after the plan is made.
+    begin = torch.compiler.disable(lambda module, args, kwargs: engine.begin_call(args, kwargs))
+    end = torch.compiler.disable(lambda module, args, output: engine.end_call())
+    engine.hook_handles = [
+        model.register_forward_pre_hook(begin, with_kwargs=True),
+        model.register_forward_hook(end),
+        *adapter.install(model, engine.slot, engine.scatter),
+    ]
+    for processor in engine.processors:
+        processor.attention.set_processor(processor)
+    if hasattr(model, "cache_context"):
+        model.cache_context = _named_contexts(model.cache_context, engine.tracker)
+    model._catprune_engine = engine
+    return engine
+
+
+def _named_contexts(cache_context: Callable[..., Any], tracker: StepTracker) -> Callable[..., Any]:
+    """diffusers' ``model.cache_context(name, **kwargs)``, also telling the tracker what it says."""
+
+    @contextlib.contextmanager
+    def named_context(name: str, **kwargs: Any) -> Iterator[None]:
+        outer = tracker.named
+        tracker.named = NamedContext(name, kwargs.get("step_index"), kwargs.get("num_inference_steps"))
+        try:
+            with cache_context(name, **kwargs):
+                yield
+        finally:
+            tracker.named = outer
+
+    return named_context
+
+
+def detach(model: torch.nn.Module) -> bool:
+    """Exact inverse of :func:`attach`: the original processors come back and the module hooks go.
+    Returns whether pruning was applied."""
+    engine = attached_engine(model)
+    if engine is None:
+        return False
+    for processor in engine.processors:
+        processor.attention.set_processor(processor.original)
+    for handle in engine.hook_handles:
+        handle.remove()
+    # A forward compiled whole with the hooks in it may outlive them (dynamo does not guard on module
+    # hooks): with no context, its traced hooks are the identity and its processors' original ones run.
+    # ``stats`` keep the last generation's counts.
+    engine.release_caches()
+    engine.slot.context = None
+    if "cache_context" in vars(model):
+        del model.cache_context
+    del model._catprune_engine
+    return True
