@@ -30,7 +30,7 @@ from diffusers import (
 )
 from test_readme import tiny_sd3_pipeline
 
-from catprune import CATPruningConfig, apply_cat_pruning
+from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
 
 STEPS, START = 6, 3
 
@@ -126,14 +126,26 @@ def test_pipelines_from_pipe_start_fresh_generations_whichever_runs() -> None:
     torch.testing.assert_close(shared, image_to_image(fresh), atol=0, rtol=0)
 
 
-def test_a_pipeline_with_another_scheduler_is_refused_clearly() -> None:
+def test_a_pipeline_with_another_scheduler_is_followed_by_its_timesteps() -> None:
+    """A pipeline sharing the transformer with its own scheduler (``from_pipe(..., scheduler=...)``) is not
+    the one pruning watches: its steps are told by the timesteps. Refused until the step engine; now each of
+    its generations is counted right and keep 1.0 equals the unpatched model."""
     pipe = sd3_pipeline_with_vae()
-    apply_cat_pruning(pipe, CATPruningConfig(start_step=START))
     other = StableDiffusion3Img2ImgPipeline.from_pipe(
         pipe, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0)
     )
-    with pytest.raises(RuntimeError, match="another pipeline with its own scheduler"):
-        image_to_image(other)
+    reference = image_to_image(other)
+    engine = apply_cat_pruning(pipe, CATPruningConfig(keep_ratio=1.0, start_step=START))
+    torch.testing.assert_close(image_to_image(other), reference, atol=1e-5, rtol=0)
+    steps = 12 - int(12 - 12 * 0.7)  # image_to_image's strength cut, as diffusers rounds it
+    assert (engine.stats.steps, engine.stats.pruned_steps) == (steps, steps - START)
+
+    remove_cat_pruning(pipe)
+    engine = apply_cat_pruning(pipe, CATPruningConfig(keep_ratio=0.3, start_step=START))
+    for _ in range(2):
+        pruned = image_to_image(other)
+        assert (engine.stats.steps, engine.stats.pruned_steps) == (steps, steps - START)
+        assert torch.isfinite(pruned).all() and not torch.allclose(pruned, reference, atol=1e-4)
 
 
 def test_one_step_generations_in_a_row_are_each_a_generation() -> None:

@@ -81,6 +81,8 @@ class StepTracker:
         """+1 or -1 once two steps tell which way the timesteps move; 0 before."""
         self.scheduler_idle = False
         """The watched scheduler does not drive the current generation (another pipeline or a loop does)."""
+        self.scheduler_moved = False
+        """The watched scheduler stepped during the current generation: it drives it."""
 
     def begin(self) -> None:
         self.restart()
@@ -109,6 +111,7 @@ class StepTracker:
         if position is not None and position != self.position:
             restarted = self.position is None or position[:2] != self.position[:2] or position[2] is None
             self.position, self.scheduler_idle, self.direction = position, False, 0
+            self.scheduler_moved = not restarted
             return CallKind.GENERATION if restarted else CallKind.STEP
         if fresh_name:
             return CallKind.PASS
@@ -133,9 +136,13 @@ class StepTracker:
             return CallKind.PASS
         moving = 1 if value > previous else -1
         if scheduler_watched and not self.scheduler_idle:
-            # The pipeline's scheduler did not move, yet the timestep did: a loop that it does not drive.
-            self.scheduler_idle, self.direction = True, 0
-            return CallKind.GENERATION
+            # The pipeline's scheduler did not move, yet the timestep did: a loop that it does not drive
+            # (another pipeline's scheduler, a bare loop). A new generation if the scheduler drove the
+            # previous steps; this generation's second step if it never moved since the generation began.
+            self.scheduler_idle = True
+            if self.scheduler_moved:
+                self.direction = 0
+                return CallKind.GENERATION
         if self.direction in (0, moving):
             self.direction = moving
             return CallKind.STEP
