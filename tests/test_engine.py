@@ -324,8 +324,11 @@ def test_flux_kontext_prunes_the_image_and_recomputes_the_reference_tokens() -> 
     remove_cat_pruning(pipe)
 
     state = apply_cat_pruning(pipe, CONFIG)
+    indices = pruned_indices(state, pipe)
     pruned = kontext(pipe)
     assert torch.isfinite(pruned).all() and not torch.equal(pruned, reference)
+    assert len(indices) == STEPS - START  # the reference tokens (64..79) are never selected
+    assert all(int(rows.max()) < 64 and len(rows.unique()) == rows.numel() for rows in indices)
     assert (state.stats.steps, state.stats.pruned_steps) == (STEPS, STEPS - START)
     assert state.context.indices.shape == (1, round(0.3 * 64))
     assert 0 < state.stats.macs < state.stats.full_macs
