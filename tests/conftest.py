@@ -8,6 +8,8 @@ import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
+    ChromaPipeline,
+    ChromaTransformer2DModel,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
@@ -72,6 +74,18 @@ def tiny_pixart(additional_conditions: bool = False) -> PixArtTransformer2DModel
     ).eval()
 
 
+FLUX_TOY = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": TEXT_DIM,
+    "axes_dims_rope": (4, 6, 6),
+}
+"""FLUX.1's layout at toy width (Chroma's too): 2x2-packed latents of 4 channels, 2 heads of 16, rotary axes
+summing to the head width."""
+
+
 def tiny_flux(
     guidance: bool = True, num_layers: int = 1, num_single_layers: int = 2
 ) -> FluxTransformer2DModel:
@@ -79,17 +93,31 @@ def tiny_flux(
     head width, 2x2-packed latents of 4 channels; ``guidance`` embeds the distilled guidance (dev)."""
     torch.manual_seed(0)
     return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
+        **FLUX_TOY,
         num_layers=num_layers,
         num_single_layers=num_single_layers,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=TEXT_DIM,
         pooled_projection_dim=POOLED_DIM,
         guidance_embeds=guidance,
-        axes_dims_rope=(4, 6, 6),
     ).eval()
+
+
+def tiny_chroma(num_layers: int = 1, num_single_layers: int = 2) -> ChromaTransformer2DModel:
+    """Chroma's structure at toy width: FLUX.1's blocks and rotary axes, with a small modulation
+    approximator (16 input channels, width 32, 2 layers) instead of per-block modulation layers."""
+    torch.manual_seed(0)
+    return ChromaTransformer2DModel(
+        **FLUX_TOY,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        approximator_num_channels=16,
+        approximator_hidden_dim=32,
+        approximator_layers=2,
+    ).eval()
+
+
+def chroma_pipeline(transformer: ChromaTransformer2DModel) -> ChromaPipeline:
+    """A real ``ChromaPipeline`` around ``transformer``, driven with prompt embeddings and masks (no T5)."""
+    return flow_matching_pipeline(ChromaPipeline, transformer, None, text_encoders=1)
 
 
 def flux_pipeline(

@@ -124,6 +124,7 @@ def test_named_architectures_have_the_published_sizes() -> None:
         "pixart-alpha": 120,
         "flux-dev": 512,
         "flux-schnell": 256,
+        "chroma": 512,
     }
     assert (ARCHITECTURES["flux-dev"].default_steps, ARCHITECTURES["flux-schnell"].default_steps) == (28, 4)
 

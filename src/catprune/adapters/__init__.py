@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Catalogue, CostModel, ModelAdapter, PruningAdapter, PublicModel, TensorFactory
+from .chroma import ChromaAdapter
 from .flux import FluxAdapter
 from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
@@ -36,7 +37,7 @@ def register_adapter(adapter_class: type[PruningAdapter]) -> PruningAdapter:
     return adapter
 
 
-for _adapter_class in (SD3Adapter, PixArtAdapter, FluxAdapter):
+for _adapter_class in (SD3Adapter, PixArtAdapter, FluxAdapter, ChromaAdapter):
     register_adapter(_adapter_class)
 
 
@@ -65,6 +66,7 @@ def adapter_for_class_name(class_name: str) -> PruningAdapter:
 __all__ = [
     "ADAPTERS",
     "Catalogue",
+    "ChromaAdapter",
     "CostModel",
     "FluxAdapter",
     "ModelAdapter",

@@ -34,6 +34,7 @@ from .attention import (
     attend,
     joint_block_macs,
     projections,
+    query_mask,
 )
 from .base import KL_AUTOENCODER, ModelAdapter, PublicModel, TensorFactory, linear_macs
 
@@ -59,17 +60,18 @@ _FLUX_DEV = {
 class SingleStreamAttentionProcessor(CachingProcessor):
     """The attention of a single-stream block: its input is [text T, image n (+ fixed R)] through one set
     of projections (the caches keep that order), and it has no output projection (the block's
-    ``proj_out`` mixes it with the MLP)."""
+    ``proj_out`` mixes it with the MLP). A mask over the whole sequence (Chroma's) keeps the rows of the
+    queries."""
 
     def attend(
         self, attn: Any, tokens: Tensor, context: Tensor | None, mask: Tensor | None, rotary: Rotary | None
     ) -> Any:
-        if context is not None or mask is not None:
-            raise NotImplementedError("CAT pruning: a single-stream attention with a context or a mask")
+        if context is not None:
+            raise NotImplementedError("CAT pruning: a single-stream attention with a context")
         text = self.context.text_tokens
         query, key, value = projections(attn, tokens, IMAGE_PROJECTIONS, rotary)  # (B, T+n+R, h, d)
         self.store(key[:, text:], value[:, text:], lead=(key[:, :text], value[:, :text]))
-        return attend(query, *self.cached())  # (B, T+n+R, h*d)
+        return attend(query, *self.cached(), query_mask(mask, self.context, text))  # (B, T+n+R, h*d)
 
 
 def token_layout_of(ids: Tensor) -> TokenLayout:
@@ -99,6 +101,8 @@ class FluxAdapter(ModelAdapter):
     text_embedder = "context_embedder"
     blocks = ("transformer_blocks", "single_transformer_blocks")
     depth_keys = ("num_layers", "num_single_layers")
+    single_blocks: ClassVar[tuple[type[nn.Module], ...]] = (FluxSingleTransformerBlock,)
+    """The single-stream block classes (text and image tokens through one set of weights)."""
 
     scheduler_class = FlowMatchEulerDiscreteScheduler
     scheduler_config: ClassVar[Mapping[str, Any]] = {"shift": 3.0}
@@ -188,7 +192,7 @@ class FluxAdapter(ModelAdapter):
     def block_macs(
         self, block: nn.Module, image_queries: int, image_tokens: int, text_tokens: int, pruned: bool
     ) -> int:
-        if not isinstance(block, FluxSingleTransformerBlock):
+        if not isinstance(block, self.single_blocks):
             return joint_block_macs(block, image_queries, image_tokens, text_tokens)
         attn = block.attn
         queries = text_tokens + image_queries
@@ -216,20 +220,26 @@ class FluxAdapter(ModelAdapter):
             raise ValueError(f"resolution must be a multiple of {pixels}, got {resolution}")
         return resolution // pixels, resolution // pixels
 
+    def text_conditioning(
+        self, model: nn.Module, rows: int, text_tokens: int, resolution: int, make: TensorFactory
+    ) -> dict[str, Any]:
+        """The T5 sequence and the text and image ids, as the pipelines pass them."""
+        height, width = self.image_grid(model.config, resolution)
+        image_ids = make.full((height, width, 3), 0.0)  # (h, w, 3): (0, row, column)
+        image_ids[..., 1] += torch.arange(height, device=make.device, dtype=make.dtype)[:, None]
+        image_ids[..., 2] += torch.arange(width, device=make.device, dtype=make.dtype)[None, :]
+        return {
+            "encoder_hidden_states": make.randn(rows, text_tokens, model.config.joint_attention_dim),
+            "txt_ids": make.full((text_tokens, 3), 0.0),
+            "img_ids": image_ids.flatten(0, 1),  # (N, 3)
+        }
+
     def conditioning(
         self, model: nn.Module, rows: int, text_tokens: int, resolution: int, make: TensorFactory
     ) -> dict[str, Any]:
         config = model.config
-        height, width = self.image_grid(config, resolution)
-        image_ids = make.full((height, width, 3), 0.0)  # (h, w, 3): (0, row, column)
-        image_ids[..., 1] += torch.arange(height, device=make.device, dtype=make.dtype)[:, None]
-        image_ids[..., 2] += torch.arange(width, device=make.device, dtype=make.dtype)[None, :]
-        arguments = {
-            "encoder_hidden_states": make.randn(rows, text_tokens, config.joint_attention_dim),
-            "pooled_projections": make.randn(rows, config.pooled_projection_dim),
-            "txt_ids": make.full((text_tokens, 3), 0.0),
-            "img_ids": image_ids.flatten(0, 1),  # (N, 3)
-        }
+        arguments = self.text_conditioning(model, rows, text_tokens, resolution, make)
+        arguments["pooled_projections"] = make.randn(rows, config.pooled_projection_dim)
         if config.guidance_embeds:
             arguments["guidance"] = make.full((rows,), self.guidance_scale)
         return arguments
