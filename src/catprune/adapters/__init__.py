@@ -10,6 +10,7 @@ from .chroma import ChromaAdapter
 from .flux import FluxAdapter
 from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
+from .unsupported import MATRIX, unsupported_reason
 
 ADAPTERS: dict[str, PruningAdapter] = {}
 """Registered adapters by family name."""
@@ -49,8 +50,10 @@ def adapter_for(model: nn.Module) -> PruningAdapter:
             if adapter.model_class is cls:
                 return adapter
     supported = ", ".join(adapter.model_class.__name__ for adapter in ADAPTERS.values())
+    name = type(model).__name__
     raise TypeError(
-        f"CAT pruning does not support {type(model).__name__}; supported transformers: {supported}"
+        f"CAT pruning does not support {name}: {unsupported_reason(name)}. Supported transformers: "
+        f"{supported}; {MATRIX} lists every diffusers transformer and why it is or is not supported"
     )
 
 
