@@ -17,6 +17,8 @@ from diffusers import (
     PixArtAlphaPipeline,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
@@ -118,6 +120,33 @@ def tiny_chroma(num_layers: int = 1, num_single_layers: int = 2) -> ChromaTransf
 def chroma_pipeline(transformer: ChromaTransformer2DModel) -> ChromaPipeline:
     """A real ``ChromaPipeline`` around ``transformer``, driven with prompt embeddings and masks (no T5)."""
     return flow_matching_pipeline(ChromaPipeline, transformer, None, text_encoders=1)
+
+
+def tiny_qwen(num_layers: int = 1, zero_cond_t: bool = False) -> QwenImageTransformer2DModel:
+    """Qwen-Image's structure at toy width: double-stream blocks over 2x2-packed latents of 4 channels, 2
+    heads of 16, rotary axes summing to the head width; ``zero_cond_t`` modulates reference tokens at
+    timestep 0 (Qwen-Image-Edit-2511)."""
+    torch.manual_seed(0)
+    return QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM,
+        axes_dims_rope=(4, 6, 6),
+        zero_cond_t=zero_cond_t,
+    ).eval()
+
+
+def qwen_pipeline(
+    transformer: QwenImageTransformer2DModel, pipeline_class: type = QwenImagePipeline, **components: Any
+) -> Any:
+    """A real Qwen-Image pipeline (text-to-image, or Edit with ``vae`` and ``processor``) around
+    ``transformer``, driven with prompt embeddings and masks (no Qwen2.5-VL)."""
+    vae = components.pop("vae", None)
+    return flow_matching_pipeline(pipeline_class, transformer, vae, text_encoders=1, **components)
 
 
 def flux_pipeline(

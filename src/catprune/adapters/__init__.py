@@ -9,6 +9,7 @@ from .base import Catalogue, CostModel, ModelAdapter, PruningAdapter, PublicMode
 from .chroma import ChromaAdapter
 from .flux import FluxAdapter
 from .pixart import PixArtAdapter
+from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
 from .unsupported import MATRIX, unsupported_reason
 
@@ -38,7 +39,7 @@ def register_adapter(adapter_class: type[PruningAdapter]) -> PruningAdapter:
     return adapter
 
 
-for _adapter_class in (SD3Adapter, PixArtAdapter, FluxAdapter, ChromaAdapter):
+for _adapter_class in (SD3Adapter, PixArtAdapter, FluxAdapter, ChromaAdapter, QwenImageAdapter):
     register_adapter(_adapter_class)
 
 
@@ -76,6 +77,7 @@ __all__ = [
     "PixArtAdapter",
     "PruningAdapter",
     "PublicModel",
+    "QwenImageAdapter",
     "SD3Adapter",
     "TensorFactory",
     "adapter_for",

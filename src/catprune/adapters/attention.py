@@ -239,12 +239,20 @@ class JointAttentionProcessor(CachedSelfAttentionProcessor):
         return image_out, extra_out
 
 
-def joint_block_macs(block: torch.nn.Module, image_queries: int, image_tokens: int, text_tokens: int) -> int:
+def joint_block_macs(
+    block: torch.nn.Module,
+    image_queries: int,
+    image_tokens: int,
+    text_tokens: int,
+    mlps: tuple[str, str] = ("ff", "ff_context"),
+) -> int:
     """MACs per sample of a block with a joint attention (``attn``) and separate MLPs for image and text
-    tokens (``ff``, ``ff_context``): SD3's blocks, Flux's double-stream blocks."""
+    tokens, named ``mlps`` (SD3's and Flux's ``ff``, ``ff_context``; Qwen-Image's ``img_mlp``,
+    ``txt_mlp``)."""
     attn = block.attn
-    image = linear_macs(attn.to_q, attn.to_k, attn.to_v, attn.to_out, block.ff)
-    text = linear_macs(attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.to_add_out, block.ff_context)
+    image_mlp, text_mlp = (getattr(block, name) for name in mlps)  # None: no text MLP (SD3's last)
+    image = linear_macs(attn.to_q, attn.to_k, attn.to_v, attn.to_out, image_mlp)
+    text = linear_macs(attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.to_add_out, text_mlp)
     # QK^T and AV: queries x keys x width, twice.
     joint = 2 * (image_queries + text_tokens) * (image_tokens + text_tokens) * attn.inner_dim
     return image_queries * image + text_tokens * text + joint

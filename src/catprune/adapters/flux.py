@@ -36,11 +36,7 @@ from .attention import (
     projections,
     query_mask,
 )
-from .base import KL_AUTOENCODER, ModelAdapter, PublicModel, TensorFactory, linear_macs
-
-VAE_SCALE_FACTOR = 8
-PACKING = 2
-"""The pipeline packs 2x2 latent pixels into one token: a token covers 16x16 image pixels."""
+from .base import KL_AUTOENCODER, PackedLatentAdapter, PublicModel, TensorFactory, linear_macs
 
 _FLUX_DEV = {
     "patch_size": 1,
@@ -91,7 +87,7 @@ def token_layout_of(ids: Tensor) -> TokenLayout:
     return TokenLayout(grid, fixed_tokens=len(rows) - generated)
 
 
-class FluxAdapter(ModelAdapter):
+class FluxAdapter(PackedLatentAdapter):
     family = "flux"
     model_class = FluxTransformer2DModel
     gather_point = "x_embedder"
@@ -154,13 +150,6 @@ class FluxAdapter(ModelAdapter):
             )
         return layout
 
-    def noise_channels(self, model: nn.Module) -> int:
-        return model.out_channels
-
-    def noise_prediction(self, model: nn.Module, output: Tensor) -> Tensor:
-        """Packed (B, N, C) output: every channel is the noise prediction."""
-        return output
-
     def text_tokens(self, arguments: dict[str, Any]) -> int:
         return arguments["encoder_hidden_states"].shape[1]
 
@@ -201,24 +190,6 @@ class FluxAdapter(ModelAdapter):
         return queries * per_token + 2 * queries * (text_tokens + image_tokens) * attn.inner_dim
 
     # --- the pipeline around the transformer
-
-    def latent_shape(self, config: Mapping[str, Any], batch: int, resolution: int) -> tuple[int, ...]:
-        height, width = self.image_grid(config, resolution)
-        return batch, height * width, int(config["in_channels"])
-
-    def latent_image(self, latents: Tensor, resolution: int) -> Tensor:
-        """Packed (B, N, C*4) latents -> (B, C, H/8, W/8), as ``FluxPipeline._unpack_latents``."""
-        height, width = self.image_grid({}, resolution)
-        batch, channels = latents.shape[0], latents.shape[2] // (PACKING * PACKING)
-        grid = latents.view(batch, height, width, channels, PACKING, PACKING)  # (B, h, w, C, 2, 2)
-        grid = grid.permute(0, 3, 1, 4, 2, 5)  # (B, C, h, 2, w, 2)
-        return grid.reshape(batch, channels, height * PACKING, width * PACKING)  # (B, C, H/8, W/8)
-
-    def image_grid(self, config: Mapping[str, Any], resolution: int) -> tuple[int, int]:
-        pixels = VAE_SCALE_FACTOR * PACKING
-        if resolution % pixels:
-            raise ValueError(f"resolution must be a multiple of {pixels}, got {resolution}")
-        return resolution // pixels, resolution // pixels
 
     def text_conditioning(
         self, model: nn.Module, rows: int, text_tokens: int, resolution: int, make: TensorFactory

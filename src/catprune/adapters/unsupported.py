@@ -40,7 +40,6 @@ REASONS: dict[str, str] = {
         "no adapter yet (issue 25): a list of latents flattened into padded [image, text] sequences with a "
         "mask and per-row rotary tables, refiner blocks before the main ones"
     ),
-    "QwenImageTransformer2DModel": "no adapter yet (issue 25)",
 }
 """Reasons by class name, where the class's kind does not say it."""
 

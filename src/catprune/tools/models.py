@@ -31,6 +31,7 @@ TESTED_PIPELINES: dict[str, tuple[str, ...]] = {
     "pixart": ("PixArtSigmaPipeline", "PixArtAlphaPipeline"),
     "flux": ("FluxPipeline", "FluxImg2ImgPipeline", "FluxControlNetPipeline", "FluxKontextPipeline"),
     "chroma": ("ChromaPipeline",),
+    "qwen-image": ("QwenImagePipeline", "QwenImageEditPipeline"),
 }
 """The diffusers pipelines each family's tests build from tiny components and run pruned (the test of the
 matrix checks that each is named in the tests)."""
