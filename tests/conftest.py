@@ -22,6 +22,9 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from torch._dynamo.utils import counters
+
+from catprune.engine import StepMode
 
 torch.use_deterministic_algorithms(True)
 
@@ -260,3 +263,51 @@ def seeded_latents(num_prompts: int, size: int = 16, channels: int = 4, seed: in
 @pytest.fixture
 def sd3_pipe() -> StableDiffusion3Pipeline:
     return sd3_pipeline(tiny_sd3())
+
+
+def one_prompt(prompts: dict[str, Any], index: int) -> dict[str, Any]:
+    """Prompt ``index``'s inputs of a batch of prompt inputs (tensors sliced, settings kept)."""
+    return {k: v[index : index + 1] if isinstance(v, torch.Tensor) else v for k, v in prompts.items()}
+
+
+def record_calls(state: Any, transformer: torch.nn.Module) -> list[tuple[int, Any, torch.Tensor | None]]:
+    """(step, pass key, indices at a pruned call) of every later call of ``transformer``, in order."""
+    calls: list[tuple[int, Any, torch.Tensor | None]] = []
+
+    def record(module: torch.nn.Module, args: Any, output: Any) -> None:
+        context = state.context
+        pruned = context.mode is StepMode.PRUNED
+        calls.append((context.step, context.pass_key, context.indices.clone() if pruned else None))
+
+    transformer.register_forward_hook(record)
+    return calls
+
+
+def assert_passes_share_selections(
+    calls: list[tuple[int, Any, torch.Tensor | None]], passes: int = 2
+) -> None:
+    """Each step's passes are pruned alike and recompute the tokens its first pass selected."""
+    for step in range(0, len(calls), passes):
+        first, *others = calls[step : step + passes]
+        for other in others:
+            assert (first[2] is None) == (other[2] is None)
+            assert first[2] is None or torch.equal(first[2], other[2])
+
+
+def assert_compiles_once(pipe: Any, generate: Any, how: str) -> None:
+    """``pipe.transformer`` (pruning applied) compiled whole or by its repeated blocks with
+    ``fullgraph=True`` (any graph break raises): whole, one graph per kind of step (full, fill, pruned)
+    whatever the passes; a second generation compiles nothing; the outputs are the eager ones."""
+    eager = generate(pipe)
+    if how == "whole":
+        pipe.transformer.compile(fullgraph=True, backend="eager")
+    else:
+        pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
+    counters.clear()
+    first = generate(pipe)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 3 if how == "whole" else graphs > 0
+    counters.clear()
+    assert torch.equal(generate(pipe), first)
+    assert counters["stats"]["unique_graphs"] == 0, "a later generation recompiled"
+    torch.testing.assert_close(first, eager, atol=1e-6, rtol=0)

@@ -15,9 +15,18 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TEXT_DIM, TEXT_TOKENS, chroma_pipeline, seeded_latents, tiny_chroma
+from conftest import (
+    TEXT_DIM,
+    TEXT_TOKENS,
+    assert_compiles_once,
+    assert_passes_share_selections,
+    chroma_pipeline,
+    one_prompt,
+    record_calls,
+    seeded_latents,
+    tiny_chroma,
+)
 from diffusers import ChromaPipeline
-from torch._dynamo.utils import counters
 
 from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
 from catprune.architectures import ARCHITECTURES, Architecture
@@ -66,10 +75,6 @@ def generate(pipe: ChromaPipeline, prompts: dict[str, Any], latents: torch.Tenso
     return pipe(
         height=SIZE, width=SIZE, num_inference_steps=STEPS, latents=latents, output_type="latent", **prompts
     ).images
-
-
-def one_prompt(prompts: dict[str, Any], index: int) -> dict[str, Any]:
-    return {k: v[index : index + 1] if isinstance(v, torch.Tensor) else v for k, v in prompts.items()}
 
 
 @pytest.fixture
@@ -152,21 +157,12 @@ def test_true_cfg_calls_are_two_passes_of_each_step_sharing_one_selection(pipe: 
     """``ChromaPipeline`` calls the transformer twice per step without ``cache_context``: one step, two
     unnamed passes with their own caches, the second recomputing the tokens the first selected."""
     state = apply_cat_pruning(pipe, CONFIG)
-    calls: list[tuple[int, Any, torch.Tensor | None]] = []
-
-    def record(module: torch.nn.Module, args: Any, output: Any) -> None:
-        context = state.context
-        pruned = context.mode is StepMode.PRUNED
-        calls.append((context.step, context.pass_key, context.indices.clone() if pruned else None))
-
-    pipe.transformer.register_forward_hook(record)
+    calls = record_calls(state, pipe.transformer)
     generate(pipe, chroma_prompts(2, true_cfg=True), packed_latents(2))
     assert [(step, key) for step, key, _ in calls] == [
         (step, (None, index)) for step in range(STEPS) for index in (0, 1)
     ]
-    for first, second in zip(calls[::2], calls[1::2], strict=True):
-        assert (first[2] is None) == (second[2] is None)
-        assert first[2] is None or torch.equal(first[2], second[2])
+    assert_passes_share_selections(calls)
     assert (state.stats.steps, state.stats.pruned_steps) == (STEPS, STEPS - START)
     assert {key for processor in state.processors for key in processor.caches} == {(None, 0), (None, 1)}
     # MACs count both passes of every step: 2 calls x 2 rows.
@@ -241,16 +237,4 @@ def test_compiled_pruning_has_no_graph_breaks_and_a_second_generation_compiles_n
     torch._dynamo.reset()
     prompts = chroma_prompts(2, true_cfg=True)
     apply_cat_pruning(pipe, CONFIG)
-    eager = generate(pipe, prompts, packed_latents(2))
-    if how == "whole":
-        pipe.transformer.compile(fullgraph=True, backend="eager")
-    else:
-        pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
-    counters.clear()
-    first = generate(pipe, prompts, packed_latents(2))
-    graphs = counters["stats"]["unique_graphs"]
-    assert graphs == 3 if how == "whole" else graphs > 0
-    counters.clear()
-    assert torch.equal(generate(pipe, prompts, packed_latents(2)), first)
-    assert counters["stats"]["unique_graphs"] == 0, "a later generation recompiled"
-    torch.testing.assert_close(first, eager, atol=1e-6, rtol=0)
+    assert_compiles_once(pipe, lambda pipe: generate(pipe, prompts, packed_latents(2)), how)

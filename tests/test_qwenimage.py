@@ -17,10 +17,19 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import TEXT_DIM, TEXT_TOKENS, qwen_pipeline, seeded_latents, tiny_qwen
+from conftest import (
+    TEXT_DIM,
+    TEXT_TOKENS,
+    assert_compiles_once,
+    assert_passes_share_selections,
+    one_prompt,
+    qwen_pipeline,
+    record_calls,
+    seeded_latents,
+    tiny_qwen,
+)
 from diffusers import AutoencoderKLQwenImage, QwenImageEditPipeline, QwenImagePipeline
 from PIL import Image
-from torch._dynamo.utils import counters
 
 from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
 from catprune.architectures import ARCHITECTURES, Architecture
@@ -66,10 +75,6 @@ def generate(pipe: Any, prompts: dict[str, Any], latents: torch.Tensor) -> torch
     return pipe(
         height=SIZE, width=SIZE, num_inference_steps=STEPS, latents=latents, output_type="latent", **prompts
     ).images
-
-
-def one_prompt(prompts: dict[str, Any], index: int) -> dict[str, Any]:
-    return {k: v[index : index + 1] if isinstance(v, torch.Tensor) else v for k, v in prompts.items()}
 
 
 @pytest.fixture
@@ -149,21 +154,12 @@ def test_batched_prompts_equal_each_prompt_alone(pipe: QwenImagePipeline, true_c
 
 def test_true_cfg_passes_share_one_selection_per_step_and_count_as_one_step(pipe: QwenImagePipeline) -> None:
     state = apply_cat_pruning(pipe, CONFIG)
-    calls: list[tuple[int, Any, torch.Tensor | None]] = []
-
-    def record(module: torch.nn.Module, args: Any, output: Any) -> None:
-        context = state.context
-        pruned = context.mode is StepMode.PRUNED
-        calls.append((context.step, context.pass_key, context.indices.clone() if pruned else None))
-
-    pipe.transformer.register_forward_hook(record)
+    calls = record_calls(state, pipe.transformer)
     generate(pipe, qwen_prompts(2, true_cfg=True), packed_latents(2))
     assert [(step, key) for step, key, _ in calls] == [
         (step, (name, 0)) for step in range(STEPS) for name in ("cond", "uncond")
     ]
-    for first, second in zip(calls[::2], calls[1::2], strict=True):
-        assert (first[2] is None) == (second[2] is None)
-        assert first[2] is None or torch.equal(first[2], second[2])
+    assert_passes_share_selections(calls)
     assert (state.stats.steps, state.stats.pruned_steps) == (STEPS, STEPS - START)
 
 
@@ -279,16 +275,4 @@ def test_compiled_pruning_has_no_graph_breaks_and_a_second_generation_compiles_n
     torch._dynamo.reset()
     prompts = qwen_prompts(2, true_cfg=True)
     apply_cat_pruning(pipe, CONFIG)
-    eager = generate(pipe, prompts, packed_latents(2))
-    if how == "whole":
-        pipe.transformer.compile(fullgraph=True, backend="eager")
-    else:
-        pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
-    counters.clear()
-    first = generate(pipe, prompts, packed_latents(2))
-    graphs = counters["stats"]["unique_graphs"]
-    assert graphs == 3 if how == "whole" else graphs > 0
-    counters.clear()
-    assert torch.equal(generate(pipe, prompts, packed_latents(2)), first)
-    assert counters["stats"]["unique_graphs"] == 0, "a later generation recompiled"
-    torch.testing.assert_close(first, eager, atol=1e-6, rtol=0)
+    assert_compiles_once(pipe, lambda pipe: generate(pipe, prompts, packed_latents(2)), how)
