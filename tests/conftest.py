@@ -8,6 +8,8 @@ import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
+    ChromaPipeline,
+    ChromaTransformer2DModel,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
@@ -15,9 +17,14 @@ from diffusers import (
     PixArtAlphaPipeline,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from torch._dynamo.utils import counters
+
+from catprune.engine import StepMode
 
 torch.use_deterministic_algorithms(True)
 
@@ -72,6 +79,18 @@ def tiny_pixart(additional_conditions: bool = False) -> PixArtTransformer2DModel
     ).eval()
 
 
+FLUX_TOY = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": TEXT_DIM,
+    "axes_dims_rope": (4, 6, 6),
+}
+"""FLUX.1's layout at toy width (Chroma's too): 2x2-packed latents of 4 channels, 2 heads of 16, rotary axes
+summing to the head width."""
+
+
 def tiny_flux(
     guidance: bool = True, num_layers: int = 1, num_single_layers: int = 2
 ) -> FluxTransformer2DModel:
@@ -79,17 +98,58 @@ def tiny_flux(
     head width, 2x2-packed latents of 4 channels; ``guidance`` embeds the distilled guidance (dev)."""
     torch.manual_seed(0)
     return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
+        **FLUX_TOY,
         num_layers=num_layers,
         num_single_layers=num_single_layers,
+        pooled_projection_dim=POOLED_DIM,
+        guidance_embeds=guidance,
+    ).eval()
+
+
+def tiny_chroma(num_layers: int = 1, num_single_layers: int = 2) -> ChromaTransformer2DModel:
+    """Chroma's structure at toy width: FLUX.1's blocks and rotary axes, with a small modulation
+    approximator (16 input channels, width 32, 2 layers) instead of per-block modulation layers."""
+    torch.manual_seed(0)
+    return ChromaTransformer2DModel(
+        **FLUX_TOY,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        approximator_num_channels=16,
+        approximator_hidden_dim=32,
+        approximator_layers=2,
+    ).eval()
+
+
+def chroma_pipeline(transformer: ChromaTransformer2DModel) -> ChromaPipeline:
+    """A real ``ChromaPipeline`` around ``transformer``, driven with prompt embeddings and masks (no T5)."""
+    return flow_matching_pipeline(ChromaPipeline, transformer, None, text_encoders=1)
+
+
+def tiny_qwen(num_layers: int = 1, zero_cond_t: bool = False) -> QwenImageTransformer2DModel:
+    """Qwen-Image's structure at toy width: double-stream blocks over 2x2-packed latents of 4 channels, 2
+    heads of 16, rotary axes summing to the head width; ``zero_cond_t`` modulates reference tokens at
+    timestep 0 (Qwen-Image-Edit-2511)."""
+    torch.manual_seed(0)
+    return QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=num_layers,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=TEXT_DIM,
-        pooled_projection_dim=POOLED_DIM,
-        guidance_embeds=guidance,
         axes_dims_rope=(4, 6, 6),
+        zero_cond_t=zero_cond_t,
     ).eval()
+
+
+def qwen_pipeline(
+    transformer: QwenImageTransformer2DModel, pipeline_class: type = QwenImagePipeline, **components: Any
+) -> Any:
+    """A real Qwen-Image pipeline (text-to-image, or Edit with ``vae`` and ``processor``) around
+    ``transformer``, driven with prompt embeddings and masks (no Qwen2.5-VL)."""
+    vae = components.pop("vae", None)
+    return flow_matching_pipeline(pipeline_class, transformer, vae, text_encoders=1, **components)
 
 
 def flux_pipeline(
@@ -203,3 +263,51 @@ def seeded_latents(num_prompts: int, size: int = 16, channels: int = 4, seed: in
 @pytest.fixture
 def sd3_pipe() -> StableDiffusion3Pipeline:
     return sd3_pipeline(tiny_sd3())
+
+
+def one_prompt(prompts: dict[str, Any], index: int) -> dict[str, Any]:
+    """Prompt ``index``'s inputs of a batch of prompt inputs (tensors sliced, settings kept)."""
+    return {k: v[index : index + 1] if isinstance(v, torch.Tensor) else v for k, v in prompts.items()}
+
+
+def record_calls(state: Any, transformer: torch.nn.Module) -> list[tuple[int, Any, torch.Tensor | None]]:
+    """(step, pass key, indices at a pruned call) of every later call of ``transformer``, in order."""
+    calls: list[tuple[int, Any, torch.Tensor | None]] = []
+
+    def record(module: torch.nn.Module, args: Any, output: Any) -> None:
+        context = state.context
+        pruned = context.mode is StepMode.PRUNED
+        calls.append((context.step, context.pass_key, context.indices.clone() if pruned else None))
+
+    transformer.register_forward_hook(record)
+    return calls
+
+
+def assert_passes_share_selections(
+    calls: list[tuple[int, Any, torch.Tensor | None]], passes: int = 2
+) -> None:
+    """Each step's passes are pruned alike and recompute the tokens its first pass selected."""
+    for step in range(0, len(calls), passes):
+        first, *others = calls[step : step + passes]
+        for other in others:
+            assert (first[2] is None) == (other[2] is None)
+            assert first[2] is None or torch.equal(first[2], other[2])
+
+
+def assert_compiles_once(pipe: Any, generate: Any, how: str) -> None:
+    """``pipe.transformer`` (pruning applied) compiled whole or by its repeated blocks with
+    ``fullgraph=True`` (any graph break raises): whole, one graph per kind of step (full, fill, pruned)
+    whatever the passes; a second generation compiles nothing; the outputs are the eager ones."""
+    eager = generate(pipe)
+    if how == "whole":
+        pipe.transformer.compile(fullgraph=True, backend="eager")
+    else:
+        pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
+    counters.clear()
+    first = generate(pipe)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 3 if how == "whole" else graphs > 0
+    counters.clear()
+    assert torch.equal(generate(pipe), first)
+    assert counters["stats"]["unique_graphs"] == 0, "a later generation recompiled"
+    torch.testing.assert_close(first, eager, atol=1e-6, rtol=0)

@@ -124,6 +124,8 @@ def test_named_architectures_have_the_published_sizes() -> None:
         "pixart-alpha": 120,
         "flux-dev": 512,
         "flux-schnell": 256,
+        "chroma": 512,
+        "qwen-image": 128,
     }
     assert (ARCHITECTURES["flux-dev"].default_steps, ARCHITECTURES["flux-schnell"].default_steps) == (28, 4)
 

@@ -72,12 +72,15 @@ def plain_processor_classes() -> tuple[type, ...]:
     return tuple(cls for cls in classes if isinstance(cls, type))
 
 
-def is_plain(layer: nn.Module) -> bool:
-    """Whether ``layer`` runs one of :data:`PLAIN_PROCESSORS` or its class's own default processor
-    (``FluxAttention``'s ``FluxAttnProcessor``: plain attention too, defined beside the model)."""
+def is_plain(layer: nn.Module, model_processors: tuple[type, ...] = ()) -> bool:
+    """Whether ``layer`` runs one of :data:`PLAIN_PROCESSORS`, its class's own default processor
+    (``FluxAttention``'s ``FluxAttnProcessor``: plain attention too, defined beside the model) or one of
+    ``model_processors``, the model's own plain processors that its adapter names (Qwen-Image's)."""
     processor_class = type(layer.processor)
-    return processor_class in plain_processor_classes() or processor_class is getattr(
-        type(layer), "_default_processor_cls", None
+    return (
+        processor_class in plain_processor_classes()
+        or processor_class in model_processors
+        or processor_class is getattr(type(layer), "_default_processor_cls", None)
     )
 
 
@@ -96,7 +99,7 @@ def replaced_layers(model: nn.Module, adapter: ModelAdapter, config: CATPruningC
 
 def check_before_apply(model: nn.Module, adapter: ModelAdapter, config: CATPruningConfig) -> None:
     """Everything ``apply_cat_pruning`` refuses to combine with, before it changes anything."""
-    check_attention_processors(model, replaced_layers(model, adapter, config))
+    check_attention_processors(model, replaced_layers(model, adapter, config), adapter.plain_processors)
     check_no_cache(model)
 
 
@@ -128,13 +131,15 @@ def generation_checks(model: nn.Module, state: PruningEngine) -> list[Callable[[
 # --- attention processors
 
 
-def check_attention_processors(model: nn.Module, layers: Iterable[nn.Module]) -> None:
+def check_attention_processors(
+    model: nn.Module, layers: Iterable[nn.Module], model_processors: tuple[type, ...] = ()
+) -> None:
     """Refuse to replace a processor that is not one of diffusers' plain ones (:data:`PLAIN_PROCESSORS`).
 
     CAT pruning runs a layer's processor only at full steps; at the fill and pruned steps its own processor
     recomputes plain attention. Whatever another processor adds (an IP-Adapter's image prompt) would then
     be missing from every pruned step: a wrong image, with no error."""
-    foreign = [(layer, layer.processor) for layer in layers if not is_plain(layer)]
+    foreign = [(layer, layer.processor) for layer in layers if not is_plain(layer, model_processors)]
     if not foreign:
         return
     where = f"{_layer_names(model, [layer for layer, _ in foreign])} of this {type(model).__name__}"

@@ -6,9 +6,12 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Catalogue, CostModel, ModelAdapter, PruningAdapter, PublicModel, TensorFactory
+from .chroma import ChromaAdapter
 from .flux import FluxAdapter
 from .pixart import PixArtAdapter
+from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
+from .unsupported import MATRIX, unsupported_reason
 
 ADAPTERS: dict[str, PruningAdapter] = {}
 """Registered adapters by family name."""
@@ -36,7 +39,7 @@ def register_adapter(adapter_class: type[PruningAdapter]) -> PruningAdapter:
     return adapter
 
 
-for _adapter_class in (SD3Adapter, PixArtAdapter, FluxAdapter):
+for _adapter_class in (SD3Adapter, PixArtAdapter, FluxAdapter, ChromaAdapter, QwenImageAdapter):
     register_adapter(_adapter_class)
 
 
@@ -48,8 +51,10 @@ def adapter_for(model: nn.Module) -> PruningAdapter:
             if adapter.model_class is cls:
                 return adapter
     supported = ", ".join(adapter.model_class.__name__ for adapter in ADAPTERS.values())
+    name = type(model).__name__
     raise TypeError(
-        f"CAT pruning does not support {type(model).__name__}; supported transformers: {supported}"
+        f"CAT pruning does not support {name}: {unsupported_reason(name)}. Supported transformers: "
+        f"{supported}; {MATRIX} lists every diffusers transformer and why it is or is not supported"
     )
 
 
@@ -65,12 +70,14 @@ def adapter_for_class_name(class_name: str) -> PruningAdapter:
 __all__ = [
     "ADAPTERS",
     "Catalogue",
+    "ChromaAdapter",
     "CostModel",
     "FluxAdapter",
     "ModelAdapter",
     "PixArtAdapter",
     "PruningAdapter",
     "PublicModel",
+    "QwenImageAdapter",
     "SD3Adapter",
     "TensorFactory",
     "adapter_for",

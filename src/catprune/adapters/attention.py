@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..engine import CachingProcessor, StepMode, StepSlot
+from ..engine import CachingProcessor, StepContext, StepMode, StepSlot
 from .base import linear_macs
 
 Projections = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -67,6 +67,17 @@ def split_rotary(rotary: Rotary | None, leading: int) -> tuple[Rotary | None, Ro
         return None, None
     cos, sin = rotary
     return (cos[..., :leading, :], sin[..., :leading, :]), (cos[..., leading:, :], sin[..., leading:, :])
+
+
+def query_mask(mask: Tensor | None, context: StepContext, lead: int) -> Tensor | None:
+    """An attention mask over the layer's whole sequence (B, h or 1, L, L), as the model builds it from its
+    call arguments (Chroma's text mask: ``m[q] * m[k]``), -> its rows of the queries that go through the
+    block: at a pruned step the ``lead`` rows (text first, where the layer starts with it), the selected
+    image tokens and the rest; its keys stay the whole sequence, as the K/V caches hold it. A mask that
+    broadcasts over the queries (one row) is returned as it is."""
+    if mask is None or mask.dim() != 4 or mask.shape[2] == 1:
+        return mask
+    return context.gather(mask.transpose(1, 2), lead).transpose(1, 2)  # (B, h or 1, lead + K + R..., L)
 
 
 IMAGE_PROJECTIONS = ("to_q", "to_k", "to_v", "norm_q", "norm_k")
@@ -156,8 +167,6 @@ class CachedSelfAttentionProcessor(CachingProcessor):
     def attend(
         self, attn: Any, tokens: Tensor, context: Tensor | None, mask: Tensor | None, rotary: Rotary | None
     ) -> Any:
-        if mask is not None:
-            raise NotImplementedError("CAT pruning does not support masked image self-attention")
         # A rotary embedding's rows: [text, image] (Flux's order); at a pruned step the selected image rows.
         text_rotary, image_rotary = split_rotary(rotary, 0 if context is None else context.shape[1])
         query, key, value = projections(attn, tokens, IMAGE_PROJECTIONS, image_rotary)  # (B, n + R, h, d)
@@ -170,12 +179,14 @@ class CachedSelfAttentionProcessor(CachingProcessor):
         if self.capture_attention:
             self._capture_attention(attn, query, None if extra is None else extra[0])
         keys, values = self.cached()  # (B, L, h, d) each, in the layer's order
+        lead = extra[0].shape[1] if extra is not None and self.extra_first else 0
+        mask = query_mask(mask, self.context, lead)  # the rows of the queries below, over all L keys
         if extra is None:
-            out = attend(query, keys, values)  # (B, n + R, h * d)
+            out = attend(query, keys, values, mask)  # (B, n + R, h * d)
             return self.finish(attn, project_out(attn, out, tokens), None)
         num_extra, num_stream = extra[0].shape[1], query.shape[1]
         queries = [extra[0], query] if self.extra_first else [query, extra[0]]
-        out = attend(torch.cat(queries, dim=1), keys, values)  # (B, L', h * d), in the layer's order
+        out = attend(torch.cat(queries, dim=1), keys, values, mask)  # (B, L', h * d), in the layer's order
         if self.extra_first:
             image_out, extra_out = out[:, num_extra:], out[:, :num_extra]
         else:
@@ -228,12 +239,20 @@ class JointAttentionProcessor(CachedSelfAttentionProcessor):
         return image_out, extra_out
 
 
-def joint_block_macs(block: torch.nn.Module, image_queries: int, image_tokens: int, text_tokens: int) -> int:
+def joint_block_macs(
+    block: torch.nn.Module,
+    image_queries: int,
+    image_tokens: int,
+    text_tokens: int,
+    mlps: tuple[str, str] = ("ff", "ff_context"),
+) -> int:
     """MACs per sample of a block with a joint attention (``attn``) and separate MLPs for image and text
-    tokens (``ff``, ``ff_context``): SD3's blocks, Flux's double-stream blocks."""
+    tokens, named ``mlps`` (SD3's and Flux's ``ff``, ``ff_context``; Qwen-Image's ``img_mlp``,
+    ``txt_mlp``)."""
     attn = block.attn
-    image = linear_macs(attn.to_q, attn.to_k, attn.to_v, attn.to_out, block.ff)
-    text = linear_macs(attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.to_add_out, block.ff_context)
+    image_mlp, text_mlp = (getattr(block, name) for name in mlps)  # None: no text MLP (SD3's last)
+    image = linear_macs(attn.to_q, attn.to_k, attn.to_v, attn.to_out, image_mlp)
+    text = linear_macs(attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.to_add_out, text_mlp)
     # QK^T and AV: queries x keys x width, twice.
     joint = 2 * (image_queries + text_tokens) * (image_tokens + text_tokens) * attn.inner_dim
     return image_queries * image + text_tokens * text + joint

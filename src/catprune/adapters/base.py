@@ -107,6 +107,9 @@ class PruningAdapter(ABC):
     token_arguments: ClassVar[tuple[str, ...]]
     """Call arguments holding sequences of per-image-token tensors (B, N, D) that the blocks add to the image
     tokens (ControlNet residuals): gathered at the selected tokens at a pruned step."""
+    plain_processors: ClassVar[tuple[type, ...]] = ()
+    """The model's own attention processors (beside diffusers' plain ones) that compute the plain attention
+    the caching processors recompute, so that pruning may replace them (Qwen-Image's)."""
     cond_first: ClassVar[bool] = False
     """Whether the family's pipelines put CFG's conditional rows first (``[cond..., uncond...]``); diffusers'
     usual order is ``[uncond..., cond...]``."""
@@ -304,3 +307,38 @@ class PatchedLatentAdapter(ModelAdapter):
 
     def latent_image(self, latents: torch.Tensor, resolution: int) -> torch.Tensor:
         return latents  # (B, C, H/8, W/8) already
+
+
+class PackedLatentAdapter(ModelAdapter):
+    """For transformers that take packed latents (B, N, 4C): the pipeline packs each 2x2 patch of C VAE
+    channels into one token (FLUX.1, Chroma, Qwen-Image), so a token covers 16x16 image pixels and every
+    output channel is the noise prediction."""
+
+    vae_scale_factor: ClassVar[int] = 8
+    packing: ClassVar[int] = 2
+
+    def noise_channels(self, model: nn.Module) -> int:
+        return model.out_channels
+
+    def noise_prediction(self, model: nn.Module, output: Tensor) -> Tensor:
+        """Packed (B, N, C) output: every channel is the noise prediction."""
+        return output
+
+    def latent_shape(self, config: Mapping[str, Any], batch: int, resolution: int) -> tuple[int, ...]:
+        height, width = self.image_grid(config, resolution)
+        return batch, height * width, int(config["in_channels"])
+
+    def latent_image(self, latents: Tensor, resolution: int) -> Tensor:
+        """Packed (B, N, C*4) latents -> (B, C, H/8, W/8), as ``FluxPipeline._unpack_latents``."""
+        height, width = self.image_grid({}, resolution)
+        packing = self.packing
+        batch, channels = latents.shape[0], latents.shape[2] // (packing * packing)
+        grid = latents.view(batch, height, width, channels, packing, packing)  # (B, h, w, C, 2, 2)
+        grid = grid.permute(0, 3, 1, 4, 2, 5)  # (B, C, h, 2, w, 2)
+        return grid.reshape(batch, channels, height * packing, width * packing)  # (B, C, H/8, W/8)
+
+    def image_grid(self, config: Mapping[str, Any], resolution: int) -> tuple[int, int]:
+        pixels = self.vae_scale_factor * self.packing
+        if resolution % pixels:
+            raise ValueError(f"resolution must be a multiple of {pixels}, got {resolution}")
+        return resolution // pixels, resolution // pixels

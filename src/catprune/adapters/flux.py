@@ -34,12 +34,9 @@ from .attention import (
     attend,
     joint_block_macs,
     projections,
+    query_mask,
 )
-from .base import KL_AUTOENCODER, ModelAdapter, PublicModel, TensorFactory, linear_macs
-
-VAE_SCALE_FACTOR = 8
-PACKING = 2
-"""The pipeline packs 2x2 latent pixels into one token: a token covers 16x16 image pixels."""
+from .base import KL_AUTOENCODER, PackedLatentAdapter, PublicModel, TensorFactory, linear_macs
 
 _FLUX_DEV = {
     "patch_size": 1,
@@ -59,17 +56,18 @@ _FLUX_DEV = {
 class SingleStreamAttentionProcessor(CachingProcessor):
     """The attention of a single-stream block: its input is [text T, image n (+ fixed R)] through one set
     of projections (the caches keep that order), and it has no output projection (the block's
-    ``proj_out`` mixes it with the MLP)."""
+    ``proj_out`` mixes it with the MLP). A mask over the whole sequence (Chroma's) keeps the rows of the
+    queries."""
 
     def attend(
         self, attn: Any, tokens: Tensor, context: Tensor | None, mask: Tensor | None, rotary: Rotary | None
     ) -> Any:
-        if context is not None or mask is not None:
-            raise NotImplementedError("CAT pruning: a single-stream attention with a context or a mask")
+        if context is not None:
+            raise NotImplementedError("CAT pruning: a single-stream attention with a context")
         text = self.context.text_tokens
         query, key, value = projections(attn, tokens, IMAGE_PROJECTIONS, rotary)  # (B, T+n+R, h, d)
         self.store(key[:, text:], value[:, text:], lead=(key[:, :text], value[:, :text]))
-        return attend(query, *self.cached())  # (B, T+n+R, h*d)
+        return attend(query, *self.cached(), query_mask(mask, self.context, text))  # (B, T+n+R, h*d)
 
 
 def token_layout_of(ids: Tensor) -> TokenLayout:
@@ -89,7 +87,7 @@ def token_layout_of(ids: Tensor) -> TokenLayout:
     return TokenLayout(grid, fixed_tokens=len(rows) - generated)
 
 
-class FluxAdapter(ModelAdapter):
+class FluxAdapter(PackedLatentAdapter):
     family = "flux"
     model_class = FluxTransformer2DModel
     gather_point = "x_embedder"
@@ -99,6 +97,8 @@ class FluxAdapter(ModelAdapter):
     text_embedder = "context_embedder"
     blocks = ("transformer_blocks", "single_transformer_blocks")
     depth_keys = ("num_layers", "num_single_layers")
+    single_blocks: ClassVar[tuple[type[nn.Module], ...]] = (FluxSingleTransformerBlock,)
+    """The single-stream block classes (text and image tokens through one set of weights)."""
 
     scheduler_class = FlowMatchEulerDiscreteScheduler
     scheduler_config: ClassVar[Mapping[str, Any]] = {"shift": 3.0}
@@ -150,13 +150,6 @@ class FluxAdapter(ModelAdapter):
             )
         return layout
 
-    def noise_channels(self, model: nn.Module) -> int:
-        return model.out_channels
-
-    def noise_prediction(self, model: nn.Module, output: Tensor) -> Tensor:
-        """Packed (B, N, C) output: every channel is the noise prediction."""
-        return output
-
     def text_tokens(self, arguments: dict[str, Any]) -> int:
         return arguments["encoder_hidden_states"].shape[1]
 
@@ -188,7 +181,7 @@ class FluxAdapter(ModelAdapter):
     def block_macs(
         self, block: nn.Module, image_queries: int, image_tokens: int, text_tokens: int, pruned: bool
     ) -> int:
-        if not isinstance(block, FluxSingleTransformerBlock):
+        if not isinstance(block, self.single_blocks):
             return joint_block_macs(block, image_queries, image_tokens, text_tokens)
         attn = block.attn
         queries = text_tokens + image_queries
@@ -198,38 +191,26 @@ class FluxAdapter(ModelAdapter):
 
     # --- the pipeline around the transformer
 
-    def latent_shape(self, config: Mapping[str, Any], batch: int, resolution: int) -> tuple[int, ...]:
-        height, width = self.image_grid(config, resolution)
-        return batch, height * width, int(config["in_channels"])
-
-    def latent_image(self, latents: Tensor, resolution: int) -> Tensor:
-        """Packed (B, N, C*4) latents -> (B, C, H/8, W/8), as ``FluxPipeline._unpack_latents``."""
-        height, width = self.image_grid({}, resolution)
-        batch, channels = latents.shape[0], latents.shape[2] // (PACKING * PACKING)
-        grid = latents.view(batch, height, width, channels, PACKING, PACKING)  # (B, h, w, C, 2, 2)
-        grid = grid.permute(0, 3, 1, 4, 2, 5)  # (B, C, h, 2, w, 2)
-        return grid.reshape(batch, channels, height * PACKING, width * PACKING)  # (B, C, H/8, W/8)
-
-    def image_grid(self, config: Mapping[str, Any], resolution: int) -> tuple[int, int]:
-        pixels = VAE_SCALE_FACTOR * PACKING
-        if resolution % pixels:
-            raise ValueError(f"resolution must be a multiple of {pixels}, got {resolution}")
-        return resolution // pixels, resolution // pixels
+    def text_conditioning(
+        self, model: nn.Module, rows: int, text_tokens: int, resolution: int, make: TensorFactory
+    ) -> dict[str, Any]:
+        """The T5 sequence and the text and image ids, as the pipelines pass them."""
+        height, width = self.image_grid(model.config, resolution)
+        image_ids = make.full((height, width, 3), 0.0)  # (h, w, 3): (0, row, column)
+        image_ids[..., 1] += torch.arange(height, device=make.device, dtype=make.dtype)[:, None]
+        image_ids[..., 2] += torch.arange(width, device=make.device, dtype=make.dtype)[None, :]
+        return {
+            "encoder_hidden_states": make.randn(rows, text_tokens, model.config.joint_attention_dim),
+            "txt_ids": make.full((text_tokens, 3), 0.0),
+            "img_ids": image_ids.flatten(0, 1),  # (N, 3)
+        }
 
     def conditioning(
         self, model: nn.Module, rows: int, text_tokens: int, resolution: int, make: TensorFactory
     ) -> dict[str, Any]:
         config = model.config
-        height, width = self.image_grid(config, resolution)
-        image_ids = make.full((height, width, 3), 0.0)  # (h, w, 3): (0, row, column)
-        image_ids[..., 1] += torch.arange(height, device=make.device, dtype=make.dtype)[:, None]
-        image_ids[..., 2] += torch.arange(width, device=make.device, dtype=make.dtype)[None, :]
-        arguments = {
-            "encoder_hidden_states": make.randn(rows, text_tokens, config.joint_attention_dim),
-            "pooled_projections": make.randn(rows, config.pooled_projection_dim),
-            "txt_ids": make.full((text_tokens, 3), 0.0),
-            "img_ids": image_ids.flatten(0, 1),  # (N, 3)
-        }
+        arguments = self.text_conditioning(model, rows, text_tokens, resolution, make)
+        arguments["pooled_projections"] = make.randn(rows, config.pooled_projection_dim)
         if config.guidance_embeds:
             arguments["guidance"] = make.full((rows,), self.guidance_scale)
         return arguments

@@ -37,6 +37,12 @@ COMMANDS: dict[str, Command] = {
         "CAT pruning, alternating after a warm-up. Text encoding is excluded: the prompt embeddings are "
         "random tensors of the pipeline's shapes.",
     ),
+    "models": Command(
+        "catprune.tools.models",
+        "the support matrix: every transformer class in the installed diffusers, supported or why not",
+        "Supported classes come from the adapter registry, with their named architectures and the pipelines "
+        "the tests run; docs/models.md is this command's output (--write docs/models.md).",
+    ),
     "generate": Command(
         "catprune.tools.generate",
         "generate an image with CAT pruning (default: the shipped shapes-mmdit model, offline, seconds)",
