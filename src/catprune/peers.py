@@ -264,6 +264,21 @@ class CacheRunContext:
     steps: int
     timestep: Callable[[], float]
     mag_ratios: Sequence[float] | None = None
+    whole_blocks: Sequence[str] = ()
+    """The transformer blocks whose whole output can be forecast (:func:`forecastable_blocks`)."""
+
+
+def forecastable_blocks(transformer: nn.Module) -> list[str]:
+    """The names of the transformer blocks (the cost model's block lists) that return every output they
+    take: all but SD3's last joint block (``context_pre_only``), which returns no text states, so that a
+    forecast of it has nothing to extrapolate (diffusers' TaylorSeer and FirstBlockCache fail on it)."""
+    adapter = adapter_for(transformer)
+    return [
+        f"{blocks}.{index}"
+        for blocks in getattr(adapter, "blocks", ())
+        for index, block in enumerate(transformer.get_submodule(blocks))
+        if not getattr(block, "context_pre_only", False)
+    ]
 
 
 def _fbc(value: float, context: CacheRunContext) -> Any:
@@ -275,7 +290,7 @@ def _fbc(value: float, context: CacheRunContext) -> Any:
 def _taylorseer(value: float, context: CacheRunContext, lite: bool = False, blocks: bool = False) -> Any:
     from diffusers.hooks import TaylorSeerCacheConfig
 
-    identifiers = [r"^(transformer_blocks|single_transformer_blocks|blocks)\.\d+$"] if blocks else None
+    identifiers = [re.escape(name) for name in context.whole_blocks] if blocks else None
     return TaylorSeerCacheConfig(
         cache_interval=int(value),
         taylor_factors_dtype=torch.float32,
@@ -332,7 +347,7 @@ CACHES: dict[str, CacheFamily] = {
         ),
         CacheFamily(
             "taylorseer-blocks", "interval", (2, 3, 4, 6),
-            "TaylorSeer with cache_identifiers = every whole transformer block (order 1, full for 3 steps)",
+            "TaylorSeer with cache_identifiers = every whole block (SD3: but the last, which returns no text)",
             lambda value, context: _taylorseer(value, context, blocks=True),
         ),
         CacheFamily(
@@ -500,7 +515,7 @@ class PeerRun:
         family = CACHES[self.cache]  # type: ignore[index]
         kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
         with timestep_recorder(transformer) as timestep:
-            context = CacheRunContext(steps, timestep, self.mag_ratios)
+            context = CacheRunContext(steps, timestep, self.mag_ratios, forecastable_blocks(transformer))
             remove = apply_cache(transformer, family.build(float(self.value), context))  # type: ignore[arg-type]
             try:
                 with cache_context(transformer), MacMeter(transformer) as meter:
