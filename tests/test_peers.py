@@ -198,7 +198,8 @@ def test_error_text_is_one_line() -> None:
 
 
 def test_names_round_trip() -> None:
-    for point in [*peers.solver_points(["unipc", "heun"], "euler", [4, 14, 15], 28), *peers.cache_points(["magcache", "fbc"], 28, [1.0])]:  # fmt: skip
+    solvers = peers.solver_points(["unipc", "heun"], "euler", [4, 14, 15], 28)
+    for point in [*solvers, *peers.cache_points(["magcache", "fbc"], 28, [1.0])]:
         again = peers.point_from_name(point.variant.name, [1.0])
         assert again is not None and again == point and again.family == point.family
     assert [p.variant.name for p in peers.solver_points(["heun"], None, [14, 15], 28)] == [

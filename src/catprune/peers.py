@@ -347,7 +347,7 @@ CACHES: dict[str, CacheFamily] = {
         ),
         CacheFamily(
             "taylorseer-blocks", "interval", (2, 3, 4, 6),
-            "TaylorSeer with cache_identifiers = every whole block (SD3: but the last, which returns no text)",
+            "TaylorSeer, cache_identifiers = every whole block (SD3: but the last, which returns no text)",
             lambda value, context: _taylorseer(value, context, blocks=True),
         ),
         CacheFamily(
