@@ -210,7 +210,9 @@ def test_the_command_writes_the_table_and_plot_and_resumes_without_generating(
         assert row["margin_db"] == "" if margin is None else float(row["margin_db"]) == pytest.approx(margin)
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "frontier.md").read_text()
-    assert "| # | Setting | Steps | MACs | MACs (x ref.) |" in table and "dB over fewer steps" in table
+    assert (
+        "| # | Method | Setting | Steps | MACs | MACs (x ref.) |" in table and "dB over fewer steps" in table
+    )
     assert "| 1 | keep_ratio=0.3 start_step=3 | 8 |" in table
     assert len(list(out.glob("items/*/*.json"))) == 5 * 2
 

@@ -24,7 +24,7 @@ import math
 import os
 import statistics
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -340,6 +340,9 @@ class Variant:
     """Names the row, its images and its records (``record["method"]``)."""
     steps: int
     config: CATPruningConfig
+    generate: Callable[..., Any] | None = field(default=None, compare=False)
+    """How it generates, called like :func:`~catprune.runtime.run_generation` (None: that function):
+    another solver or one of diffusers' caches (:mod:`catprune.peers`)."""
 
 
 @dataclass
@@ -363,7 +366,7 @@ class ItemContext:
 def run_item(context: ItemContext, variant: Variant, index: int) -> dict[str, Any]:
     """Generate and score one image, write it and its record, return the record."""
     prompt, seed = context.prompts[index], context.seed + index
-    generation = run_generation(
+    generation = (variant.generate or run_generation)(
         context.pipe,
         prompt,
         variant.steps,

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from . import peers
 from .config import CATPruningConfig
 from .errors import UserError
 from .evaluation import (
@@ -44,6 +45,7 @@ from .evaluation import (
     atomic_write,
     markdown_table,
     open_run,
+    run_item,
     run_items,
     summarize,
     table_cell,
@@ -67,10 +69,16 @@ class FrontierSettings:
     guidance_scale: float | None = None
     """None: the pipeline's default."""
     dtype: str = "auto"
+    reference_solver: str | None = None
+    """The reference's solver (:data:`catprune.peers.SOLVERS`); None: the pipeline's own."""
 
     def __post_init__(self) -> None:
         if self.reference_steps < 1:
             raise ValueError(f"reference steps must be >= 1, got {self.reference_steps}")
+        if self.reference_solver is not None and self.reference_solver not in peers.SOLVERS:
+            raise ValueError(
+                f"unknown reference solver {self.reference_solver!r}; known: {', '.join(peers.SOLVERS)}"
+            )
 
 
 # --- the grid ------------------------------------------------------------------------------------------
@@ -176,9 +184,12 @@ class FrontierPoint:
 
     variant: Variant
     kind: str
-    """:data:`REFERENCE`, :data:`CURVE` or :data:`PRUNED`."""
+    """:data:`REFERENCE`, :data:`CURVE`, :data:`PRUNED`, or a kind of :mod:`catprune.peers` (another
+    solver's curve, CAT on another solver, a diffusers cache)."""
     values: tuple[tuple[str, Any], ...] = ()
     """(field, value) of each grid field (pruned settings only)."""
+    family: str = ""
+    """The method family the table's ``method`` column and the plot group rows by (peers' rows)."""
 
 
 def frontier_points(
@@ -186,23 +197,27 @@ def frontier_points(
     curve_steps: Sequence[int],
     pruned_steps: Sequence[int],
     grid: Mapping[str, Sequence[Any]],
+    cat_solvers: Sequence[str] = (),
 ) -> tuple[list[FrontierPoint], list[str]]:
     """(the rows: the reference, the curve in ascending steps, then ``pruned_steps`` x the grid, names of the
     pruned settings left out because they start pruning at or after their last step: they would be the
     curve's point of the same steps). Every config is built here, so an invalid value fails before any
-    image is generated."""
+    image is generated. ``cat_solvers``: other solvers than the pipeline's own to run the grid on too
+    (names ``cat,solver=NAME,steps=N,...``)."""
     unpruned = CATPruningConfig.unpruned()
-    points = [FrontierPoint(Variant(REFERENCE, settings.reference_steps, unpruned), REFERENCE)]
+    generate = peers.PeerRun(settings.reference_solver) if settings.reference_solver else None
+    points = [FrontierPoint(Variant(REFERENCE, settings.reference_steps, unpruned, generate), REFERENCE)]
     points += [
         FrontierPoint(Variant(f"steps={steps}", steps, unpruned), CURVE)
         for steps in sorted(set(curve_steps) - {settings.reference_steps})
     ]
     left_out = []
-    for steps in dict.fromkeys(pruned_steps):
+    for solver, steps in itertools.product([None, *dict.fromkeys(cat_solvers)], dict.fromkeys(pruned_steps)):
         for combination in itertools.product(*grid.values()):
             values = tuple(zip(grid, combination, strict=True))
+            on = [f"solver={solver}"] if solver else []
             name = ",".join(
-                [PRUNED, f"steps={steps}", *(f"{key}={value_text(value)}" for key, value in values)]
+                [PRUNED, *on, f"steps={steps}", *(f"{key}={value_text(value)}" for key, value in values)]
             )
             try:
                 config = CATPruningConfig(**{"seed": settings.seed, **dict(values)})
@@ -211,11 +226,17 @@ def frontier_points(
             if config.start_step >= steps:
                 left_out.append(name)
                 continue
+            if solver:
+                peer = peers.cat_solver_point(solver, steps, values, name, config)
+                points.append(FrontierPoint(peer.variant, peer.kind, peer.values, peer.family))
+                continue
             points.append(FrontierPoint(Variant(name, steps, config), PRUNED, values))
     return points, left_out
 
 
-def recorded_points(names: Sequence[str], seed: int, known: Sequence[str]) -> list[FrontierPoint]:
+def recorded_points(
+    names: Sequence[str], seed: int, known: Sequence[str], mag_ratios: Sequence[float] | None = None
+) -> list[FrontierPoint]:
     """The rows of settings recorded in a run folder by earlier calls (``steps=N`` of the curve, ``cat,...``
     pruned settings), other than ``known``, rebuilt from their names: the table and plot describe every
     setting in the folder, whichever call added it."""
@@ -223,14 +244,23 @@ def recorded_points(names: Sequence[str], seed: int, known: Sequence[str]) -> li
     for name in dict.fromkeys(names):
         if name in known or name == REFERENCE:
             continue
+        peer = peers.point_from_name(name, mag_ratios)
+        if peer is not None:
+            points.append(FrontierPoint(peer.variant, peer.kind, peer.values, peer.family))
+            continue
         kind, _, rest = name.partition(",") if name.startswith(PRUNED + ",") else (CURVE, "", name)
         parts = dict(part.split("=", 1) for part in _TOP_LEVEL_COMMA.split(rest))
         steps = int(parts.pop("steps"))
         if kind == CURVE:
             points.append(FrontierPoint(Variant(name, steps, CATPruningConfig.unpruned()), CURVE))
             continue
+        solver = parts.pop("solver", None)
         values = tuple((field, parse_value(text, fields[field])) for field, text in parts.items())
         config = CATPruningConfig(**{"seed": seed, **dict(values)})
+        if solver is not None:
+            peer = peers.cat_solver_point(solver, steps, values, name, config)
+            points.append(FrontierPoint(peer.variant, peer.kind, peer.values, peer.family))
+            continue
         points.append(FrontierPoint(Variant(name, steps, config), PRUNED, values))
     return points
 
@@ -333,12 +363,19 @@ def answer(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _setting(row: dict[str, Any]) -> str:
+    if row["kind"] not in (PRUNED, CURVE, REFERENCE):
+        return row["method"]
     if row["kind"] == PRUNED:
         return " ".join(f"{key}={value_text(value)}" for key, value in row["values"].items()) or "cat"
     return "full (reference)" if row["kind"] == REFERENCE else "fewer steps"
 
 
-def frontier_markdown(rows: Sequence[dict[str, Any]], settings: FrontierSettings, num_prompts: int) -> str:
+def frontier_markdown(
+    rows: Sequence[dict[str, Any]],
+    settings: FrontierSettings,
+    num_prompts: int,
+    errors: Mapping[str, str] | None = None,
+) -> str:
     """The table (reference, curve, pruned settings), throughput and speed-up marked where they are not a
     measurement, its notes, and last the answer (:func:`answer`)."""
     timing, why_marked = timing_columns(rows)
@@ -346,6 +383,7 @@ def frontier_markdown(rows: Sequence[dict[str, Any]], settings: FrontierSettings
     pareto = {(True, True): "MACs, time", (True, False): "MACs", (False, True): "time", (False, False): ""}
     columns: list[Column] = [
         ("#", lambda r: str(r["number"] or "")),
+        ("Method", lambda r: r.get("family") or ""),
         ("Setting", _setting),
         ("Steps", lambda r: str(r["steps"])),
         MACS_COLUMN,
@@ -353,9 +391,14 @@ def frontier_markdown(rows: Sequence[dict[str, Any]], settings: FrontierSettings
         *timing,
         *alignment,
         *FIDELITY_COLUMNS,
+        ("Sharpness (%)", lambda r: table_cell(r.get("sharpness"), ".1f")),
         (
             "dB over fewer steps at equal MACs",
             lambda r: "" if r["kind"] != PRUNED else table_cell(r["margin_db"], "+.2f"),
+        ),
+        (
+            "dB over the best curve",
+            lambda r: "" if r["kind"] == REFERENCE else table_cell(r.get("db_over_curve"), "+.2f"),
         ),
         ("Pareto", lambda r: pareto[r["pareto_macs"], r["pareto_time"]]),
         IMAGES_COLUMN,
@@ -371,33 +414,45 @@ def frontier_markdown(rows: Sequence[dict[str, Any]], settings: FrontierSettings
         "MACs (linear between its step counts); positive: better than lowering the step count to the same "
         "compute; `-`: outside the curve's MACs. Pareto: on the frontier of PSNR against MACs (time): no "
         "other setting has as few or fewer MACs (seconds) and as high or higher PSNR.",
+        "Method: the method family (a solver's fewer steps, CAT on a solver, one of diffusers' caches). "
+        "Sharpness: Laplacian energy relative to the reference image's (100: as sharp; below: blurrier). "
+        "dB over the best curve: PSNR minus the best of all solvers' fewer-steps curves at the same MACs.",
         *alignment_notes,
         *why_marked,
+        *peers.refusal_notes(errors or {}),
         "",
+        *peers.best_tables(rows),
         f"**Answer:** {answer(rows)}",
     ]
     return markdown_table(columns, rows, notes)
 
 
 CSV_FIGURES = (
-    "macs", "macs_ratio", "seconds", "throughput", "speedup", "psnr", "ssim", "alignment_full", "margin_db",
-    "pareto_macs", "pareto_time", "images",
+    "macs", "macs_ratio", "seconds", "throughput", "speedup", "psnr", "ssim", "sharpness", "alignment_full",
+    "margin_db", "db_over_curve", "pareto_macs", "pareto_time", "images",
 )  # fmt: skip
 """The columns of ``frontier.csv`` after each row's number, name, kind, steps and grid values."""
 
 
-def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """One line per row: its number, name, kind, steps, grid values (as ``--grid`` takes them), figures."""
+def write_csv(rows: Sequence[dict[str, Any]], path: Path, errors: Sequence[dict[str, Any]] = ()) -> None:
+    """One line per row: its number, name, method family, kind, steps, grid values (as ``--grid`` takes
+    them), figures; then one line per refused peer with its error."""
     fields = list(dict.fromkeys(key for row in rows for key in row["values"]))
 
     def write(temporary: Path) -> None:
         with temporary.open("w", newline="") as file:
             writer = csv.writer(file)
-            writer.writerow(["number", "name", "kind", "steps", *fields, *CSV_FIGURES])
+            writer.writerow(["number", "name", "method", "kind", "steps", *fields, *CSV_FIGURES, "error"])
             for row in rows:
                 values = [value_text(row["values"][key]) if key in row["values"] else "" for key in fields]
-                figures = [row[key] for key in CSV_FIGURES]
-                writer.writerow([row["number"], row["method"], row["kind"], row["steps"], *values, *figures])
+                figures = [row.get(key) for key in CSV_FIGURES]
+                writer.writerow(
+                    [row["number"], row["method"], row.get("family", ""), row["kind"], row["steps"], *values,
+                     *figures, ""]
+                )  # fmt: skip
+            for row in errors:
+                blank = [""] * (len(fields) + len(CSV_FIGURES))
+                writer.writerow(["", row["method"], row["family"], row["kind"], "", *blank, row["error"]])
 
     atomic_write(path, write)
 
@@ -461,21 +516,49 @@ def run_frontier(
     device: str | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    solvers: Sequence[str] = (),
+    cat_solvers: Sequence[str] = (),
+    caches: Sequence[str] = (),
 ) -> list[dict[str, Any]] | None:
     """Run (or resume) a frontier into ``out``: on the main process (None on the others) write
-    ``results.jsonl``, ``frontier.csv``, ``frontier.md`` and ``frontier.png`` there and return the rows
-    (:func:`frontier_rows`)."""
+    ``results.jsonl``, ``frontier.csv``, ``frontier.md``, ``frontier.png`` and ``methods.png`` there and
+    return the rows (:func:`frontier_rows`). ``solvers``, ``cat_solvers`` and ``caches`` add the rows of
+    :mod:`catprune.peers`: other solvers' fewer-steps curves, the grid on other solvers, diffusers'
+    caches (a cache that diffusers refuses or that fails becomes an error row)."""
     require_matplotlib()
-    points, left_out = frontier_points(settings, curve_steps, pruned_steps, grid)
+    frontier_points(settings, curve_steps, pruned_steps, grid)  # invalid values fail before loading
     process, context = open_run(settings, num_prompts, out, device, echo=echo)
+    root = context.folder.root
+    native = peers.native_solver(context.pipe.scheduler)
+    cat_on = [solver for solver in cat_solvers if solver != native]
+    points, left_out = frontier_points(settings, curve_steps, pruned_steps, grid, cat_on)
     if left_out and process.is_main_process:
         echo(f"left out (pruning would start at or after the last step): {', '.join(left_out)}")
+    extra = peers.solver_points(solvers, native, curve_steps, settings.reference_steps)
+    ratios = (
+        peers.magcache_ratios(context, settings, root / "magcache-ratios.json")
+        if "magcache" in caches
+        else None
+    )
+    candidates = peers.cache_points(caches, settings.reference_steps, ratios)
+    reference = points[0].variant
+
+    def first_item(variant: Variant, index: int) -> None:
+        for needed in (reference, variant):
+            if not context.folder.done(needed.name, index):
+                run_item(context, needed, index)
+
+    cached, errors = peers.probe(candidates, first_item, root / "peer-errors.json")
+    points += [FrontierPoint(p.variant, p.kind, p.values, p.family) for p in [*extra, *cached]]
     records = run_items(process, context, [point.variant for point in points], "frontier", progress)
     if records is None:
         return None
     everything = context.folder.records()
     points += recorded_points(
-        [record["method"] for record in everything], settings.seed, [point.variant.name for point in points]
+        [record["method"] for record in everything],
+        settings.seed,
+        [point.variant.name for point in points],
+        ratios,
     )
     points.sort(key=lambda point: (point.kind != REFERENCE, point.kind != CURVE, point.variant.steps))
     names = [point.variant.name for point in points]
@@ -484,10 +567,12 @@ def run_frontier(
         key=lambda record: (names.index(record["method"]), record["index"]),
     )
     rows = frontier_rows(summarize(records, [point.variant.name for point in points]), points)
-    root, count = context.folder.root, len(context.prompts)
-    write_csv(rows, root / "frontier.csv")
-    markdown = frontier_markdown(rows, settings, count)
+    peers.add_quality(rows, points, native, context.folder, range(len(context.prompts)))
+    count = len(context.prompts)
+    write_csv(rows, root / "frontier.csv", peers.error_rows(errors))
+    markdown = frontier_markdown(rows, settings, count, errors)
     atomic_write(root / "frontier.md", lambda temporary: temporary.write_text(markdown))
     title = f"{settings.model}, {count} prompts: fidelity to {settings.reference_steps} unpruned steps"
     plot_frontier(rows, root / "frontier.png", title)
+    peers.plot_methods(rows, errors, root / "methods.png", title)
     return rows

@@ -128,6 +128,9 @@ class ShapesPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([sample, sample]) if cfg else sample
+            # Discrete Euler / Heun scale the input by the noise level; the others return it unchanged.
+            scale = getattr(self.scheduler, "scale_model_input", None)
+            model_input = scale(model_input, t) if scale is not None else model_input
             timestep = t.expand(model_input.shape[0])
             prediction = self.prediction(self.model_output(model_input, timestep, text))
             if cfg:

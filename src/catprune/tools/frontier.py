@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..frontier import FrontierSettings, config_fields, parse_grid, run_frontier, type_name
+from ..peers import CACHES, SOLVERS
 from ..prompts import PROMPT_SETS, PromptSetError
 from .arguments import add_command, add_run_arguments, settings_from_arguments
 
@@ -31,6 +32,22 @@ def step_counts(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"step counts must be >= 1 and ranges ascending, got {text!r}")
         counts += range(low, high + 1)
     return list(dict.fromkeys(counts))
+
+
+def names(known: tuple[str, ...] | list[str], what: str) -> argparse.Namespace:
+    """An argparse type: comma-separated names, each one of ``known`` (an unknown one: one line naming
+    the known ones)."""
+
+    def parse(text: str) -> list[str]:
+        chosen = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in chosen if name not in known]
+        if unknown or not chosen:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(unknown) or repr(text)}; known: {', '.join(known)}"
+            )
+        return list(dict.fromkeys(chosen))
+
+    return parse  # type: ignore[return-value]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -70,6 +87,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"{' '.join(f'--grid {spec}' for spec in DEFAULT_GRID)}). Values are read by the field's type: "
         "true/false, none, a tuple as [4,-1] (quote it) or one bare element. Fields: " + fields,
     )
+    parser.add_argument(
+        "--solvers",
+        type=names(SOLVERS, "solver"),
+        default=[],
+        help=f"a fewer-steps curve for each of these solvers ({', '.join(SOLVERS)}), at --curve-steps (Heun: "
+        "the counts whose 2N - 1 calls do not exceed the reference's); the pipeline's own solver's curve "
+        "is always there",
+    )
+    parser.add_argument(
+        "--cat-solvers",
+        type=names(SOLVERS, "solver"),
+        default=[],
+        help="run the pruned settings (--steps x --grid) on these solvers too",
+    )
+    parser.add_argument(
+        "--reference-solver",
+        choices=SOLVERS,
+        default=None,
+        help="the reference's solver (default: the pipeline's own)",
+    )
+    parser.add_argument(
+        "--peers",
+        type=names(list(CACHES), "peer"),
+        default=[],
+        help="diffusers' caches to sweep at the reference steps: "
+        + "; ".join(
+            f"{name} ({family.knob} {', '.join(map(str, family.values))})" for name, family in CACHES.items()
+        )
+        + ". MagCache is calibrated on the first prompt first; a cache diffusers refuses is reported with "
+        "its error",
+    )
     add_run_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -81,12 +129,25 @@ def run(args: argparse.Namespace) -> int:
     pruned = args.steps or [settings.reference_steps]
     try:
         rows = run_frontier(
-            settings, curve, pruned, grid, args.num_prompts, args.out, args.device, not args.no_progress
+            settings,
+            curve,
+            pruned,
+            grid,
+            args.num_prompts,
+            args.out,
+            args.device,
+            not args.no_progress,
+            solvers=args.solvers,
+            cat_solvers=args.cat_solvers,
+            caches=args.peers,
         )
     except PromptSetError as error:
         raise UserError(str(error)) from error
     if rows is not None:
         out = Path(args.out)
         print((out / "frontier.md").read_text(), end="")
-        print(f"wrote {out / 'frontier.csv'}, {out / 'frontier.md'} and {out / 'frontier.png'}")
+        print(
+            f"wrote {out / 'frontier.csv'}, {out / 'frontier.md'}, {out / 'frontier.png'} and "
+            f"{out / 'methods.png'}"
+        )
     return 0
