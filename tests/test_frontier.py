@@ -213,7 +213,7 @@ def test_the_command_writes_the_table_and_plot_and_resumes_without_generating(
     assert (
         "| # | Method | Setting | Steps | MACs | MACs (x ref.) |" in table and "dB over fewer steps" in table
     )
-    assert "| 1 | keep_ratio=0.3 start_step=3 | 8 |" in table
+    assert "| 1 | cat on euler | keep_ratio=0.3 start_step=3 | 8 |" in table
     assert len(list(out.glob("items/*/*.json"))) == 5 * 2
 
     def must_not_generate(*args: Any, **kwargs: Any) -> None:
