@@ -237,7 +237,7 @@ def test_generate_writes_an_upscaled_image(tiny_folders: dict[str, Path], tmp_pa
     ("prompt", "model", "message"),
     [
         ("a pink circle on a white background", "tiny", "unknown word(s) 'pink'"),
-        (PROMPT, "missing", "cannot load model"),
+        (PROMPT, "missing", "no such folder"),
     ],
 )
 def test_generate_errors_are_one_line(prompt, model, message, tiny_folders, tmp_path, capsys) -> None:

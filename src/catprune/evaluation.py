@@ -36,9 +36,10 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from .config import CATPruningConfig
+from .formatting import format_count
 from .measure import machine_load
 from .prompts import load_prompts
-from .runtime import format_count, load_pipeline, psnr, run_generation
+from .runtime import load_pipeline, psnr, run_generation
 from .strategies import STRATEGIES
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"

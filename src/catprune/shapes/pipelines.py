@@ -34,6 +34,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
 from ..adapters import ADAPTERS
+from ..names import SHIPPED_MODELS as SHIPPED_MODELS
 from .scenes import (
     COLOURS,
     MAX_OBJECTS,
@@ -52,7 +53,6 @@ from .textures import PATTERNS, TONES, Backdrop, TexturedScene
 from .textures import caption as textured_caption
 from .textures import normalize_prompt as normalize_textures_prompt
 
-SHIPPED_MODELS: tuple[str, ...] = ("shapes-mmdit", "shapes-pixart", "textures-mmdit")
 GRAMMARS: tuple[str, ...] = ("shapes", "textures")
 """The caption grammars of the shapes models: ``scenes``' (plain backgrounds) and ``textures``'."""
 

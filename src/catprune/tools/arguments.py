@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import os
+from pathlib import Path
 from typing import Any, TypeVar
 
 from ..config import CATPruningConfig
+from ..errors import UserError
 from . import COMMANDS
 
 Settings = TypeVar("Settings")
@@ -52,6 +56,51 @@ def add_pruning_arguments(
             default=keep_ratio,
             help=f"alpha, the share of image tokens recomputed at each pruned step (default: {keep_ratio})",
         )
+
+
+def check_steps(steps: int | None, start_step: int | None = None) -> None:
+    """``--steps`` is positive (None: the model's default) and, when ``start_step`` is given (commands that
+    must prune), larger than ``--start-step``; else a :class:`UserError` that says so."""
+    if steps is not None and steps < 1:
+        raise UserError(f"--steps must be a positive number of denoising steps, got {steps}")
+    if steps is not None and start_step is not None and steps <= start_step:
+        raise UserError(
+            f"--steps ({steps}) must be larger than --start-step ({start_step}), the first pruned step: "
+            "give more steps or a smaller --start-step"
+        )
+
+
+def check_writable(path: Path, option: str = "--out", folder: bool = False) -> None:
+    """Fail before any work if ``path`` (a file, or with ``folder`` a folder) cannot be written: a
+    :class:`UserError` of one line that says why. Creates the missing folders; leaves no new file behind."""
+    try:
+        target = path if folder else path.parent
+        target.mkdir(parents=True, exist_ok=True)
+        if folder:
+            probe = target / f".catprune-write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        else:
+            existed = path.exists()
+            with open(path, "ab"):
+                pass
+            if not existed:
+                path.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write {option} {path}: {_why_not_writable(error)}") from None
+
+
+def _why_not_writable(error: OSError) -> str:
+    culprit = Path(error.filename) if error.filename else None
+    if error.errno == errno.EEXIST and culprit is not None:
+        return f"{culprit} is a file, not a folder; choose another path"
+    if error.errno == errno.ENOENT and culprit is not None and culprit.parent.is_dir():
+        return f"the folder {culprit.parent} does not accept new files; choose a folder you can write"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{(error.strerror or 'not allowed').lower()}; choose a folder you can write"
+    if error.errno == errno.EISDIR:
+        return "it is a folder; give a file name"
+    return f"{(error.strerror or str(error)).lower()}; choose another path"
 
 
 def guidance_label(cfg: bool, cfg_batch: int) -> str:

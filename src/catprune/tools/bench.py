@@ -16,10 +16,11 @@ from ..architectures import ARCHITECTURES, Architecture, resolve_architecture
 from ..config import CATPruningConfig
 from ..engine import PruningEngine
 from ..errors import UserError
+from ..formatting import format_count
 from ..integration import apply_cat_pruning
 from ..measure import COMPILE_MODES, SelectionTimer, compile_model, denoise, shared_weight_copy, timed
-from ..runtime import DTYPES, format_count, resolve_device, resolve_dtype
-from .arguments import add_command, add_pruning_arguments, guidance_label
+from ..runtime import DTYPES, resolve_device, resolve_dtype
+from .arguments import add_command, add_pruning_arguments, check_steps, guidance_label
 
 TIMED_PART = (
     "denoising loop (transformer + scheduler); text encoding excluded (random prompt embeddings); "
@@ -150,6 +151,7 @@ def _time_pairs(
 
 
 def run(args: argparse.Namespace) -> int:
+    check_steps(args.steps)
     architecture = _architecture(args)
     device = resolve_device(args.device)
     if args.cuda_graphs and device.type != "cuda":

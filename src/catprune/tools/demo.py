@@ -17,7 +17,7 @@ from ..config import CATPruningConfig
 from ..integration import apply_cat_pruning, remove_cat_pruning
 from ..measure import alternating_medians, busy_note, timed
 from ..runtime import use_cpu_threads
-from .arguments import add_command, add_pruning_arguments
+from .arguments import add_command, add_pruning_arguments, check_steps
 
 MODEL = Architecture(
     "sd3-miniature", SD3Adapter.family, MINIATURE.config, MINIATURE.text_tokens, SD3Adapter.default_steps
@@ -80,8 +80,7 @@ def pipeline_inputs(pipe: Any, resolution: int, seed: int) -> tuple[dict[str, to
 
 def run(args: argparse.Namespace) -> int:
     config = CATPruningConfig(keep_ratio=args.keep_ratio, start_step=args.start_step)
-    if args.steps <= config.start_step:
-        raise ValueError(f"--steps ({args.steps}) must be larger than --start-step ({config.start_step})")
+    check_steps(args.steps, config.start_step)
     if args.resolution % 16:
         raise ValueError(f"--resolution must be a multiple of 16, got {args.resolution}")
     pipe = build_pipeline(args.seed)

@@ -16,7 +16,13 @@ from ..evaluation import (
     run_evaluation,
 )
 from ..prompts import PROMPT_SETS, PromptSetError
-from .arguments import add_command, add_pruning_arguments, add_run_arguments, settings_from_arguments
+from .arguments import (
+    add_command,
+    add_pruning_arguments,
+    add_run_arguments,
+    check_writable,
+    settings_from_arguments,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_writable(Path(args.out), folder=True)
     methods = resolve_methods(name.strip() for name in args.methods.split(",") if name.strip())
     # Resolved here, so that the run records (and a resumed run compares) the CLIP model actually used.
     clip_model = resolve_clip_model(args.clip_model, args.model, args.prompts)

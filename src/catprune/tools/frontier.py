@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..frontier import FrontierSettings, config_fields, parse_grid, run_frontier, type_name
 from ..prompts import PROMPT_SETS, PromptSetError
-from .arguments import add_command, add_run_arguments, settings_from_arguments
+from .arguments import add_command, add_run_arguments, check_writable, settings_from_arguments
 
 DEFAULT_GRID = ("keep_ratio=0.3,0.5", "start_step=4,8")
 """The pruned settings' grid when no ``--grid`` is given."""
@@ -75,6 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_writable(Path(args.out), folder=True)
     grid = parse_grid(args.grid or DEFAULT_GRID)
     settings = settings_from_arguments(FrontierSettings, args)
     curve = args.curve_steps or list(range(CURVE_START, settings.reference_steps))

@@ -19,6 +19,7 @@ from ..config import CATPruningConfig
 from ..engine import GenerationStats, StepRecord
 from ..errors import UserError
 from ..measure import alternating_medians, busy_note
+from ..names import check_model_name
 from ..runtime import DTYPES, load_pipeline, psnr, run_generation, use_cpu_threads
 from ..shapes.pipelines import (
     SHIPPED_MODELS,
@@ -28,7 +29,7 @@ from ..shapes.pipelines import (
     prompt_grammar,
 )
 from ..shapes.scenes import GRAMMAR_HELP, PromptGrammarError
-from .arguments import add_command, add_pruning_arguments
+from .arguments import add_command, add_pruning_arguments, check_steps, check_writable
 
 PANEL = 256
 """Side of each panel in pixels: the shapes models' 32x32 and 64x64 images are upscaled (nearest) to it."""
@@ -233,12 +234,13 @@ def _prompt(prompt: str, grammar: str | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     config = CATPruningConfig(keep_ratio=args.keep_ratio, start_step=args.start_step)
-    if args.steps <= config.start_step:
-        raise UserError(f"--steps ({args.steps}) must be larger than --start-step ({config.start_step})")
+    check_steps(args.steps, config.start_step)
     if args.out.suffix.lower() != ".png":
         raise UserError(f"--out must be a .png file, got {args.out}")
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    check_writable(args.out)
+    check_model_name(args.model)
     grammar = prompt_grammar(args.model)
     options = _pipeline_options(args, grammar)
     args.prompt = _prompt(args.prompt, grammar)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from ..architectures import ARCHITECTURES, resolve_architecture
 from ..config import CATPruningConfig
+from ..formatting import format_count, plural
 from ..measure import MacsReport, SelectionCost, StepMacs, count_macs, count_selection
-from ..runtime import format_count
-from .arguments import add_command, add_pruning_arguments, guidance_label
+from .arguments import add_command, add_pruning_arguments, check_steps, guidance_label
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_steps(args.steps)
     architecture = resolve_architecture(args.model)
     report = count_macs(
         architecture,
@@ -54,7 +56,23 @@ def run(args: argparse.Namespace) -> int:
     selection = count_selection(architecture, args.resolution, args.batch, config)
     summary = report_fields(report, selection)
     print(json.dumps(summary, indent=2) if args.json else "\n".join(report_lines(report, summary)))
+    warning = never_pruned_warning(report)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def never_pruned_warning(report: MacsReport) -> str:
+    """Why the ratio is 1 when no step is pruned (the generation ends before ``start_step``), and the fix;
+    empty when some step is pruned."""
+    if report.start_step < report.steps:
+        return ""
+    name = report.architecture.name
+    return (
+        f"no step is pruned: {name}'s {plural(report.steps, 'step')} end before --start-step "
+        f"{report.start_step}, so CAT / full is 1.000; give --start-step 2 to {max(2, report.steps - 1)} "
+        "or more --steps"
+    )
 
 
 def _ratio(full: int, cat: int) -> dict[str, Any]:
@@ -128,9 +146,10 @@ def report_lines(report: MacsReport, fields: dict[str, Any]) -> list[str]:
     return [
         f"{architecture.name}: {fields['class']}, {report.parameters / 1e9:.3f}B parameters, "
         f"{report.resolution}x{report.resolution} ({report.image_tokens} image tokens, "
-        f"{report.kept_tokens} kept), {report.text_tokens} text tokens, {report.rows} rows per call ({cfg})",
-        f"{report.steps} steps: {kinds['full']} full + {kinds['fill']} fill + {kinds['pruned']} pruned "
-        f"(t0 = {report.start_step}, keep ratio {report.keep_ratio})",
+        f"{report.kept_tokens} kept), {report.text_tokens} text tokens, "
+        f"{plural(report.rows, 'row')} per call ({cfg})",
+        f"{plural(report.steps, 'step')}: {kinds['full']} full + {kinds['fill']} fill + "
+        f"{kinds['pruned']} pruned (t0 = {report.start_step}, keep ratio {report.keep_ratio})",
         "MACs counted by FlopCounterMode on the meta device, real forward with pruning applied "
         "(MACs = FLOPs / 2)",
         "",

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..formatting import plural
 from ..shapes.training import ARCHES, DATASETS, TrainConfig, Trainer
 from .arguments import add_command, settings_from_arguments
 
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         raise
     params = sum(p.numel() for p in trainer.params.values())
     print(
-        f"trained {args.arch} on {trainer.config.data}: {trainer.step} steps, "
+        f"trained {args.arch} on {trainer.config.data}: {plural(trainer.step, 'step')}, "
         f"{trainer.elapsed / 60:.1f} min in all "
         f"({(time.perf_counter() - start) / 60:.1f} min this run), {params / 1e6:.2f}M parameters; "
         f"EMA pipeline in {args.out / 'pipeline'}"

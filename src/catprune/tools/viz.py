@@ -22,7 +22,7 @@ from ..runtime import load_pipeline
 from ..shapes.pipelines import SHIPPED_MODELS, normalize_model_prompt, prompt_grammar
 from ..shapes.scenes import PromptGrammarError
 from ..strategies import STRATEGIES
-from .arguments import add_command, add_pruning_arguments
+from .arguments import add_command, add_pruning_arguments, check_steps, check_writable
 
 if TYPE_CHECKING:
     from ..viz import FigureData
@@ -154,14 +154,14 @@ def run(args: argparse.Namespace) -> int:
     grammar = prompt_grammar(args.model)
     if args.prompts is None:
         args.prompts = default_prompts(args.figure, grammar or "shapes")
-    if args.steps <= args.start_step:
-        raise UserError(f"--steps ({args.steps}) must be larger than --start-step ({args.start_step})")
+    check_steps(args.steps, args.start_step)
     if args.figure == "selection" and len(args.prompts) != 1:
         raise UserError(f"selection shows one prompt, got {len(args.prompts)}")
     if getattr(args, "panels", 1) < 1:
         raise UserError(f"--panels must be >= 1, got {args.panels}")
     if args.out.suffix.lower() != ".png":
         raise UserError(f"--out must name a .png file, got {args.out}")
+    check_writable(args.out)
     args.prompts = _model_prompts(args.prompts, grammar)
     viz = _viz_library()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,71 @@
+"""Model names as the command line takes them, checked before anything is loaded (no torch, no network).
+
+A ``--model`` is one of three things: a model shipped inside the package (:data:`SHIPPED_MODELS`), a local
+pipeline folder, or a Hugging Face hub id (``org/name``). :func:`check_model_name` refuses anything else in
+one line that lists the shipped names, without a network attempt; :func:`hub_unreachable` tells, from a
+failed load, whether the hub could not be reached, so that the message says that rather than an errno.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import socket
+from pathlib import Path
+
+from .errors import UserError
+
+SHIPPED_MODELS: tuple[str, ...] = ("shapes-mmdit", "shapes-pixart", "textures-mmdit")
+"""The models shipped inside the package (``catprune/models/<name>``), loaded offline by name."""
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9_.][\w.-]{0,95}$")
+"""A hub repository id: ``org/name``, each part letters, digits, ``_``, ``.`` and ``-``."""
+
+NETWORK_ERROR_NAMES = ("ConnectError", "ConnectionError", "ConnectTimeout", "NetworkError", "Timeout")
+"""Exception classes (by name, so that no HTTP library is imported) that say a host could not be reached."""
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a hub id (``org/name``); nothing is looked up."""
+    return bool(HUB_ID.match(name)) and ".." not in name and "--" not in name
+
+
+def shipped_list() -> str:
+    return ", ".join(SHIPPED_MODELS)
+
+
+def check_model_name(model: str | Path) -> None:
+    """Return if ``model`` is a shipped model, an existing path or a hub id; else a :class:`UserError` that
+    says what it is not and lists the shipped names (with the closest one, when one is close)."""
+    name = str(model)
+    if name in SHIPPED_MODELS or Path(name).expanduser().exists() or is_hub_id(name):
+        return
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+        raise UserError(
+            f"model {name!r}: no such folder; give a pipeline folder that exists, a hub id (org/name) or a "
+            f"shipped model ({shipped_list()})"
+        )
+    close = difflib.get_close_matches(name, SHIPPED_MODELS, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise UserError(
+        f"unknown model {name!r}: not a shipped model ({shipped_list()}), not a folder, and not a hub id "
+        f"(org/name){hint}"
+    )
+
+
+def hub_unreachable(error: BaseException) -> str | None:
+    """If ``error`` (or an error it wraps) says the hub could not be reached, what was wrong, in a few
+    words; None otherwise (the hub answered: the model does not exist, is gated, has no pipeline...)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        names = {cls.__name__ for cls in type(current).__mro__}
+        if isinstance(current, socket.gaierror):
+            return f"the host name could not be resolved ({current})"
+        if "OfflineModeIsEnabled" in names:
+            return "offline mode is on (HF_HUB_OFFLINE)"
+        if isinstance(current, (ConnectionError, TimeoutError)) or names & set(NETWORK_ERROR_NAMES):
+            return str(current).strip() or type(current).__name__
+        current = current.__cause__ or current.__context__
+    return None
