@@ -461,13 +461,14 @@ def run_frontier(
     device: str | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    threads: int | None = None,
 ) -> list[dict[str, Any]] | None:
     """Run (or resume) a frontier into ``out``: on the main process (None on the others) write
     ``results.jsonl``, ``frontier.csv``, ``frontier.md`` and ``frontier.png`` there and return the rows
-    (:func:`frontier_rows`)."""
+    (:func:`frontier_rows`). ``threads``: torch's CPU threads (:func:`~catprune.evaluation.open_run`)."""
     require_matplotlib()
     points, left_out = frontier_points(settings, curve_steps, pruned_steps, grid)
-    process, context = open_run(settings, num_prompts, out, device, echo=echo)
+    process, context = open_run(settings, num_prompts, out, device, echo=echo, threads=threads)
     if left_out and process.is_main_process:
         echo(f"left out (pruning would start at or after the last step): {', '.join(left_out)}")
     records = run_items(process, context, [point.variant for point in points], "frontier", progress)

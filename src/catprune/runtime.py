@@ -192,6 +192,36 @@ def run_generation(
     return Generation(images, seconds, stats)
 
 
+WARM_UP_STEPS = 2
+"""Steps of an unpruned warm-up generation (:func:`warm_up`)."""
+
+
+def warm_up_steps(steps: int, config: CATPruningConfig | None = None) -> int:
+    """The steps of a warm-up for a generation of ``steps`` under ``config``: enough to run every kind of
+    step it runs once (full steps, then under pruning the fill step and a pruned step), and no more."""
+    if config is None or not config.prune or config.start_step >= steps:
+        return min(steps, WARM_UP_STEPS)
+    return min(steps, config.start_step + 2)
+
+
+def warm_up(
+    pipe: Any,
+    prompt: str,
+    steps: int,
+    seed: int = 0,
+    config: CATPruningConfig | None = None,
+    guidance_scale: float | None = None,
+    **pipeline_kwargs: Any,
+) -> None:
+    """A short untimed generation (:func:`warm_up_steps`) before timed ones of ``steps`` under ``config``,
+    so that no timed generation pays for one-off work: the first call of each kernel and shape, memory
+    allocation, thread start-up. Every command that times generations calls it once per kind of generation
+    (``generate --compare``, each method of ``eval``, each setting of ``frontier``)."""
+    run_generation(
+        pipe, prompt, warm_up_steps(steps, config), seed, config, guidance_scale, **pipeline_kwargs
+    )
+
+
 def psnr(image: np.ndarray, reference: np.ndarray) -> float:
     """PSNR in dB between two 8-bit images (inf when identical)."""
     error = np.mean((np.asarray(image, np.float64) - np.asarray(reference, np.float64)) ** 2)

@@ -112,10 +112,21 @@ def guidance_label(cfg: bool, cfg_batch: int) -> str:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of the commands that generate many images into a resumable folder (eval, frontier):
-    seeds, guidance, device, dtype, the folder and progress bars."""
+    seeds, guidance, device, dtype, the folder, progress bars and CPU threads."""
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
     parser.add_argument("--guidance-scale", type=float, help="default: the pipeline's")
     parser.add_argument("--device", help="default: cuda when available (each process its own GPU)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
     parser.add_argument("--out", required=True, help="output folder (rerun with the same one to resume)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_threads_argument(parser)
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads``, as every command that times generations takes it."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: 1 for a model under 100M parameters on the CPU, whose kernels are "
+        "too small to share; torch's default otherwise)",
+    )

@@ -59,7 +59,13 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_arguments(EvalSettings, args, clip_model=clip_model)
     try:
         rows = run_evaluation(
-            settings, methods, args.num_prompts, args.out, args.device, progress=not args.no_progress
+            settings,
+            methods,
+            args.num_prompts,
+            args.out,
+            args.device,
+            progress=not args.no_progress,
+            threads=args.threads,
         )
     except PromptSetError as error:
         raise UserError(str(error)) from error

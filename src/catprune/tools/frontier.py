@@ -82,7 +82,15 @@ def run(args: argparse.Namespace) -> int:
     pruned = args.steps or [settings.reference_steps]
     try:
         rows = run_frontier(
-            settings, curve, pruned, grid, args.num_prompts, args.out, args.device, not args.no_progress
+            settings,
+            curve,
+            pruned,
+            grid,
+            args.num_prompts,
+            args.out,
+            args.device,
+            not args.no_progress,
+            threads=args.threads,
         )
     except PromptSetError as error:
         raise UserError(str(error)) from error

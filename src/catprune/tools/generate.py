@@ -20,7 +20,7 @@ from ..engine import GenerationStats, StepRecord
 from ..errors import UserError
 from ..measure import alternating_medians, busy_note
 from ..names import check_model_name
-from ..runtime import DTYPES, load_pipeline, psnr, run_generation, use_cpu_threads
+from ..runtime import DTYPES, load_pipeline, psnr, run_generation, use_cpu_threads, warm_up
 from ..shapes.pipelines import (
     SHIPPED_MODELS,
     TEXTURES_GRAMMAR_HELP,
@@ -29,7 +29,13 @@ from ..shapes.pipelines import (
     prompt_grammar,
 )
 from ..shapes.scenes import GRAMMAR_HELP, PromptGrammarError
-from .arguments import add_command, add_pruning_arguments, check_steps, check_writable
+from .arguments import (
+    add_command,
+    add_pruning_arguments,
+    add_threads_argument,
+    check_steps,
+    check_writable,
+)
 
 PANEL = 256
 """Side of each panel in pixels: the shapes models' 32x32 and 64x64 images are upscaled (nearest) to it."""
@@ -78,12 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     real.add_argument("--negative-prompt", help="what the image should not show")
     real.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
     real.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="default: float16 on cuda")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="torch CPU threads (default: 1 for a model under 100M parameters, whose kernels are too "
-        "small to share; torch's default otherwise)",
-    )
+    add_threads_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -255,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     # A short pruned generation runs the full and the pruned code paths once, so that no timed run pays
     # for one-off initialisation; then full and CAT alternate, and each time printed is their median.
-    generate_with_cat(pipe, args, config, config.start_step + 2, options)
+    warm_up(pipe, args.prompt, args.steps, args.seed, config, args.guidance, **options)
     runs: dict[str, Any] = {}
 
     def full_run() -> float:
