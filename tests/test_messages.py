@@ -167,3 +167,26 @@ def test_macs_warns_when_no_step_is_pruned() -> None:
 def test_plurals() -> None:
     assert [plural(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]
     assert plural(1, "row") == "1 row" and plural(3, "query", "queries") == "3 queries"
+
+
+def test_textures_mmdit_says_what_it_is_and_is_not(capsys, tmp_path, monkeypatch) -> None:
+    """At the point of use: one line before it generates, and in ``generate --help`` with its grammar."""
+    import catprune.tools.generate as generate
+
+    def stop(*args, **kwargs):
+        raise UserError("stopped before loading")
+
+    monkeypatch.setattr(generate, "load_pipeline", stop)
+    prompt = "a large red circle at the top left on a gray striped background"
+    out = str(tmp_path / "x.png")
+    assert main(["generate", prompt, "--model", "textures-mmdit", "--out", out]) == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: textures-mmdit is a test bed for sampling paths")
+    assert "not a drawing model" in lines[0] and "1.6% of held-out captions fully right" in lines[0]
+    assert main(["generate", PROMPT, "--out", out]) == 2  # shapes-mmdit: no note
+    assert capsys.readouterr().out == ""
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "Note: textures-mmdit is a test bed for sampling paths" in help_text
+    assert help_text.index("Prompts of textures-mmdit") < help_text.index("not a drawing model")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from ..config import CATPruningConfig
 from ..engine import GenerationStats, StepRecord
 from ..errors import UserError
 from ..measure import alternating_medians, busy_note
-from ..names import check_model_name
+from ..names import MODEL_NOTES, check_model_name
 from ..runtime import DTYPES, load_pipeline, psnr, run_generation, use_cpu_threads, warm_up
 from ..shapes.pipelines import (
     SHIPPED_MODELS,
@@ -55,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         f"Prompts of the shipped shapes models (shapes-mmdit, shapes-pixart; 32x32):\n{GRAMMAR_HELP}\n\n"
-        f"{TEXTURES_GRAMMAR_HELP}"
+        f"{TEXTURES_GRAMMAR_HELP}\n\n" + textwrap.fill(f"Note: {MODEL_NOTES['textures-mmdit']}.", 100)
     )
     parser.add_argument("prompt", help="text prompt (for the shapes models: their caption grammar, below)")
     parser.add_argument(
@@ -245,6 +246,8 @@ def run(args: argparse.Namespace) -> int:
     grammar = prompt_grammar(args.model)
     options = _pipeline_options(args, grammar)
     args.prompt = _prompt(args.prompt, grammar)
+    if str(args.model) in MODEL_NOTES:
+        print(f"note: {MODEL_NOTES[str(args.model)]}")
     pipe = load_pipeline(args.model, args.device, args.dtype)
     use_cpu_threads(pipe.transformer, args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
