@@ -493,6 +493,10 @@ def test_the_busy_note_is_one_clause_however_many_rows() -> None:
     markdown = summary_markdown(rows, EvalSettings(model="m", prompts="p", clip_model=None), 2)
     assert markdown.count("`*`") == 1 and markdown.count("while timing") == 1
     assert "machine busy (load average 3.0 to 5.6 on 2 cores) while timing every row" in markdown
+    for record in records:
+        record["load"] = 5.7 + record["index"] / 100  # the same to one decimal: written once
+    markdown = summary_markdown(summarize(records, names), EvalSettings(model="m", prompts="p"), 2)
+    assert "machine busy (load average 5.7 on 2 cores) while timing every row" in markdown
 
 
 def test_each_method_is_warmed_up_once_before_its_first_timed_image(

@@ -171,12 +171,12 @@ def test_plurals() -> None:
 
 def test_textures_mmdit_says_what_it_is_and_is_not(capsys, tmp_path, monkeypatch) -> None:
     """At the point of use: one line before it generates, and in ``generate --help`` with its grammar."""
-    import catprune.tools.generate as generate
+    import catprune.runtime
 
     def stop(*args, **kwargs):
         raise UserError("stopped before loading")
 
-    monkeypatch.setattr(generate, "load_pipeline", stop)
+    monkeypatch.setattr(catprune.runtime, "load_pipeline", stop)
     prompt = "a large red circle at the top left on a gray striped background"
     out = str(tmp_path / "x.png")
     assert main(["generate", prompt, "--model", "textures-mmdit", "--out", out]) == 2

@@ -38,14 +38,11 @@ from tqdm.auto import tqdm
 from .config import CATPruningConfig
 from .formatting import format_count, plural
 from .measure import machine_load
+from .names import AUTO_CLIP, DEFAULT_CLIP_MODEL, METHOD_ORDER
 from .prompts import load_prompts
 from .runtime import load_pipeline, psnr, run_generation, use_cpu_threads, warm_up
 from .strategies import STRATEGIES
 
-DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
-AUTO_CLIP = "auto"
-"""``--clip-model``'s default: no CLIP score where the shapes checker measures alignment (the shapes models,
-the shapes and textures prompts), :data:`DEFAULT_CLIP_MODEL` elsewhere (see :func:`resolve_clip_model`)."""
 ALIGNMENT_KEYS = ("full", "background", "count", "colour", "shape", "size", "position")
 """What the shapes checker scores; ``full``: the image matches its caption in every respect. A textured
 caption's score has no ``background`` (the checker does not read textured backdrops): not applicable, so
@@ -91,7 +88,7 @@ SPECIAL_METHODS: dict[str, Method] = {
 }
 
 
-PAPER_ORDER = ("full", "cat", "at-edm", "noise", "noise+balance", "rows", "random", "fewer-steps")
+PAPER_ORDER = METHOD_ORDER
 """The table's rows: the method, its baseline, its ablations (Fig. 4, Fig. 6), chance, fewer steps."""
 
 
@@ -658,7 +655,8 @@ def _busy_note(busy: Sequence[dict[str, Any]], total: int) -> str:
         )
     loads = [row["load"] for row in busy]
     cores = sorted({row["cpus"] for row in busy})
-    span = f"{min(loads):.1f}" if min(loads) == max(loads) else f"{min(loads):.1f} to {max(loads):.1f}"
+    low, high = f"{min(loads):.1f}", f"{max(loads):.1f}"
+    span = low if low == high else f"{low} to {high}"
     rows = "every row" if len(busy) == total else f"{len(busy)} of the {total} rows"
     return f"machine busy (load average {span} on {'/'.join(map(str, cores))} cores) while timing {rows}"
 

@@ -1,4 +1,10 @@
-"""Model names as the command line takes them, checked before anything is loaded (no torch, no network).
+"""The names the command line takes (models, architectures, strategies, dtypes), known without importing
+torch, so that every ``--help`` prints at once; and model names checked before anything is loaded (no
+torch, no network).
+
+The name lists that mirror a registry of a heavy module (:data:`ARCHITECTURE_NAMES`,
+:data:`STRATEGY_NAMES`) are checked against it by ``tests/test_cli.py``: a model or strategy added there
+fails that test until it is named here too.
 
 A ``--model`` is one of three things: a model shipped inside the package (:data:`SHIPPED_MODELS`), a local
 pipeline folder, or a Hugging Face hub id (``org/name``). :func:`check_model_name` refuses anything else in
@@ -24,6 +30,26 @@ MODEL_NOTES: dict[str, str] = {
     "misplaced, missing or off-colour, backdrops mottled); see docs/results-textures.md",
 }
 """What a shipped model is and is not, said where it is used (``generate`` prints it, its help shows it)."""
+
+ARCHITECTURE_NAMES: tuple[str, ...] = (
+    "sd3-medium", "sd3.5-medium", "sd3.5-large", "pixart-sigma", "pixart-alpha", "flux-dev", "flux-schnell",
+)  # fmt: skip
+"""The named architectures of ``catprune.architectures.ARCHITECTURES`` (``macs``, ``bench``), in its order."""
+STRATEGY_NAMES: tuple[str, ...] = ("cat", "noise", "noise+balance", "rows", "random", "at-edm")
+"""The token-choice strategies that ``catprune.strategies`` registers, in its order."""
+METHOD_ORDER: tuple[str, ...] = (
+    "full", "cat", "at-edm", "noise", "noise+balance", "rows", "random", "fewer-steps",
+)  # fmt: skip
+"""``catprune eval``'s table rows: the method, its baseline, its ablations (Fig. 4, Fig. 6), chance, fewer
+steps."""
+DTYPE_NAMES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+"""The torch dtypes a command takes by name (``catprune.runtime.DTYPES``)."""
+COMPILE_MODES: tuple[str, ...] = ("none", "regional", "full")
+"""How ``bench`` compiles the transformer: not, block by block, or whole."""
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+"""The CLIP model of ``eval``'s CLIP score on real models."""
+AUTO_CLIP = "auto"
+"""``--clip-model``'s default (``catprune.evaluation.resolve_clip_model``)."""
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9_.][\w.-]{0,95}$")
 """A hub repository id: ``org/name``, each part letters, digits, ``_``, ``.`` and ``-``."""

@@ -25,16 +25,12 @@ from .errors import UserError
 from .formatting import format_count as format_count
 from .integration import apply_cat_pruning, remove_cat_pruning
 from .measure import timed
-from .names import SHIPPED_MODELS, check_model_name, hub_unreachable
+from .names import DTYPE_NAMES, SHIPPED_MODELS, check_model_name, hub_unreachable
 
 SMALL_MODEL_PARAMETERS = 100_000_000
 """Transformers below this size run on one CPU thread by default (:func:`use_cpu_threads`)."""
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def resolve_device(name: str | None = None) -> torch.device:
