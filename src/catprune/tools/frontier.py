@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
-from ..frontier import FrontierSettings, config_fields, parse_grid, run_frontier, type_name
+from ..grid import FrontierSettings, config_fields, parse_grid, type_name
 from ..prompts import PROMPT_SETS, PromptSetError
 from .arguments import add_command, add_run_arguments, check_writable, settings_from_arguments
 
@@ -75,6 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..frontier import run_frontier
+
     check_writable(Path(args.out), folder=True)
     grid = parse_grid(args.grid or DEFAULT_GRID)
     settings = settings_from_arguments(FrontierSettings, args)

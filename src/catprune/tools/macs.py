@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..architectures import ARCHITECTURES, resolve_architecture
 from ..config import CATPruningConfig
 from ..formatting import format_count, plural
-from ..measure import MacsReport, SelectionCost, StepMacs, count_macs, count_selection
+from ..names import ARCHITECTURE_NAMES
+
+if TYPE_CHECKING:  # imported where used: ``catprune macs --help`` imports no torch
+    from ..measure import MacsReport, SelectionCost, StepMacs
 from .arguments import add_command, add_pruning_arguments, check_steps, guidance_label
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(subparsers, "macs")
     parser.add_argument(
-        "--model", required=True, help=f"one of {', '.join(ARCHITECTURES)}, or a local folder"
+        "--model", required=True, help=f"one of {', '.join(ARCHITECTURE_NAMES)}, or a local folder"
     )
     add_pruning_arguments(parser, steps=None)
     parser.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
@@ -38,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..architectures import resolve_architecture
+    from ..measure import count_macs, count_selection
+
     check_steps(args.steps)
     architecture = resolve_architecture(args.model)
     report = count_macs(

@@ -7,11 +7,9 @@ import signal
 import time
 from pathlib import Path
 
-import torch
-
 from ..errors import UserError
 from ..formatting import plural
-from ..shapes.training import ARCHES, DATASETS, TrainConfig, Trainer
+from ..shapes.train_config import ARCHES, DATASETS, TrainConfig
 from .arguments import add_command, settings_from_arguments
 
 
@@ -65,6 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..shapes.training import Trainer
+
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.checkpoint_every < 1:

@@ -18,10 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import CATPruningConfig
 from ..errors import UserError
-from ..runtime import load_pipeline
-from ..shapes.pipelines import SHIPPED_MODELS, normalize_model_prompt, prompt_grammar
+from ..names import SHIPPED_MODELS, STRATEGY_NAMES, check_model_name
 from ..shapes.scenes import PromptGrammarError
-from ..strategies import STRATEGIES
 from .arguments import add_command, add_pruning_arguments, check_steps, check_writable
 
 if TYPE_CHECKING:
@@ -75,7 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     figures = parser.add_subparsers(dest="figure", required=True, metavar="FIGURE")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--model", required=True, help=f"{', '.join(SHIPPED_MODELS)}, a local pipeline folder or a hub id"
+        "--model",
+        default=SHIPPED_MODELS[0],
+        help=f"{', '.join(SHIPPED_MODELS)}, a local pipeline folder or a hub id (default: %(default)s)",
     )
     common.add_argument("--out", type=Path, required=True, help="the PNG to write")
     common.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
@@ -97,11 +97,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     selection = add("selection")
     selection.add_argument(
-        "--strategies", nargs="+", choices=sorted(STRATEGIES), default=["noise", "noise+balance"]
+        "--strategies", nargs="+", choices=sorted(STRATEGY_NAMES), default=["noise", "noise+balance"]
     )
     selection.add_argument("--panels", type=int, default=5, help="pruned steps shown (default: 5)")
     add("strategies").add_argument(
-        "--strategies", nargs="+", choices=sorted(STRATEGIES), default=["noise+balance", "cat", "rows"]
+        "--strategies", nargs="+", choices=sorted(STRATEGY_NAMES), default=["noise+balance", "cat", "rows"]
     )
     add("clusters")
     sweep = add("alpha-sweep", keep_ratio=None)
@@ -109,7 +109,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--keep-ratios", nargs="+", type=float, default=[0.2, 0.3, 0.5, 0.8, 1.0], help="1.0: the full model"
     )
     for figure in (sweep, add("frequency")):
-        figure.add_argument("--strategy", choices=sorted(STRATEGIES), default="cat", help="(default: cat)")
+        figure.add_argument(
+            "--strategy", choices=sorted(STRATEGY_NAMES), default="cat", help="(default: cat)"
+        )
 
 
 def _viz_library() -> ModuleType:
@@ -144,6 +146,8 @@ def _model_prompts(prompts: list[str], grammar: str | None) -> list[str]:
     """The prompts as the model reads them: a shapes model's captions in canonical order (as ``generate``)."""
     if grammar is None:
         return prompts
+    from ..shapes.pipelines import normalize_model_prompt
+
     try:
         return [normalize_model_prompt(prompt, grammar) for prompt in prompts]
     except PromptGrammarError as error:
@@ -151,6 +155,10 @@ def _model_prompts(prompts: list[str], grammar: str | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..runtime import load_pipeline
+    from ..shapes.pipelines import prompt_grammar
+
+    check_model_name(args.model)
     grammar = prompt_grammar(args.model)
     if args.prompts is None:
         args.prompts = default_prompts(args.figure, grammar or "shapes")
