@@ -20,7 +20,7 @@ from ..config import CATPruningConfig
 from ..errors import UserError
 from ..names import SHIPPED_MODELS, STRATEGY_NAMES, check_model_name
 from ..shapes.scenes import PromptGrammarError
-from .arguments import add_command, add_pruning_arguments, check_steps, check_writable
+from .arguments import add_command, add_pruning_arguments, add_threads_argument, check_steps, check_writable
 
 if TYPE_CHECKING:
     from ..viz import FigureData
@@ -78,6 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"{', '.join(SHIPPED_MODELS)}, a local pipeline folder or a hub id (default: %(default)s)",
     )
     common.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    add_threads_argument(common)
     common.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
     common.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default: 100)")
 
@@ -155,7 +156,7 @@ def _model_prompts(prompts: list[str], grammar: str | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..runtime import load_pipeline
+    from ..runtime import load_pipeline, use_cpu_threads
     from ..shapes.pipelines import prompt_grammar
 
     check_model_name(args.model)
@@ -175,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     pipe = load_pipeline(args.model)
+    use_cpu_threads(pipe.transformer, args.threads)
     data = _collect(viz, args, pipe)
     viz.save_figure(data, args.out, dpi=args.dpi)
     print(
