@@ -308,6 +308,7 @@ def test_shipped_models_are_small_safetensors(name: str) -> None:
     assert not list(folder.glob("**/*.bin"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["shapes-mmdit", "shapes-pixart"])
 def test_shipped_models_draw_held_out_captions(name: str) -> None:
     """The shipped weights, full and CAT-pruned, draw what 8 held-out captions say (checked from pixels).
