@@ -160,7 +160,10 @@ def test_readme_example_runs(tiny_sd3_folder: Path, tmp_path: Path) -> None:
 def readme_test_command() -> str:
     """The README's quick-start command that runs the tests."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    lines = [line for line in readme.splitlines() if "-m pytest" in line and line.startswith("python3 -m venv")]
+    lines = [
+        line for line in readme.splitlines() if line.startswith("python3 -m venv") and "-m pytest" in line
+    ]
+    lines = [line.strip() for line in lines]
     assert len(lines) == 1, f"README.md should give one test command, found {len(lines)}"
     return lines[0]
 
