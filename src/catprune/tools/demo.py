@@ -11,6 +11,7 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 from ..config import CATPruningConfig
+from ..formatting import plural
 from .arguments import add_command, add_pruning_arguments, check_steps
 
 if TYPE_CHECKING:  # imported where used: the command's --help imports no torch
@@ -166,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
         f"speed-up {full_seconds / pruned_seconds:.2f}x, MACs {stats.macs_fraction:.3f} of full "
         f"(bound {1 / stats.macs_fraction:.2f}x); relative RMS difference of the latents {float(error):.3f}"
     )
-    print(f"times: medians of {args.repeats} alternating runs after a warm-up, {threads} CPU thread(s)")
+    print(
+        f"times: medians of {args.repeats} alternating runs after a warm-up, {plural(threads, 'CPU thread')}"
+    )
     busy = busy_note(cpu_share)
     if busy:
         print(f"note: {busy}; timings on a busy machine vary")

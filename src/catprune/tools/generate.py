@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import CATPruningConfig
 from ..errors import UserError
+from ..formatting import plural
 from ..names import DTYPE_NAMES, MODEL_NOTES, SHIPPED_MODELS, check_model_name
 from ..shapes.scenes import GRAMMAR_HELP
 from ..shapes.textures import TEXTURES_GRAMMAR_HELP
@@ -313,7 +314,9 @@ def run(args: argparse.Namespace) -> int:
     compare_figure(full, cat, frequency, labels).save(args.out)
     print(_report("full", full_seconds, stats.full_macs, stats.full_macs))
     print(_report("CAT ", cat_seconds, stats.macs, stats.full_macs))
-    threads = f", {torch.get_num_threads()} CPU thread(s)" if pipe.transformer.device.type == "cpu" else ""
+    threads = (
+        f", {plural(torch.get_num_threads(), 'CPU thread')}" if pipe.transformer.device.type == "cpu" else ""
+    )
     print(
         f"speed-up {full_seconds / cat_seconds:.2f}x (MAC bound {stats.full_macs / stats.macs:.2f}x); "
         f"times are medians of {args.repeats} alternating runs{threads}"
