@@ -190,3 +190,15 @@ def test_textures_mmdit_says_what_it_is_and_is_not(capsys, tmp_path, monkeypatch
     help_text = " ".join(capsys.readouterr().out.split())
     assert "Note: textures-mmdit is a test bed for sampling paths" in help_text
     assert help_text.index("Prompts of textures-mmdit") < help_text.index("not a drawing model")
+
+
+def test_the_write_check_leaves_nothing_behind(tmp_path: Path) -> None:
+    from catprune.tools.arguments import check_writable
+
+    check_writable(tmp_path / "a" / "b" / "x.png")
+    check_writable(tmp_path / "c" / "d", folder=True)
+    existing = tmp_path / "kept.png"
+    existing.write_bytes(b"png")
+    check_writable(existing)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["kept.png"]
+    assert existing.read_bytes() == b"png"

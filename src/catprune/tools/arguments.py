@@ -72,22 +72,26 @@ def check_steps(steps: int | None, start_step: int | None = None) -> None:
 
 def check_writable(path: Path, option: str = "--out", folder: bool = False) -> None:
     """Fail before any work if ``path`` (a file, or with ``folder`` a folder) cannot be written: a
-    :class:`UserError` of one line that says why. Creates the missing folders; leaves no new file behind."""
+    :class:`UserError` of one line that says why. Leaves nothing behind: the folders and the file it
+    creates to try are removed again."""
+    target = path if folder else path.parent
+    created = [parent for parent in (target, *target.parents) if not parent.exists()]
     try:
-        target = path if folder else path.parent
         target.mkdir(parents=True, exist_ok=True)
-        if folder:
-            probe = target / f".catprune-write-test-{os.getpid()}"
-            probe.touch()
-            probe.unlink()
-        else:
-            existed = path.exists()
-            with open(path, "ab"):
+        if not folder and path.exists():
+            with open(path, "ab"):  # appends nothing: the file stays as it is
                 pass
-            if not existed:
-                path.unlink()
+        else:
+            probe = target / f".catprune-write-test-{os.getpid()}" if folder else path
+            with open(probe, "ab"):
+                pass
+            probe.unlink()
     except OSError as error:
         raise UserError(f"cannot write {option} {path}: {_why_not_writable(error)}") from None
+    finally:
+        for parent in created:  # deepest first
+            if parent.is_dir():
+                parent.rmdir()
 
 
 def _why_not_writable(error: OSError) -> str:
