@@ -497,6 +497,13 @@ def test_the_busy_note_is_one_clause_however_many_rows() -> None:
         record["load"] = 5.7 + record["index"] / 100  # the same to one decimal: written once
     markdown = summary_markdown(summarize(records, names), EvalSettings(model="m", prompts="p"), 2)
     assert "machine busy (load average 5.7 on 2 cores) while timing every row" in markdown
+    # A few rows, named, in one clause where their loads read alike.
+    loads = {"x": 2.01, "y": 2.04, "z": 2.03}
+    few = [timed_record(m, 0, 1.0, session="a", load=load, cpus=2) for m, load in loads.items()]
+    few[0]["method"] = "full"
+    markdown = summary_markdown(summarize(few, ["full", "y", "z"]), EvalSettings(model="m", prompts="p"), 1)
+    assert markdown.count("while timing") == 1 and markdown.count("`*`") == 1
+    assert "machine busy (load average 2.0 on 2 cores) while timing `full`, `y` and `z`" in markdown
 
 
 def test_each_method_is_warmed_up_once_before_its_first_timed_image(

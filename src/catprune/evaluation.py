@@ -645,13 +645,20 @@ BUSY_ROWS_NAMED = 3
 """The most rows a busy-machine note names one by one; beyond, it counts them."""
 
 
+def _listed(names: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 def _busy_note(busy: Sequence[dict[str, Any]], total: int) -> str:
     """Which rows were timed on a busy machine, in one clause (named when few, else counted)."""
     if len(busy) <= BUSY_ROWS_NAMED:
+        groups: dict[str, list[str]] = {}  # rows of the same load (as written) share one clause
+        for row in busy:
+            groups.setdefault(f"{row['load']:.1f} on {row['cpus']} cores", []).append(f"`{row['method']}`")
         return "; ".join(
-            f"machine busy (load average {row['load']:.1f} on {row['cpus']} cores) while timing "
-            f"`{row['method']}`"
-            for row in busy
+            f"machine busy (load average {load}) while timing {_listed(names)}"
+            for load, names in groups.items()
         )
     loads = [row["load"] for row in busy]
     cores = sorted({row["cpus"] for row in busy})
