@@ -133,6 +133,7 @@ def test_each_family_decodes_its_latents_with_its_pipelines_vae(name: str) -> No
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
 
 
+@pytest.mark.slow
 def test_bench_cli_reports_end_to_end_times_with_the_decode(tmp_path: Path) -> None:
     """A local pipeline folder's own VAE config is decoded with; a bare transformer folder whose latents do
     not fit the family's VAE is refused with what to give instead."""
@@ -184,6 +185,7 @@ def test_bench_cli_with_compilation(tmp_path: Path, how: str) -> None:
     assert set(warmup) == {"full", "cat"} and warmup["cat"] > timed  # the warm-up compiled
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -197,6 +199,7 @@ def test_bench_cli_refuses_cuda_graphs_where_they_cannot_run(options: tuple[str,
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_bench_cli_needs_random_weights_for_a_named_architecture() -> None:
     result = run_bench("--model", "sd3-medium")
     assert result.returncode == 2 and "add --random-weights" in result.stderr

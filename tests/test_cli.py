@@ -161,3 +161,72 @@ def test_the_table_covers_every_tool_module() -> None:
     folder = Path(catprune.tools.__file__).parent
     found = {f"catprune.tools.{path.stem}" for path in folder.glob("[!_]*.py") if path.stem != "arguments"}
     assert set(cli.TOOL_MODULES) == found
+
+
+def test_version() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "catprune", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"catprune {catprune_version()}"
+
+
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_a_subcommand_help_imports_no_torch(name: str) -> None:
+    """Help is text: printing it must not pay for torch (seconds; the help itself takes well under one)."""
+    result = run_python(
+        "import sys, time\n"
+        "start = time.perf_counter()\n"
+        "from catprune.cli import main\n"
+        "try:\n"
+        f"    main([{name!r}, '--help'])\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0, exit.code\n"
+        f"{LIST_HEAVY}\n"
+        "print(f'{time.perf_counter() - start:.2f} s', file=sys.stderr)\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"usage: catprune {name}" in result.stdout
+    assert result.stdout.splitlines()[-1] == "[]", f"{name} --help imported {result.stdout.splitlines()[-1]}"
+
+
+def test_generate_help_as_a_console_script_imports_no_torch() -> None:
+    """The real entry point, ``python -m catprune generate --help``, with a tracer on the import of torch."""
+    code = (
+        "import sys, runpy\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'diffusers'):\n"
+        "            raise ImportError(f'{name} imported to print help')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "sys.argv = ['catprune', 'generate', '--help']\n"
+        "runpy.run_module('catprune', run_name='__main__')\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert "usage: catprune generate" in result.stdout and "--threads" in result.stdout
+
+
+def test_the_light_name_lists_match_the_registries() -> None:
+    """``catprune.names`` lists names that heavy modules register, so that help needs no torch: they agree."""
+    from pathlib import Path
+
+    import catprune.names as names
+    from catprune.adapters.sd3 import SD3Adapter
+    from catprune.architectures import ARCHITECTURES
+    from catprune.evaluation import method_names
+    from catprune.runtime import DTYPES
+    from catprune.strategies import STRATEGIES
+    from catprune.tools import demo
+
+    assert tuple(ARCHITECTURES) == names.ARCHITECTURE_NAMES
+    assert tuple(STRATEGIES) == names.STRATEGY_NAMES
+    assert tuple(method_names()) == names.METHOD_ORDER
+    assert tuple(DTYPES) == names.DTYPE_NAMES
+    assert demo.STEPS == SD3Adapter.default_steps == demo.MODEL.default_steps
+    shipped = Path(cli.__file__).parent / "models"
+    assert set(names.SHIPPED_MODELS) == {path.name for path in shipped.iterdir() if path.is_dir()}

@@ -114,6 +114,7 @@ def flux_case() -> tuple[Any, Callable[[Any], torch.Tensor]]:
 CASES = {"sd3": sd3_case, "pixart": pixart_case, "flux": flux_case}
 
 
+@pytest.mark.slow
 def test_blocks_compiled_before_pruning_is_applied_and_after_it_is_removed() -> None:
     """Compiled first, then pruned: the first pruned generation compiles the pruned paths, later ones
     nothing; removing pruning gives the compiled full model's output back, bit for bit."""
@@ -149,7 +150,11 @@ def test_inductor_compiled_pruned_generation_equals_eager_within_tolerance(how: 
 
 
 @pytest.mark.parametrize("how", COMPILATIONS)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize(
+    "case",
+    # Flux compiles two kinds of blocks, each three ways: 20-40 s a case on two cores.
+    [pytest.param(case, marks=pytest.mark.slow) if case == "flux" else case for case in CASES],
+)
 def test_compiled_pruning_has_no_graph_breaks_and_later_generations_do_not_recompile(
     case: str, how: str
 ) -> None:

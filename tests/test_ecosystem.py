@@ -219,6 +219,7 @@ def test_after_an_interrupted_or_failed_generation_the_next_one_is_exact() -> No
     assert (state.stats.steps, state.stats.pruned_steps) == (STEPS, STEPS - START)
 
 
+@pytest.mark.slow
 def test_several_images_per_prompt_each_get_their_own_selection() -> None:
     """num_images_per_prompt = 2 (a complete tiny SD3 pipeline with text encoders): rows [uncond, uncond,
     cond, cond]; each image is the one it would be alone (batch invariance), so each has its own selection."""

@@ -31,6 +31,45 @@ def test_bad_config_raises_value_error(settings: dict, message: str) -> None:
         CATPruningConfig(**settings)
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"keep_ratio": "0.3"},
+            r"keep_ratio must be a finite number, got '0.3' \(str\); write keep_ratio=0.3$",
+        ),
+        ({"keep_ratio": None}, r"keep_ratio must be a finite number, got None \(NoneType\)$"),
+        ({"keep_ratio": float("nan")}, "keep_ratio must be a finite number"),
+        ({"start_step": "8"}, r"start_step must be an integer, got '8' \(str\); write start_step=8$"),
+        ({"num_clusters": True}, r"num_clusters must be an integer, got True \(bool\)$"),
+        (
+            {"cluster_feature_scale": "big"},
+            r"cluster_feature_scale must be a finite number, got 'big' \(str\)$",
+        ),
+        ({"noise_fraction": [0.25]}, "noise_fraction must be a finite number"),
+        ({"ewma_decay": "0.5"}, "ewma_decay must be a finite number"),
+        ({"kmeans_iterations": 30.0}, "kmeans_iterations must be an integer"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"kept_multiple": "64"}, "kept_multiple must be an integer"),
+        ({"refresh_steps": -1}, "refresh_steps must be a sequence of integers"),
+    ],
+)
+def test_a_setting_of_the_wrong_type_is_one_line_that_names_the_type(settings: dict, message: str) -> None:
+    """Not Python's own "'<' not supported between instances of 'float' and 'str'": the field, the type it
+    takes, and what was given. A TypeError that is also a ValueError, as every other bad setting is."""
+    with pytest.raises(TypeError, match=message) as error:
+        CATPruningConfig(**settings)
+    assert isinstance(error.value, ValueError)
+    assert "\n" not in str(error.value) and str(error.value).startswith("CATPruningConfig: ")
+
+
+def test_numbers_of_other_numeric_types_are_accepted() -> None:
+    import numpy as np
+
+    config = CATPruningConfig(keep_ratio=1, start_step=np.int64(5), noise_fraction=np.float32(0.5))
+    assert (config.keep_ratio, config.start_step, config.num_kept(10)) == (1, 5, 10)
+
+
 def test_defaults_are_the_papers() -> None:
     config = CATPruningConfig()
     assert (config.keep_ratio, config.start_step, config.num_clusters) == (0.3, 8, 20)

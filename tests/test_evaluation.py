@@ -427,7 +427,8 @@ def test_timings_from_two_sessions_are_marked() -> None:
         timed_record("cat", 1, 9.0, session="b", load=1.0, cpus=8),
     ]
     _, cells, notes = timing_table(records)
-    assert cells == [["0.500*", "1.00x*"], ["0.200*", "0.40x*"]]
+    # cat's 9 s is also more than 3x its fastest image: an outlier besides.
+    assert cells == [["0.500*", "1.00x*"], ["0.200*†", "0.40x*†"]]
     assert "mix timings from 2 sessions" in notes and "resumed" in notes and "fresh `--out`" in notes
     # A method added to a finished run: each row's timings are of one session, the table's of two.
     records = [timed_record("full", 0, 2.0, session="a"), timed_record("cat", 0, 1.0, session="b")]
@@ -453,6 +454,107 @@ def test_timings_on_a_busy_machine_are_marked() -> None:
     _, cells, notes = timing_table(records)
     assert cells == [["0.500*", "1.00x*"], ["1.000", "2.00x*"]]
     assert "machine busy (load average 12.0 on 8 cores) while timing `full`" in notes
+
+
+def test_a_stalled_image_is_an_outlier_marked_once_with_the_reason() -> None:
+    """The first images of a method that stall (a machine's hiccup, one-off work) against the others:
+    their row's cells get the outlier mark and one note names the worst."""
+    quiet = {"session": "a", "load": 1.0, "cpus": 8}
+    seconds = {"full": (25.0, 0.5, 0.5, 0.5), "cat": (0.3, 0.3, 0.31, 0.3)}
+    records = [timed_record(m, i, s, **quiet) for m, times in seconds.items() for i, s in enumerate(times)]
+    rows, cells, notes = timing_table(records)
+    assert [row["outliers"] for row in rows] == [[(0, 25.0)], []]
+    # full has an outlier: its cells and, as the reference, every speed-up.
+    assert cells == [["2.000†", "1.00x†"], ["3.333", "1.67x†"]]
+    assert notes.count("`†`") == 1 and "*" not in notes
+    assert "1 image of 1 row took more than 3x the fastest image of their row" in notes
+    assert "`full` image 0, 25.00 s against a median of 0.50 s" in notes
+    assert "not a measurement" not in notes  # one stall of four: the median is that of the others
+    # Half of a row's images stalled: its median is one of them, and the note says it is no measurement.
+    seconds = {"full": (25.0, 22.0, 0.5, 0.5), "cat": (0.3, 0.3, 0.31, 0.3)}
+    records = [timed_record(m, i, s, **quiet) for m, times in seconds.items() for i, s in enumerate(times)]
+    rows, cells, notes = timing_table(records)
+    assert rows[0]["outliers"] == [(0, 25.0), (1, 22.0)]
+    assert "In `full` half or more of the images stalled" in notes and "not a measurement" in notes
+    assert "--threads 1" in notes
+
+
+def test_the_busy_note_is_one_clause_however_many_rows() -> None:
+    """A frontier of many settings on a busy machine: one note, the rows counted, not one clause each."""
+    records = [
+        timed_record(f"s{n}", i, 1.0, session="a", load=3.0 + n / 10, cpus=2)
+        for n in range(27)
+        for i in (0, 1)
+    ]
+    for record in records[:2]:
+        record["method"] = "full"
+    names = ["full", *(f"s{n}" for n in range(1, 27))]
+    rows = summarize(records, names)
+    markdown = summary_markdown(rows, EvalSettings(model="m", prompts="p", clip_model=None), 2)
+    assert markdown.count("`*`") == 1 and markdown.count("while timing") == 1
+    assert "machine busy (load average 3.0 to 5.6 on 2 cores) while timing every row" in markdown
+    for record in records:
+        record["load"] = 5.7 + record["index"] / 100  # the same to one decimal: written once
+    markdown = summary_markdown(summarize(records, names), EvalSettings(model="m", prompts="p"), 2)
+    assert "machine busy (load average 5.7 on 2 cores) while timing every row" in markdown
+    # A few rows, named, in one clause where their loads read alike.
+    loads = {"x": 2.01, "y": 2.04, "z": 2.03}
+    few = [timed_record(m, 0, 1.0, session="a", load=load, cpus=2) for m, load in loads.items()]
+    few[0]["method"] = "full"
+    markdown = summary_markdown(summarize(few, ["full", "y", "z"]), EvalSettings(model="m", prompts="p"), 1)
+    assert markdown.count("while timing") == 1 and markdown.count("`*`") == 1
+    assert "machine busy (load average 2.0 on 2 cores) while timing `full`, `y` and `z`" in markdown
+
+
+def test_each_method_is_warmed_up_once_before_its_first_timed_image(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import catprune.evaluation as evaluation
+
+    events: list[tuple[str, ...]] = []
+    warm_up, run_item = evaluation.warm_up, evaluation.run_item
+
+    def spy_warm_up(pipe, prompt, steps, seed, config, guidance_scale):
+        events.append(("warm", str(steps), str(config.prune), str(config.start_step)))
+        warm_up(pipe, prompt, steps, seed, config, guidance_scale)
+
+    def spy_run_item(context, variant, index):
+        events.append(("item", variant.name, str(index)))
+        return run_item(context, variant, index)
+
+    monkeypatch.setattr(evaluation, "warm_up", spy_warm_up)
+    monkeypatch.setattr(evaluation, "run_item", spy_run_item)
+    threads = torch.get_num_threads()
+    try:
+        assert main(eval_args(tiny_model, tmp_path, "cat,at-edm", 2)) == 0
+        records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+        assert {record["threads"] for record in records} == {1}  # a small model on the CPU: one thread
+        assert events == [
+            ("warm", str(STEPS), "False", "8"),
+            ("item", "full", "0"),
+            ("warm", str(STEPS), "True", str(START)),
+            ("item", "cat", "0"),
+            ("warm", str(STEPS), "True", str(START + 1)),
+            ("item", "at-edm", "0"),
+            *(("item", name, "1") for name in ("full", "cat", "at-edm")),
+        ]
+        events.clear()
+        assert main(eval_args(tiny_model, tmp_path, "cat,at-edm", 2)) == 0
+        assert events == []  # nothing left to time: no warm-up either
+        assert main(eval_args(tiny_model, tmp_path / "two", "cat", 1, "--threads", "2")) == 0
+        assert json.loads((tmp_path / "two/items/cat/00000.json").read_text())["threads"] == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_warm_up_runs_each_kind_of_step_once_and_no_more() -> None:
+    from catprune.runtime import warm_up_steps
+
+    assert warm_up_steps(28, CATPruningConfig()) == 10  # 8 full, the fill step, one pruned step
+    assert warm_up_steps(28, CATPruningConfig(start_step=9)) == 11
+    assert warm_up_steps(9, CATPruningConfig()) == 9
+    assert warm_up_steps(28, CATPruningConfig.unpruned()) == warm_up_steps(28) == 2
+    assert warm_up_steps(1) == 1
 
 
 def test_records_of_older_versions_are_one_unknown_session() -> None:

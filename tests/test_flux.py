@@ -283,6 +283,7 @@ def test_counted_macs_of_a_pruned_step_agree_with_the_adapter_formula() -> None:
     assert report.pruned_step.macs / report.full_step.macs == pytest.approx((k + t) / (n + t), rel=0.05)
 
 
+@pytest.mark.slow
 def test_macs_cli_gives_the_flux_dev_ratio() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "catprune", "macs", "--model", "flux-dev", "--steps", "28", "--json"],

@@ -16,17 +16,15 @@ import pytest
 from catprune.cli import main
 from catprune.evaluation import summarize
 from catprune.frontier import (
-    FrontierSettings,
     answer,
     frontier_markdown,
     frontier_points,
     frontier_rows,
     margin_over_curve,
     pareto_front,
-    parse_grid,
-    parse_value,
     write_csv,
 )
+from catprune.grid import FrontierSettings, parse_grid, parse_value
 from catprune.shapes.training import TrainConfig, build_pipeline
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}

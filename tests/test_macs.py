@@ -193,7 +193,7 @@ def test_macs_cli_text_output(tmp_path: Path) -> None:
     tiny_pixart().save_pretrained(tmp_path)
     result = run_cli("macs", "--model", str(tmp_path), "--resolution", "128", "--no-cfg")
     assert result.returncode == 0, result.stderr
-    assert "PixArtTransformer2DModel" in result.stdout and "1 rows per call (no CFG)" in result.stdout
+    assert "PixArtTransformer2DModel" in result.stdout and "1 row per call (no CFG)" in result.stdout
     assert "ratio CAT / full" in result.stdout and "without attention products" in result.stdout
 
 

@@ -155,3 +155,25 @@ def test_readme_example_runs(tiny_sd3_folder: Path, tmp_path: Path) -> None:
     pruned_steps, macs_fraction = last_line.split()
     assert int(pruned_steps) == 20, last_line  # 28 steps, pruned from step 8 on
     assert 0.0 < float(macs_fraction) < 1.0, last_line
+
+
+def readme_test_command() -> str:
+    """The README's quick-start command that runs the tests."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    lines = [
+        line for line in readme.splitlines() if line.startswith("python3 -m venv") and "-m pytest" in line
+    ]
+    lines = [line.strip() for line in lines]
+    assert len(lines) == 1, f"README.md should give one test command, found {len(lines)}"
+    return lines[0]
+
+
+def test_ci_runs_the_readme_test_command_then_the_slow_tests() -> None:
+    """CI runs what the README tells a user to run (the tests not marked slow, reporting the slowest), then
+    the slow ones, so that both stay green and the README's command stays within its budget."""
+    command = readme_test_command()
+    assert '-m "not slow"' in command and "--durations=10" in command
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert command in ci and "set -euo pipefail" in ci
+    slow = [line for line in ci if "-m pytest" in line and "-m slow" in line]
+    assert len(slow) == 1 and ci.index(slow[0]) > ci.index(command)

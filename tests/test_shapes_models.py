@@ -237,7 +237,7 @@ def test_generate_writes_an_upscaled_image(tiny_folders: dict[str, Path], tmp_pa
     ("prompt", "model", "message"),
     [
         ("a pink circle on a white background", "tiny", "unknown word(s) 'pink'"),
-        (PROMPT, "missing", "cannot load model"),
+        (PROMPT, "missing", "no such folder"),
     ],
 )
 def test_generate_errors_are_one_line(prompt, model, message, tiny_folders, tmp_path, capsys) -> None:
@@ -308,6 +308,7 @@ def test_shipped_models_are_small_safetensors(name: str) -> None:
     assert not list(folder.glob("**/*.bin"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["shapes-mmdit", "shapes-pixart"])
 def test_shipped_models_draw_held_out_captions(name: str) -> None:
     """The shipped weights, full and CAT-pruned, draw what 8 held-out captions say (checked from pixels).

@@ -12,6 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from . import __version__
 from .errors import UserError
 from .tools import COMMANDS
 
@@ -35,6 +36,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="catprune", description="CAT Pruning: cluster-aware token pruning for diffusion transformers."
     )
+    parser.add_argument("--version", action="version", version=f"catprune {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, summary, _) in COMMANDS.items():
         if name == command:

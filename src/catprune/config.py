@@ -2,11 +2,53 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
 RowPairing = Literal["none", "cfg", "cfg-cond-first"]
 Extrapolation = Literal["none", "linear"]
+
+
+class ConfigTypeError(TypeError, ValueError):
+    """A setting of the wrong type (a string where a number belongs...). A TypeError, and a ValueError as
+    every other invalid setting is, so that callers catching either see it."""
+
+
+NUMERIC_FIELDS: dict[str, type] = {
+    "keep_ratio": float,
+    "start_step": int,
+    "num_clusters": int,
+    "cluster_feature_scale": float,
+    "noise_fraction": float,
+    "ewma_decay": float,
+    "kmeans_iterations": int,
+    "seed": int,
+    "kept_multiple": int,
+}
+"""The numeric fields and their kind: ``float`` takes any real number (an int too), ``int`` integers only;
+neither takes a bool or a string."""
+NUMBER_WORDS = {float: "a finite number", int: "an integer"}
+
+
+def _is_number(value: object, kind: type) -> bool:
+    if isinstance(value, bool):
+        return False
+    if kind is int:
+        return isinstance(value, numbers.Integral)
+    return isinstance(value, numbers.Real) and math.isfinite(float(value))  # type: ignore[arg-type]
+
+
+def _numeric_text(value: object) -> bool:
+    """Whether ``value`` is a string that reads as a number ("0.3"): the message then shows the fix."""
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -96,16 +138,21 @@ class CATPruningConfig:
             if not condition:
                 raise ValueError(f"CATPruningConfig: {message}")
 
+        for name, kind in NUMERIC_FIELDS.items():
+            value = getattr(self, name)
+            if not _is_number(value, kind):
+                raise ConfigTypeError(
+                    f"CATPruningConfig: {name} must be {NUMBER_WORDS[kind]}, got {value!r} "
+                    f"({type(value).__name__})"
+                    + (f"; write {name}={value.strip()}" if _numeric_text(value) else "")
+                )
         require(0.0 < self.keep_ratio <= 1.0, f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
         require(
-            isinstance(self.start_step, int) and self.start_step >= 2,
+            self.start_step >= 2,
             f"start_step must be an integer >= 2 (step start_step - 2 gives the reference noise), "
             f"got {self.start_step!r}",
         )
-        require(
-            isinstance(self.num_clusters, int) and self.num_clusters >= 1,
-            f"num_clusters must be a positive integer, got {self.num_clusters!r}",
-        )
+        require(self.num_clusters >= 1, f"num_clusters must be a positive integer, got {self.num_clusters!r}")
         require(
             self.cluster_feature_scale >= 0.0,
             f"cluster_feature_scale must be >= 0, got {self.cluster_feature_scale!r}",
@@ -116,11 +163,11 @@ class CATPruningConfig:
         )
         require(0.0 <= self.ewma_decay < 1.0, f"ewma_decay must be in [0, 1), got {self.ewma_decay!r}")
         require(
-            isinstance(self.kmeans_iterations, int) and self.kmeans_iterations >= 1,
+            self.kmeans_iterations >= 1,
             f"kmeans_iterations must be a positive integer, got {self.kmeans_iterations!r}",
         )
-        require(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
         require(isinstance(self.strategy, str), f"strategy must be a name, got {self.strategy!r}")
+        require(isinstance(self.prune, bool), f"prune must be True or False, got {self.prune!r}")
         require(
             self.row_pairing in ("none", "cfg", "cfg-cond-first"),
             f"row_pairing must be 'none', 'cfg' or 'cfg-cond-first', got {self.row_pairing!r}",
@@ -129,9 +176,13 @@ class CATPruningConfig:
             value = getattr(self, name)
             require(value in ("none", "linear"), f"{name} must be 'none' or 'linear', got {value!r}")
         require(
-            isinstance(self.kept_multiple, int) and self.kept_multiple >= 1,
+            self.kept_multiple >= 1,
             f"kept_multiple must be a positive integer, got {self.kept_multiple!r}",
         )
+        if isinstance(self.refresh_steps, (str, bytes)) or not hasattr(self.refresh_steps, "__iter__"):
+            raise ConfigTypeError(
+                f"CATPruningConfig: refresh_steps must be a sequence of integers, got {self.refresh_steps!r}"
+            )
         object.__setattr__(self, "refresh_steps", tuple(self.refresh_steps))
         require(
             all(isinstance(step, int) and not isinstance(step, bool) for step in self.refresh_steps),

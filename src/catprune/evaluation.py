@@ -36,15 +36,13 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from .config import CATPruningConfig
+from .formatting import format_count, plural
 from .measure import machine_load
+from .names import AUTO_CLIP, DEFAULT_CLIP_MODEL, METHOD_ORDER
 from .prompts import load_prompts
-from .runtime import format_count, load_pipeline, psnr, run_generation
+from .runtime import load_pipeline, psnr, run_generation, use_cpu_threads, warm_up
 from .strategies import STRATEGIES
 
-DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
-AUTO_CLIP = "auto"
-"""``--clip-model``'s default: no CLIP score where the shapes checker measures alignment (the shapes models,
-the shapes and textures prompts), :data:`DEFAULT_CLIP_MODEL` elsewhere (see :func:`resolve_clip_model`)."""
 ALIGNMENT_KEYS = ("full", "background", "count", "colour", "shape", "size", "position")
 """What the shapes checker scores; ``full``: the image matches its caption in every respect. A textured
 caption's score has no ``background`` (the checker does not read textured backdrops): not applicable, so
@@ -53,10 +51,15 @@ ALIGNED_PROMPT_SETS = ("shapes", "textures")
 """The prompt sets whose images the shapes checker scores (their captions are in its grammars)."""
 TIMING_KEYS = ("throughput", "speedup")
 """Summary columns that depend on the machine and its load (the rest are reproducible bit for bit)."""
-TIMING_RECORD_KEYS = ("seconds", "session", "load", "cpus")
+TIMING_RECORD_KEYS = ("seconds", "session", "load", "cpus", "threads")
 """Record fields that depend on when and where an item ran: its generation time, the session it ran in
-(one launch of ``catprune eval``), the machine's 1-minute load average right after it and the machine's
-CPU count (load and cpus None where unknown). Records of older versions have only ``seconds``."""
+(one launch of ``catprune eval``), the machine's 1-minute load average right after it, the machine's
+CPU count (load and cpus None where unknown) and torch's CPU threads. Records of older versions have only
+``seconds``."""
+OUTLIER_FACTOR = 3.0
+"""An image whose generation took more than this many times its row's fastest is a timing outlier: every
+image of a row runs the same steps on the same shapes, so such a time is the machine's stall, not the
+method's cost."""
 UNKNOWN_SESSION = "unknown"
 """The session of records written before records named theirs (all of them count as one session)."""
 REFERENCE = "full"
@@ -85,7 +88,7 @@ SPECIAL_METHODS: dict[str, Method] = {
 }
 
 
-PAPER_ORDER = ("full", "cat", "at-edm", "noise", "noise+balance", "rows", "random", "fewer-steps")
+PAPER_ORDER = METHOD_ORDER
 """The table's rows: the method, its baseline, its ablations (Fig. 4, Fig. 6), chance, fewer steps."""
 
 
@@ -361,6 +364,10 @@ class ItemContext:
     """Why there is no CLIP score though one was asked for; empty otherwise."""
     session: str = UNKNOWN_SESSION
     """The launch's session id (:func:`new_session`), the same in every process."""
+    threads: int | None = None
+    """torch's CPU threads for the generations (:func:`~catprune.runtime.use_cpu_threads`)."""
+    warmed: set[str] = field(default_factory=set)
+    """The variants that had their warm-up generation in this process."""
 
 
 def run_item(context: ItemContext, variant: Variant, index: int) -> dict[str, Any]:
@@ -388,6 +395,7 @@ def run_item(context: ItemContext, variant: Variant, index: int) -> dict[str, An
         "session": context.session,
         "load": load,
         "cpus": cpus,
+        "threads": context.threads,
     }
     if variant.name != REFERENCE:
         record["psnr"], record["ssim"] = fidelity(image, context.folder.read_image(REFERENCE, index))
@@ -397,6 +405,20 @@ def run_item(context: ItemContext, variant: Variant, index: int) -> dict[str, An
         record["clip_score"] = context.clip(image, prompt)
     context.folder.write_item(record, image)
     return record
+
+
+def warm_up_variant(context: ItemContext, variant: Variant, index: int) -> None:
+    """One short untimed generation of ``variant`` (:func:`~catprune.runtime.warm_up`) before its first
+    timed image in this process, so that none of its images is timed with one-off work in it."""
+    warm_up(
+        context.pipe,
+        context.prompts[index],
+        variant.steps,
+        context.seed + index,
+        variant.config,
+        context.guidance_scale,
+    )
+    context.warmed.add(variant.name)
 
 
 def _partial_state() -> Any:
@@ -414,11 +436,14 @@ def open_run(
     device: str | None = None,
     clip_model: str | None = None,
     echo: Callable[[str], None] = print,
+    threads: int | None = None,
 ) -> tuple[Any, ItemContext]:
     """Start (or resume) a run into ``out`` in this process: (accelerate's process state, what its items
     share). ``settings`` is a dataclass with ``model``, ``prompts``, ``seed``, ``guidance_scale`` and
     ``dtype``; it is recorded in ``run.json`` with the prompts, and a rerun with other settings is
-    refused. ``clip_model``: the resolved CLIP model (:func:`resolve_clip_model`), None for no CLIP score."""
+    refused. ``clip_model``: the resolved CLIP model (:func:`resolve_clip_model`), None for no CLIP score.
+    ``threads``: torch's CPU threads (None: :func:`~catprune.runtime.use_cpu_threads`' default, one for a
+    small model on the CPU)."""
     process = _partial_state()
     session = [new_session()]  # the main process's id, the same in every process of the launch
     if process.num_processes > 1:
@@ -433,6 +458,7 @@ def open_run(
             folder.start(settings, prompts)
 
     pipe = load_pipeline(settings.model, str(target), settings.dtype)
+    used_threads = use_cpu_threads(pipe.transformer, threads)
     clip, why = (None, "")
     if clip_model is not None:
         clip, why = load_clip_scorer(clip_model, target)
@@ -448,6 +474,7 @@ def open_run(
         clip=clip,
         clip_note=why,
         session=session[0],
+        threads=used_threads,
     )
     return process, context
 
@@ -474,6 +501,8 @@ def run_items(
             disable=not progress,
         )
         for variant, index in pending:
+            if variant.name not in context.warmed:
+                warm_up_variant(context, variant, index)
             run_item(context, variant, index)
             bar.update()
         bar.close()
@@ -497,14 +526,16 @@ def run_evaluation(
     device: str | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    threads: int | None = None,
 ) -> list[dict[str, Any]] | None:
     """Run (or resume) an evaluation into ``out``; returns the summary rows on the main process (None on
-    the others) after writing ``results.jsonl``, ``summary.md`` and ``sheet.png`` there."""
+    the others) after writing ``results.jsonl``, ``summary.md`` and ``sheet.png`` there. ``threads``:
+    torch's CPU threads (:func:`open_run`)."""
     if settings.clip_model is not None and settings.clip_model.strip().lower() in (AUTO_CLIP, "none"):
         settings = replace(
             settings, clip_model=resolve_clip_model(settings.clip_model, settings.model, settings.prompts)
         )
-    process, context = open_run(settings, num_prompts, out, device, settings.clip_model, echo)
+    process, context = open_run(settings, num_prompts, out, device, settings.clip_model, echo, threads)
     fewer = (
         equal_macs_steps(context.pipe, context.prompts[0], settings)
         if any(method.equal_macs for method in methods)
@@ -557,11 +588,24 @@ def _timing_conditions(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def timing_outliers(records: Sequence[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(index, seconds) of the records, all of one row, whose generation took more than
+    :data:`OUTLIER_FACTOR` times the row's fastest, slowest first."""
+    fastest = min(record["seconds"] for record in records)
+    slow = [
+        (record["index"], record["seconds"])
+        for record in records
+        if record["seconds"] > OUTLIER_FACTOR * fastest
+    ]
+    return sorted(slow, key=lambda item: -item[1])
+
+
 def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
     """One row per method, in ``methods`` order: mean MACs per image, throughput (images per second from
     the median generation time, robust to the first call's warm-up), speed-up over ``full``, and the
     means of the per-image metrics; also the conditions of its timings: ``sessions`` (the sessions its
-    records were timed in), ``load`` (median load average), ``cpus`` and ``busy`` (load above cpus)."""
+    records were timed in), ``load`` (median load average), ``cpus``, ``busy`` (load above cpus) and
+    ``outliers`` (:func:`timing_outliers`)."""
     rows = []
     for name in methods:
         mine = [record for record in records if record["method"] == name]
@@ -581,6 +625,7 @@ def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> list
         for key in ALIGNMENT_KEYS:  # a key a score lacks (textures: background) does not apply to it
             row[f"alignment_{key}"] = _mean([100 * scores[key] for scores in alignment if key in scores])
         row.update(_timing_conditions(mine))
+        row["outliers"] = timing_outliers(mine)
         rows.append(row)
     full = next((row for row in rows if row["method"] == REFERENCE), None)
     for row in rows:
@@ -597,22 +642,74 @@ def table_cell(value: float | None, spec: str) -> str:
 
 TIMING_MARK = "*"
 """Marks a throughput or speed-up cell whose timings mix sessions or come from a busy machine."""
+OUTLIER_MARK = "†"
+"""Marks a throughput or speed-up cell whose timings include outliers (:func:`timing_outliers`)."""
+BUSY_ROWS_NAMED = 3
+"""The most rows a busy-machine note names one by one; beyond, it counts them."""
 
 
-def timing_notes(rows: Sequence[dict[str, Any]]) -> tuple[Callable[[dict[str, Any], str], bool], list[str]]:
-    """(whether a row's throughput or speed-up cell is to be marked, the notes that say why). Timings
+def _listed(names: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _busy_note(busy: Sequence[dict[str, Any]], total: int) -> str:
+    """Which rows were timed on a busy machine, in one clause (named when few, else counted)."""
+    if len(busy) <= BUSY_ROWS_NAMED:
+        groups: dict[str, list[str]] = {}  # rows of the same load (as written) share one clause
+        for row in busy:
+            groups.setdefault(f"{row['load']:.1f} on {row['cpus']} cores", []).append(f"`{row['method']}`")
+        return "; ".join(
+            f"machine busy (load average {load}) while timing {_listed(names)}"
+            for load, names in groups.items()
+        )
+    loads = [row["load"] for row in busy]
+    cores = sorted({row["cpus"] for row in busy})
+    low, high = f"{min(loads):.1f}", f"{max(loads):.1f}"
+    span = low if low == high else f"{low} to {high}"
+    rows = "every row" if len(busy) == total else f"{len(busy)} of the {total} rows"
+    return f"machine busy (load average {span} on {'/'.join(map(str, cores))} cores) while timing {rows}"
+
+
+def _outlier_note(rows: Sequence[dict[str, Any]]) -> str:
+    """The one note on timing outliers: how many, the worst, and what they mean."""
+    slow = [row for row in rows if row.get("outliers")]
+    count = sum(len(row["outliers"]) for row in slow)
+    worst = max(slow, key=lambda row: row["outliers"][0][1] * row["throughput"])  # x its row's median
+    index, seconds = worst["outliers"][0]
+    half = [f"`{row['method']}`" for row in slow if 2 * len(row["outliers"]) >= row["images"]]
+    note = (
+        f"`{OUTLIER_MARK}` {plural(count, 'image')} of {plural(len(slow), 'row')} took more than "
+        f"{OUTLIER_FACTOR:g}x the fastest image of their row (the worst: `{worst['method']}` image {index}, "
+        f"{seconds:.2f} s against a median of {1 / worst['throughput']:.2f} s): the machine stalled, as "
+        "every image of a row runs the same steps. "
+    )
+    if half:
+        return note + (
+            f"In {', '.join(half)} half or more of the images stalled, so the median is one of them: those "
+            "figures are not a measurement; rerun into a fresh `--out` with `--threads 1` on an idle machine."
+        )
+    return note + "The medians are those of the other images: read the marked figures with care."
+
+
+def timing_notes(rows: Sequence[dict[str, Any]]) -> tuple[Callable[[dict[str, Any], str], str], list[str]]:
+    """(the marks of a row's throughput or speed-up cell, the notes that say why, each once). Timings
     from several sessions (a resumed run, or methods added to a finished one) mark every cell; a busy
     machine marks the throughput and speed-up of the method timed on it, and every speed-up if that
-    method is ``full``, their reference."""
+    method is ``full``, their reference; timing outliers (:func:`timing_outliers`) mark their row's cells
+    and, in ``full``, every speed-up."""
     sessions = sorted({session for row in rows for session in row.get("sessions", ())})
     mixed = len(sessions) > 1
     busy = [row for row in rows if row.get("busy")]
     full_busy = any(row["method"] == REFERENCE for row in busy)
+    full_outliers = any(row.get("outliers") for row in rows if row["method"] == REFERENCE)
 
-    def marked(row: dict[str, Any], key: str) -> bool:
+    def marks(row: dict[str, Any], key: str) -> str:
         if row.get(key) is None:
-            return False
-        return mixed or bool(row.get("busy")) or (key == "speedup" and full_busy)
+            return ""
+        star = mixed or bool(row.get("busy")) or (key == "speedup" and full_busy)
+        dagger = bool(row.get("outliers")) or (key == "speedup" and full_outliers)
+        return (TIMING_MARK if star else "") + (OUTLIER_MARK if dagger else "")
 
     notes = []
     if mixed:
@@ -624,17 +721,14 @@ def timing_notes(rows: Sequence[dict[str, Any]]) -> tuple[Callable[[dict[str, An
             "a fresh `--out` on an idle machine."
         )
     if busy:
-        details = "; ".join(
-            f"machine busy (load average {row['load']:.1f} on {row['cpus']} cores) while timing "
-            f"`{row['method']}`"
-            for row in busy
-        )
         notes.append(
-            f"`{TIMING_MARK}` Throughput and speed-up timed on a busy machine: {details}. The marked figures "
-            "are not a measurement; to measure them, run the same command into a fresh `--out` on an idle "
-            "machine."
+            f"`{TIMING_MARK}` Throughput and speed-up timed on a busy machine: "
+            f"{_busy_note(busy, len(rows))}. The marked figures are not a measurement; to measure them, run "
+            "the same command into a fresh `--out` on an idle machine."
         )
-    return marked, notes
+    if any(row.get("outliers") for row in rows):
+        notes.append(_outlier_note(rows))
+    return marks, notes
 
 
 Column = tuple[str, Callable[[dict[str, Any]], str]]
@@ -649,11 +743,9 @@ IMAGES_COLUMN: Column = ("Images", lambda r: str(r["images"]))
 
 def timing_columns(rows: Sequence[dict[str, Any]]) -> tuple[list[Column], list[str]]:
     """The throughput and speed-up columns of :func:`summarize`'s rows, and notes: cells timed across
-    sessions or on a busy machine end in :data:`TIMING_MARK` and a note says why (:func:`timing_notes`)."""
-    marked, notes = timing_notes(rows)
-
-    def mark(row: dict[str, Any], key: str) -> str:
-        return TIMING_MARK if marked(row, key) else ""
+    sessions or on a busy machine end in :data:`TIMING_MARK`, those with outliers in :data:`OUTLIER_MARK`,
+    and a note says why (:func:`timing_notes`)."""
+    mark, notes = timing_notes(rows)
 
     columns: list[Column] = [
         ("Throughput (img/s)", lambda r: table_cell(r["throughput"], ".3f") + mark(r, "throughput")),

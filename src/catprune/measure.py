@@ -29,6 +29,7 @@ from .architectures import Architecture
 from .config import CATPruningConfig
 from .engine import PruningEngine
 from .integration import apply_cat_pruning
+from .names import COMPILE_MODES as COMPILE_MODES
 from .selection import Grid
 from .strategies import TokenSelector
 
@@ -403,7 +404,6 @@ def denoise(
     return latents
 
 
-COMPILE_MODES = ("none", "regional", "full")
 """How ``catprune bench`` compiles both models: not at all, every block (regional), the whole model."""
 
 

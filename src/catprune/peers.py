@@ -53,9 +53,10 @@ from .config import CATPruningConfig
 from .engine import GenerationStats
 from .evaluation import REFERENCE, Variant
 from .measure import timed
+from .names import PEER_SWEEPS, SOLVER_NAMES
 from .runtime import Generation, run_generation
 
-SOLVERS: tuple[str, ...] = ("euler", "unipc", "dpm++2m", "heun")
+SOLVERS: tuple[str, ...] = SOLVER_NAMES
 """Solvers by name (:func:`make_scheduler`)."""
 CALLS_PER_STEP: dict[str, int] = {"heun": 2}
 """Model calls per step (Heun: two, less one at the last step); others one."""
@@ -336,37 +337,37 @@ CACHES: dict[str, CacheFamily] = {
     family.name: family
     for family in (
         CacheFamily(
-            "fbc", "threshold", (0.03, 0.06, 0.12, 0.24, 0.48),
+            "fbc", *PEER_SWEEPS["fbc"],
             "FirstBlockCache: skip the later blocks while the first block's residual changes < the threshold",
             _fbc,
         ),
         CacheFamily(
-            "taylorseer", "interval", (2, 3, 4, 6),
+            "taylorseer", *PEER_SWEEPS["taylorseer"],
             "TaylorSeer, diffusers' default identifiers (attention outputs forecast, order 1, 3 full steps)",
             _taylorseer,
         ),
         CacheFamily(
-            "taylorseer-blocks", "interval", (2, 3, 4, 6),
+            "taylorseer-blocks", *PEER_SWEEPS["taylorseer-blocks"],
             "TaylorSeer, cache_identifiers = every whole block (SD3: but the last, which returns no text)",
             lambda value, context: _taylorseer(value, context, blocks=True),
         ),
         CacheFamily(
-            "taylorseer-lite", "interval", (2, 3, 4, 6),
+            "taylorseer-lite", *PEER_SWEEPS["taylorseer-lite"],
             "TaylorSeer lite mode: every block skipped, the output projection forecast (order 1)",
             lambda value, context: _taylorseer(value, context, lite=True),
         ),
         CacheFamily(
-            "magcache", "threshold", (0.02, 0.06, 0.12, 0.24, 0.5),
+            "magcache", *PEER_SWEEPS["magcache"],
             "MagCache (max 3 skipped steps in a row, first 20% full), ratios calibrated on this model",
             _magcache,
         ),
         CacheFamily(
-            "fastercache", "interval", (2, 3, 4),
+            "fastercache", *PEER_SWEEPS["fastercache"],
             "FasterCache: attention reused every interval, the unconditional batch skipped as often",
             _fastercache,
         ),
         CacheFamily(
-            "pab", "interval", (2, 3, 4, 6),
+            "pab", *PEER_SWEEPS["pab"],
             "Pyramid Attention Broadcast: attention outputs reused for interval - 1 calls, at every timestep",
             _pab,
         ),

@@ -13,6 +13,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,17 +22,15 @@ import torch
 from .config import CATPruningConfig
 from .engine import GenerationStats, StepRecord
 from .errors import UserError
+from .formatting import format_count as format_count
 from .integration import apply_cat_pruning, remove_cat_pruning
 from .measure import timed
+from .names import DTYPE_NAMES, SHIPPED_MODELS, check_model_name, hub_unreachable
 
 SMALL_MODEL_PARAMETERS = 100_000_000
 """Transformers below this size run on one CPU thread by default (:func:`use_cpu_threads`)."""
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def resolve_device(name: str | None = None) -> torch.device:
@@ -93,8 +92,9 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = "au
     model that cannot be loaded is a :class:`UserError` of one line that says why."""
     from diffusers.utils import logging
 
-    from .shapes.pipelines import SHIPPED_MODELS, is_shapes_model, load_shapes_pipeline
+    from .shapes.pipelines import is_shapes_model, load_shapes_pipeline
 
+    check_model_name(model)
     logging.disable_progress_bar()
     shapes = is_shapes_model(model)
     target = resolve_device("cpu" if shapes and device is None else device)
@@ -110,13 +110,27 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = "au
                 warnings.simplefilter("ignore", FutureWarning)  # torch_dtype: renamed in newer diffusers only
                 pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype)
         except Exception as error:  # hub, network and format errors all mean the same thing to the user
-            raise UserError(
-                f"cannot load model {model!r} (not a shipped model ({', '.join(SHIPPED_MODELS)}), a local "
-                f"pipeline folder, or a hub id whose weights are available here): {_root_cause(error)}"
-            ) from None
+            raise UserError(load_error_message(model, error)) from None
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(target)
     return pipe if pipe.dtype == torch_dtype else pipe.to(dtype=torch_dtype)
+
+
+def load_error_message(model: str, error: BaseException) -> str:
+    """One line on why ``model`` (a folder or hub id) could not be loaded, and what to do."""
+    if Path(model).expanduser().exists():
+        return f"cannot load the pipeline folder {model!r}: {_root_cause(error)}"
+    unreachable = hub_unreachable(error)
+    if unreachable is not None:
+        return (
+            f"cannot load model {model!r}: the Hugging Face hub could not be reached ({unreachable}) and the "
+            "model is not in the local cache; connect to the network (or set HF_ENDPOINT), or give a local "
+            f"pipeline folder or a shipped model ({', '.join(SHIPPED_MODELS)})"
+        )
+    return (
+        f"cannot load model {model!r} from the hub (it may not exist, be gated (log in: hf auth login) or "
+        f"not be a diffusers pipeline): {_root_cause(error)}"
+    )
 
 
 @dataclass
@@ -174,15 +188,37 @@ def run_generation(
     return Generation(images, seconds, stats)
 
 
+WARM_UP_STEPS = 2
+"""Steps of an unpruned warm-up generation (:func:`warm_up`)."""
+
+
+def warm_up_steps(steps: int, config: CATPruningConfig | None = None) -> int:
+    """The steps of a warm-up for a generation of ``steps`` under ``config``: enough to run every kind of
+    step it runs once (full steps, then under pruning the fill step and a pruned step), and no more."""
+    if config is None or not config.prune or config.start_step >= steps:
+        return min(steps, WARM_UP_STEPS)
+    return min(steps, config.start_step + 2)
+
+
+def warm_up(
+    pipe: Any,
+    prompt: str,
+    steps: int,
+    seed: int = 0,
+    config: CATPruningConfig | None = None,
+    guidance_scale: float | None = None,
+    **pipeline_kwargs: Any,
+) -> None:
+    """A short untimed generation (:func:`warm_up_steps`) before timed ones of ``steps`` under ``config``,
+    so that no timed generation pays for one-off work: the first call of each kernel and shape, memory
+    allocation, thread start-up. Every command that times generations calls it once per kind of generation
+    (``generate --compare``, each method of ``eval``, each setting of ``frontier``)."""
+    run_generation(
+        pipe, prompt, warm_up_steps(steps, config), seed, config, guidance_scale, **pipeline_kwargs
+    )
+
+
 def psnr(image: np.ndarray, reference: np.ndarray) -> float:
     """PSNR in dB between two 8-bit images (inf when identical)."""
     error = np.mean((np.asarray(image, np.float64) - np.asarray(reference, np.float64)) ** 2)
     return math.inf if error == 0 else 10 * math.log10(255.0**2 / error)
-
-
-def format_count(value: float, unit: str = "", digits: int = 4) -> str:
-    """1.2345e13 -> '12.35T' (SI prefixes, ``digits`` significant digits)."""
-    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.{digits}g}{prefix}{unit}"
-    return f"{value:.{digits}g}{unit}"

@@ -32,6 +32,7 @@ from matplotlib.ticker import MaxNLocator
 from . import runtime
 from .config import CATPruningConfig
 from .engine import StepMode, StepRecord
+from .formatting import plural
 from .selection import relative_noise
 
 PANEL_INCHES = 1.8
@@ -391,7 +392,7 @@ def draw_noise_correlation(data: FigureData) -> Figure:
     _title(
         figure,
         f"Relative noise per token, step t against t-1: Pearson r = {info['pearson_r']:.3f}",
-        f"{len(info['prompts'])} prompts, {info['points']} points, {_budget(info)}",
+        f"{plural(len(info['prompts']), 'prompt')}, {plural(info['points'], 'point')}, {_budget(info)}",
     )
     return figure
 

@@ -34,25 +34,16 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
 from ..adapters import ADAPTERS
+from ..names import SHIPPED_MODELS as SHIPPED_MODELS
 from .scenes import (
-    COLOURS,
-    MAX_OBJECTS,
-    OBJECT_SLOTS,
-    POSITIONS,
-    SHAPES,
-    SIZES,
     PromptGrammarError,
-    ShapeObject,
-    caption_pattern,
-    grammar_line,
 )
 from .scenes import normalize_prompt as normalize_shapes_prompt
 from .text import ShapesTextEncoder
-from .textures import PATTERNS, TONES, Backdrop, TexturedScene
-from .textures import caption as textured_caption
+from .textures import PATTERNS, TEXTURES_GRAMMAR_LINE
+from .textures import TEXTURES_GRAMMAR_HELP as TEXTURES_GRAMMAR_HELP
 from .textures import normalize_prompt as normalize_textures_prompt
 
-SHIPPED_MODELS: tuple[str, ...] = ("shapes-mmdit", "shapes-pixart", "textures-mmdit")
 GRAMMARS: tuple[str, ...] = ("shapes", "textures")
 """The caption grammars of the shapes models: ``scenes``' (plain backgrounds) and ``textures``'."""
 
@@ -269,31 +260,6 @@ def prompt_grammar(model: str | Path) -> str | None:
 def model_image_size(model: str | Path) -> int:
     """The side in pixels of a shapes model's images (32 or 64 for the shipped ones), read from its config."""
     return int(_component_config(model, "transformer")["sample_size"])
-
-
-_TEXTURES_PATTERN = caption_pattern("[TONE] PATTERN")
-_TEXTURES_EXAMPLE = textured_caption(
-    TexturedScene(
-        Backdrop(PATTERNS[0], "gray"), (ShapeObject(SHAPES[0], COLOURS[0], SIZES[-1], POSITIONS[0]),)
-    )
-)
-TEXTURES_GRAMMAR_LINE: str = grammar_line(
-    _TEXTURES_PATTERN, _TEXTURES_EXAMPLE, {**OBJECT_SLOTS, "TONE": TONES, "PATTERN": PATTERNS}
-)
-"""The textures grammar in one line, for errors (as ``scenes``' ``PromptGrammarError`` shows its own)."""
-TEXTURES_GRAMMAR_HELP: str = "\n".join(
-    [
-        "Prompts of textures-mmdit (64x64) follow the textures caption grammar: the same objects on a",
-        "textured backdrop that the caption names (its pattern, optionally its main tone) but does not fix:",
-        f"  {_TEXTURES_PATTERN}",
-        f"with 1 to {MAX_OBJECTS} objects at different positions, in any order; case, extra spaces and",
-        f'a final period are ignored. Example: "{_TEXTURES_EXAMPLE}"',
-        "  SIZE, COLOUR, SHAPE, POSITION: as in the shapes grammar",
-        f"  {'TONE:':12}{' | '.join(TONES)} (optional)",
-        f"  {'PATTERN:':12}{' | '.join(PATTERNS)}",
-    ]
-)
-"""The textures grammar for a CLI's help, after ``scenes.GRAMMAR_HELP`` (whose object slots it uses)."""
 
 
 class TexturesPromptGrammarError(PromptGrammarError):

@@ -33,12 +33,18 @@ import numpy as np
 from .scenes import (
     BACKGROUNDS,
     COLOUR_RGB,
+    COLOURS,
     MAX_OBJECTS,
+    OBJECT_SLOTS,
     POSITIONS,
+    SHAPES,
+    SIZES,
     PromptGrammarError,
     ShapeObject,
     Split,
+    caption_pattern,
     check_member,
+    grammar_line,
     object_mask,
     object_phrase,
     objects_mask,
@@ -279,3 +285,28 @@ def object_masks(n: int, seed: int, split: Split, size: int = IMAGE_SIZE) -> np.
 def heldout_captions(n: int, seed: int = 0) -> list[str]:
     """Captions of held-out scenes for evaluation; equal to ``make_dataset(n, seed, "heldout")[1]``."""
     return [caption(scene) for scene, _ in sample_scenes(n, seed, "heldout")]
+
+
+_TEXTURES_PATTERN = caption_pattern("[TONE] PATTERN")
+_TEXTURES_EXAMPLE = caption(
+    TexturedScene(
+        Backdrop(PATTERNS[0], "gray"), (ShapeObject(SHAPES[0], COLOURS[0], SIZES[-1], POSITIONS[0]),)
+    )
+)
+TEXTURES_GRAMMAR_LINE: str = grammar_line(
+    _TEXTURES_PATTERN, _TEXTURES_EXAMPLE, {**OBJECT_SLOTS, "TONE": TONES, "PATTERN": PATTERNS}
+)
+"""The textures grammar in one line, for errors (as ``scenes``' ``PromptGrammarError`` shows its own)."""
+TEXTURES_GRAMMAR_HELP: str = "\n".join(
+    [
+        "Prompts of textures-mmdit (64x64) follow the textures caption grammar: the same objects on a",
+        "textured backdrop that the caption names (its pattern, optionally its main tone) but does not fix:",
+        f"  {_TEXTURES_PATTERN}",
+        f"with 1 to {MAX_OBJECTS} objects at different positions, in any order; case, extra spaces and",
+        f'a final period are ignored. Example: "{_TEXTURES_EXAMPLE}"',
+        "  SIZE, COLOUR, SHAPE, POSITION: as in the shapes grammar",
+        f"  {'TONE:':12}{' | '.join(TONES)} (optional)",
+        f"  {'PATTERN:':12}{' | '.join(PATTERNS)}",
+    ]
+)
+"""The textures grammar for a CLI's help, after ``scenes.GRAMMAR_HELP`` (whose object slots it uses)."""

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import os
+from pathlib import Path
 from typing import Any, TypeVar
 
 from ..config import CATPruningConfig
+from ..errors import UserError
 from . import COMMANDS
 
 Settings = TypeVar("Settings")
@@ -54,6 +58,55 @@ def add_pruning_arguments(
         )
 
 
+def check_steps(steps: int | None, start_step: int | None = None) -> None:
+    """``--steps`` is positive (None: the model's default) and, when ``start_step`` is given (commands that
+    must prune), larger than ``--start-step``; else a :class:`UserError` that says so."""
+    if steps is not None and steps < 1:
+        raise UserError(f"--steps must be a positive number of denoising steps, got {steps}")
+    if steps is not None and start_step is not None and steps <= start_step:
+        raise UserError(
+            f"--steps ({steps}) must be larger than --start-step ({start_step}), the first pruned step: "
+            "give more steps or a smaller --start-step"
+        )
+
+
+def check_writable(path: Path, option: str = "--out", folder: bool = False) -> None:
+    """Fail before any work if ``path`` (a file, or with ``folder`` a folder) cannot be written: a
+    :class:`UserError` of one line that says why. Leaves nothing behind: the folders and the file it
+    creates to try are removed again."""
+    target = path if folder else path.parent
+    created = [parent for parent in (target, *target.parents) if not parent.exists()]
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        if not folder and path.exists():
+            with open(path, "ab"):  # appends nothing: the file stays as it is
+                pass
+        else:
+            probe = target / f".catprune-write-test-{os.getpid()}" if folder else path
+            with open(probe, "ab"):
+                pass
+            probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write {option} {path}: {_why_not_writable(error)}") from None
+    finally:
+        for parent in created:  # deepest first
+            if parent.is_dir():
+                parent.rmdir()
+
+
+def _why_not_writable(error: OSError) -> str:
+    culprit = Path(error.filename) if error.filename else None
+    if error.errno == errno.EEXIST and culprit is not None:
+        return f"{culprit} is a file, not a folder; choose another path"
+    if error.errno == errno.ENOENT and culprit is not None and culprit.parent.is_dir():
+        return f"the folder {culprit.parent} does not accept new files; choose a folder you can write"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{(error.strerror or 'not allowed').lower()}; choose a folder you can write"
+    if error.errno == errno.EISDIR:
+        return "it is a folder; give a file name"
+    return f"{(error.strerror or str(error)).lower()}; choose another path"
+
+
 def guidance_label(cfg: bool, cfg_batch: int) -> str:
     """How guidance reaches the transformer, in words (``cfg_batch``: rows per prompt under guidance)."""
     if not cfg:
@@ -63,10 +116,21 @@ def guidance_label(cfg: bool, cfg_batch: int) -> str:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of the commands that generate many images into a resumable folder (eval, frontier):
-    seeds, guidance, device, dtype, the folder and progress bars."""
+    seeds, guidance, device, dtype, the folder, progress bars and CPU threads."""
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
     parser.add_argument("--guidance-scale", type=float, help="default: the pipeline's")
     parser.add_argument("--device", help="default: cuda when available (each process its own GPU)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
     parser.add_argument("--out", required=True, help="output folder (rerun with the same one to resume)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_threads_argument(parser)
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads``, as every command that times generations takes it."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: 1 for a model under 100M parameters on the CPU, whose kernels are "
+        "too small to share; torch's default otherwise)",
+    )

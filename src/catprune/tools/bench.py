@@ -7,19 +7,20 @@ import json
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from tqdm import tqdm
-
-from ..architectures import ARCHITECTURES, Architecture, resolve_architecture
 from ..config import CATPruningConfig
-from ..engine import PruningEngine
 from ..errors import UserError
-from ..integration import apply_cat_pruning
-from ..measure import COMPILE_MODES, SelectionTimer, compile_model, denoise, shared_weight_copy, timed
-from ..runtime import DTYPES, format_count, resolve_device, resolve_dtype
-from .arguments import add_command, add_pruning_arguments, guidance_label
+from ..formatting import format_count
+from ..names import ARCHITECTURE_NAMES, COMPILE_MODES, DTYPE_NAMES
+from .arguments import add_command, add_pruning_arguments, check_steps, guidance_label
+
+if TYPE_CHECKING:  # imported where used: the command's --help imports no torch
+    import torch
+
+    from ..architectures import Architecture
+    from ..engine import PruningEngine
+    from ..measure import SelectionTimer
 
 TIMED_PART = (
     "denoising loop (transformer + scheduler); text encoding excluded (random prompt embeddings); "
@@ -30,7 +31,7 @@ TIMED_PART = (
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(subparsers, "bench")
     parser.add_argument(
-        "--model", required=True, help=f"one of {', '.join(ARCHITECTURES)}, or a local folder"
+        "--model", required=True, help=f"one of {', '.join(ARCHITECTURE_NAMES)}, or a local folder"
     )
     parser.add_argument(
         "--random-weights",
@@ -42,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
     add_pruning_arguments(parser, steps=None)
-    parser.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="default: float16 on cuda, float32 on cpu")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--repeats", type=int, default=3, help="timed generations of each kind (default: 3)")
     parser.add_argument("--batch", type=int, default=1, help="prompts per generation (default: 1)")
@@ -81,6 +82,8 @@ def _spread(seconds: list[float]) -> dict[str, Any]:
 
 def _architecture(args: argparse.Namespace) -> Architecture:
     """The architecture to time, with the arguments checked against it."""
+    from ..architectures import resolve_architecture
+
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
     architecture = resolve_architecture(args.model)
@@ -122,6 +125,11 @@ def _time_pairs(
 ) -> Timings:
     """A warm-up pair, then ``repeats`` timed pairs alternating full and CAT (each generation's decode timed
     after it, with ``decode``), then (CUDA) an untimed pair for peak memory."""
+    import torch
+    from tqdm import tqdm
+
+    from ..measure import timed
+
     timings = Timings({kind: [] for kind in models}, [], 0, {}, {}, {kind: [] for kind in models})
     with torch.inference_mode():
         for kind, model in models.items():  # warm-up: kernels, allocator, caches, compilation
@@ -150,6 +158,13 @@ def _time_pairs(
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..integration import apply_cat_pruning
+    from ..measure import SelectionTimer, compile_model, denoise, shared_weight_copy
+    from ..runtime import resolve_device, resolve_dtype
+
+    check_steps(args.steps)
     architecture = _architecture(args)
     device = resolve_device(args.device)
     if args.cuda_graphs and device.type != "cuda":

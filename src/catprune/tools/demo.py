@@ -7,27 +7,44 @@ it shows the mechanism and its cost (time, MACs), not image quality.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import functools
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..adapters.sd3 import MINIATURE, SD3Adapter
-from ..architectures import Architecture
 from ..config import CATPruningConfig
-from ..integration import apply_cat_pruning, remove_cat_pruning
-from ..measure import alternating_medians, busy_note, timed
-from ..runtime import use_cpu_threads
-from .arguments import add_command, add_pruning_arguments
+from ..formatting import plural
+from .arguments import add_command, add_pruning_arguments, check_steps
 
-MODEL = Architecture(
-    "sd3-miniature", SD3Adapter.family, MINIATURE.config, MINIATURE.text_tokens, SD3Adapter.default_steps
-)
-"""SD3's structure at width 256 (4 heads x 64), 4 blocks, fed as many text tokens as SD3's pipeline."""
+if TYPE_CHECKING:  # imported where used: the command's --help imports no torch
+    import torch
+
+    from ..architectures import Architecture
+
+STEPS = 28
+"""The demo's default steps: SD3's (``SD3Adapter.default_steps``; ``tests/test_cli.py`` checks they agree)."""
+
+
+def __getattr__(name: str) -> Any:
+    """:data:`MODEL` is built on first use: ``catprune demo --help`` imports no torch."""
+    if name == "MODEL":
+        return model()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def model() -> Architecture:
+    """SD3's structure at width 256 (4 heads x 64), 4 blocks, fed as many text tokens as SD3's pipeline
+    (``MODEL``)."""
+    from ..adapters.sd3 import MINIATURE, SD3Adapter
+    from ..architectures import Architecture
+
+    return Architecture(
+        "sd3-miniature", SD3Adapter.family, MINIATURE.config, MINIATURE.text_tokens, SD3Adapter.default_steps
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(subparsers, "demo")
-    add_pruning_arguments(parser, steps=MODEL.default_steps)
+    add_pruning_arguments(parser, steps=STEPS)
     parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default: 512)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -44,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def build_pipeline(seed: int) -> Any:
     """:data:`MODEL` with random weights (seeded by ``seed``) in SD3's pipeline, without text encoders or VAE:
     the demo feeds prompt embeddings and latents and takes latents out."""
+    architecture = model()
     # Imported here: diffusers' SD3 pipeline needs transformers, which the other commands do not.
     from transformers.utils import logging
 
@@ -51,8 +69,8 @@ def build_pipeline(seed: int) -> Any:
     from diffusers import StableDiffusion3Pipeline
 
     return StableDiffusion3Pipeline(
-        transformer=MODEL.build("cpu", seed=seed),
-        scheduler=MODEL.make_scheduler(),
+        transformer=architecture.build("cpu", seed=seed),
+        scheduler=architecture.make_scheduler(),
         vae=None,
         text_encoder=None,
         tokenizer=None,
@@ -66,8 +84,11 @@ def build_pipeline(seed: int) -> Any:
 def pipeline_inputs(pipe: Any, resolution: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Random prompt embeddings of the shapes SD3's text encoders give (a prompt and a negative prompt)
     and the initial latents, seeded."""
+    import torch
+
+    architecture = model()
     generator = torch.Generator().manual_seed(seed)
-    conditioning = MODEL.conditioning(pipe.transformer, 2, resolution, generator=generator)
+    conditioning = architecture.conditioning(pipe.transformer, 2, resolution, generator=generator)
     embeds, pooled = conditioning["encoder_hidden_states"], conditioning["pooled_projections"]
     prompts = {
         "prompt_embeds": embeds[:1],
@@ -75,13 +96,17 @@ def pipeline_inputs(pipe: Any, resolution: int, seed: int) -> tuple[dict[str, to
         "pooled_prompt_embeds": pooled[:1],
         "negative_pooled_prompt_embeds": pooled[1:],
     }
-    return prompts, torch.randn(MODEL.latent_shape(1, resolution), generator=generator)
+    return prompts, torch.randn(architecture.latent_shape(1, resolution), generator=generator)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..integration import apply_cat_pruning, remove_cat_pruning
+    from ..measure import alternating_medians, busy_note, timed
+    from ..runtime import use_cpu_threads
+
+    architecture = model()
     config = CATPruningConfig(keep_ratio=args.keep_ratio, start_step=args.start_step)
-    if args.steps <= config.start_step:
-        raise ValueError(f"--steps ({args.steps}) must be larger than --start-step ({config.start_step})")
+    check_steps(args.steps, config.start_step)
     if args.resolution % 16:
         raise ValueError(f"--resolution must be a multiple of 16, got {args.resolution}")
     pipe = build_pipeline(args.seed)
@@ -94,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
                 height=args.resolution,
                 width=args.resolution,
                 num_inference_steps=steps,
-                guidance_scale=MODEL.guidance_scale,
+                guidance_scale=architecture.guidance_scale,
                 latents=latents,
                 output_type="latent",
                 **prompts,
@@ -102,11 +127,12 @@ def run(args: argparse.Namespace) -> int:
 
         return timed(call, device)
 
-    width = MODEL.config["num_attention_heads"] * MODEL.config["attention_head_dim"]
+    width = architecture.config["num_attention_heads"] * architecture.config["attention_head_dim"]
     print(
-        f"SD3 architecture, random weights, width {width}, {MODEL.config['num_layers']} blocks, "
+        f"SD3 architecture, random weights, width {width}, {architecture.config['num_layers']} blocks, "
         f"{args.resolution}x{args.resolution} "
-        f"({MODEL.image_tokens(args.resolution)} image tokens + {MODEL.text_tokens} text tokens), "
+        f"({architecture.image_tokens(args.resolution)} image tokens + {architecture.text_tokens} text "
+        "tokens), "
         f"{args.steps} steps, CFG"
     )
     pipe.set_progress_bar_config(disable=True)
@@ -141,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
         f"speed-up {full_seconds / pruned_seconds:.2f}x, MACs {stats.macs_fraction:.3f} of full "
         f"(bound {1 / stats.macs_fraction:.2f}x); relative RMS difference of the latents {float(error):.3f}"
     )
-    print(f"times: medians of {args.repeats} alternating runs after a warm-up, {threads} CPU thread(s)")
+    print(
+        f"times: medians of {args.repeats} alternating runs after a warm-up, {plural(threads, 'CPU thread')}"
+    )
     busy = busy_note(cpu_share)
     if busy:
         print(f"note: {busy}; timings on a busy machine vary")

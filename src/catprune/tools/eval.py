@@ -6,17 +6,15 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
-from ..evaluation import (
-    AUTO_CLIP,
-    DEFAULT_CLIP_MODEL,
-    EvalSettings,
-    method_names,
-    resolve_clip_model,
-    resolve_methods,
-    run_evaluation,
-)
+from ..names import AUTO_CLIP, DEFAULT_CLIP_MODEL, METHOD_ORDER
 from ..prompts import PROMPT_SETS, PromptSetError
-from .arguments import add_command, add_pruning_arguments, add_run_arguments, settings_from_arguments
+from .arguments import (
+    add_command,
+    add_pruning_arguments,
+    add_run_arguments,
+    check_writable,
+    settings_from_arguments,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--methods",
-        default=",".join(method_names()),
-        help=f"comma-separated, from {', '.join(method_names())} (default: all); full always runs",
+        help=f"comma-separated, from {', '.join(METHOD_ORDER)} and any other registered strategy (default: "
+        "all); full always runs",
     )
     parser.add_argument("--num-prompts", type=int, default=64, help="the first N prompts (default: 64)")
     add_pruning_arguments(parser)
@@ -46,13 +44,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    methods = resolve_methods(name.strip() for name in args.methods.split(",") if name.strip())
+    from ..evaluation import EvalSettings, method_names, resolve_clip_model, resolve_methods, run_evaluation
+
+    check_writable(Path(args.out), folder=True)
+    names = args.methods.split(",") if args.methods is not None else method_names()
+    methods = resolve_methods(name.strip() for name in names if name.strip())
     # Resolved here, so that the run records (and a resumed run compares) the CLIP model actually used.
     clip_model = resolve_clip_model(args.clip_model, args.model, args.prompts)
     settings = settings_from_arguments(EvalSettings, args, clip_model=clip_model)
     try:
         rows = run_evaluation(
-            settings, methods, args.num_prompts, args.out, args.device, progress=not args.no_progress
+            settings,
+            methods,
+            args.num_prompts,
+            args.out,
+            args.device,
+            progress=not args.no_progress,
+            threads=args.threads,
         )
     except PromptSetError as error:
         raise UserError(str(error)) from error

@@ -6,10 +6,10 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
-from ..frontier import FrontierSettings, config_fields, parse_grid, run_frontier, type_name
-from ..peers import CACHES, SOLVERS
+from ..grid import FrontierSettings, config_fields, parse_grid, type_name
+from ..names import PEER_SWEEPS, SOLVER_NAMES
 from ..prompts import PROMPT_SETS, PromptSetError
-from .arguments import add_command, add_run_arguments, settings_from_arguments
+from .arguments import add_command, add_run_arguments, check_writable, settings_from_arguments
 
 DEFAULT_GRID = ("keep_ratio=0.3,0.5", "start_step=4,8")
 """The pruned settings' grid when no ``--grid`` is given."""
@@ -89,31 +89,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--solvers",
-        type=names(SOLVERS, "solver"),
+        type=names(SOLVER_NAMES, "solver"),
         default=[],
-        help=f"a fewer-steps curve for each of these solvers ({', '.join(SOLVERS)}), at --curve-steps (Heun: "
-        "the counts whose 2N - 1 calls do not exceed the reference's); the pipeline's own solver's curve "
+        help=f"a fewer-steps curve for each of these solvers ({', '.join(SOLVER_NAMES)}), at --curve-steps "
+        "(Heun: the counts whose 2N - 1 calls do not exceed the reference's); the pipeline's own solver's curve "
         "is always there",
     )
     parser.add_argument(
         "--cat-solvers",
-        type=names(SOLVERS, "solver"),
+        type=names(SOLVER_NAMES, "solver"),
         default=[],
         help="run the pruned settings (--steps x --grid) on these solvers too",
     )
     parser.add_argument(
         "--reference-solver",
-        choices=SOLVERS,
+        choices=SOLVER_NAMES,
         default=None,
         help="the reference's solver (default: the pipeline's own)",
     )
     parser.add_argument(
         "--peers",
-        type=names(list(CACHES), "peer"),
+        type=names(list(PEER_SWEEPS), "peer"),
         default=[],
         help="diffusers' caches to sweep at the reference steps: "
         + "; ".join(
-            f"{name} ({family.knob} {', '.join(map(str, family.values))})" for name, family in CACHES.items()
+            f"{name} ({knob} {', '.join(map(str, values))})" for name, (knob, values) in PEER_SWEEPS.items()
         )
         + ". MagCache is calibrated on the first prompt first; a cache diffusers refuses is reported with "
         "its error",
@@ -123,6 +123,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..frontier import run_frontier
+
+    check_writable(Path(args.out), folder=True)
     grid = parse_grid(args.grid or DEFAULT_GRID)
     settings = settings_from_arguments(FrontierSettings, args)
     curve = args.curve_steps or list(range(CURVE_START, settings.reference_steps))
@@ -140,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
             solvers=args.solvers,
             cat_solvers=args.cat_solvers,
             caches=args.peers,
+            threads=args.threads,
         )
     except PromptSetError as error:
         raise UserError(str(error)) from error

@@ -8,27 +8,30 @@ from __future__ import annotations
 
 import argparse
 import math
+import textwrap
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-from PIL import Image, ImageDraw, ImageFont
+from typing import TYPE_CHECKING, Any
 
 from ..config import CATPruningConfig
-from ..engine import GenerationStats, StepRecord
 from ..errors import UserError
-from ..measure import alternating_medians, busy_note
-from ..runtime import DTYPES, load_pipeline, psnr, run_generation, use_cpu_threads
-from ..shapes.pipelines import (
-    SHIPPED_MODELS,
-    TEXTURES_GRAMMAR_HELP,
-    model_image_size,
-    normalize_model_prompt,
-    prompt_grammar,
+from ..formatting import plural
+from ..names import DTYPE_NAMES, MODEL_NOTES, SHIPPED_MODELS, check_model_name
+from ..shapes.scenes import GRAMMAR_HELP
+from ..shapes.textures import TEXTURES_GRAMMAR_HELP
+from .arguments import (
+    add_command,
+    add_pruning_arguments,
+    add_threads_argument,
+    check_steps,
+    check_writable,
 )
-from ..shapes.scenes import GRAMMAR_HELP, PromptGrammarError
-from .arguments import add_command, add_pruning_arguments
+
+if TYPE_CHECKING:  # imported where used: ``catprune generate --help`` imports no torch
+    import numpy as np
+    import torch
+    from PIL import Image, ImageFont
+
+    from ..engine import GenerationStats, StepRecord
 
 PANEL = 256
 """Side of each panel in pixels: the shapes models' 32x32 and 64x64 images are upscaled (nearest) to it."""
@@ -37,9 +40,7 @@ LABEL_HEIGHT = 20
 LEGEND_HEIGHT = 30
 DIFF_GAIN = 4
 """The difference panel shows ``DIFF_GAIN * |full - CAT|`` so that small errors are visible."""
-HEAT_ANCHORS = np.array(
-    [(48, 18, 59), (40, 120, 220), (30, 200, 140), (250, 220, 40), (220, 40, 20)], np.float32
-)
+HEAT_ANCHORS = ((48, 18, 59), (40, 120, 220), (30, 200, 140), (250, 220, 40), (220, 40, 20))
 """Colours of the heat map from "never recomputed" to "recomputed at every pruned step" (blue to red)."""
 
 
@@ -48,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         f"Prompts of the shipped shapes models (shapes-mmdit, shapes-pixart; 32x32):\n{GRAMMAR_HELP}\n\n"
-        f"{TEXTURES_GRAMMAR_HELP}"
+        f"{TEXTURES_GRAMMAR_HELP}\n\n" + textwrap.fill(f"Note: {MODEL_NOTES['textures-mmdit']}.", 100)
     )
     parser.add_argument("prompt", help="text prompt (for the shapes models: their caption grammar, below)")
     parser.add_argument(
@@ -76,13 +77,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     real.add_argument("--width", type=int, help="image width in pixels (default: the pipeline's)")
     real.add_argument("--negative-prompt", help="what the image should not show")
     real.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
-    real.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="default: float16 on cuda")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="torch CPU threads (default: 1 for a model under 100M parameters, whose kernels are too "
-        "small to share; torch's default otherwise)",
+    real.add_argument(
+        "--dtype", choices=("auto", *DTYPE_NAMES), default="auto", help="default: float16 on cuda"
     )
+    add_threads_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -96,6 +94,8 @@ class SelectionCounter:
         self.num_tokens = 0
 
     def __call__(self, record: StepRecord) -> None:
+        import torch
+
         self.num_tokens = record.height * record.width
         if record.indices is None:
             return
@@ -108,6 +108,8 @@ class SelectionCounter:
 
     def frequency(self) -> np.ndarray:
         """(tokens,) share of pruned steps that recomputed each token."""
+        import numpy as np
+
         if self.counts is None or not self.pruned_steps:
             return np.zeros(self.num_tokens)
         return (self.counts.float() / self.pruned_steps).cpu().numpy()
@@ -115,14 +117,19 @@ class SelectionCounter:
 
 def heat_colours(values: np.ndarray) -> np.ndarray:
     """Values in [0, 1] to uint8 RGB by linear interpolation between ``HEAT_ANCHORS``."""
+    import numpy as np
+
+    anchors = np.array(HEAT_ANCHORS, np.float32)
     position = np.clip(values, 0, 1) * (len(HEAT_ANCHORS) - 1)
     low = np.minimum(position.astype(int), len(HEAT_ANCHORS) - 2)
     weight = (position - low)[..., None]
-    return ((1 - weight) * HEAT_ANCHORS[low] + weight * HEAT_ANCHORS[low + 1]).round().astype(np.uint8)
+    return ((1 - weight) * anchors[low] + weight * anchors[low + 1]).round().astype(np.uint8)
 
 
 def frequency_image(frequency: np.ndarray, width: int, height: int) -> Image.Image:
     """The per-token frequency as a heat map on the token grid, shaped like the image."""
+    from PIL import Image
+
     rows = max(1, round(math.sqrt(frequency.size * height / width)))
     grid = frequency.reshape(rows, frequency.size // rows)
     return Image.fromarray(heat_colours(grid))
@@ -130,11 +137,15 @@ def frequency_image(frequency: np.ndarray, width: int, height: int) -> Image.Ima
 
 def panel(image: Image.Image) -> Image.Image:
     """Fit an image to ``PANEL``: nearest-neighbour when enlarging (crisp pixels), Lanczos when shrinking."""
+    from PIL import Image
+
     resample = Image.Resampling.NEAREST if image.width <= PANEL else Image.Resampling.LANCZOS
     return image.resize((PANEL, PANEL * image.height // image.width), resample)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    from PIL import ImageFont
+
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
@@ -145,6 +156,9 @@ def compare_figure(
     full: Image.Image, cat: Image.Image, frequency: np.ndarray, labels: list[str]
 ) -> Image.Image:
     """full | CAT | gain x |difference| | selection frequency, labelled, with the heat map's legend."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
     difference = np.abs(np.asarray(full, np.int16) - np.asarray(cat, np.int16)).mean(-1) * DIFF_GAIN
     panels = [
         panel(full),
@@ -183,6 +197,10 @@ def generate_with_cat(
     pipe: Any, args: argparse.Namespace, config: CATPruningConfig, steps: int, options: dict[str, Any]
 ) -> tuple[Image.Image, float, GenerationStats, np.ndarray]:
     """A CAT-pruned image, its wall time, the pruning statistics and each token's selection frequency."""
+    from PIL import Image
+
+    from ..runtime import run_generation
+
     counter = SelectionCounter()
     result = run_generation(
         pipe, args.prompt, steps, args.seed, config, args.guidance, observers=[counter], **options
@@ -208,6 +226,8 @@ def _pipeline_options(args: argparse.Namespace, grammar: str | None) -> dict[str
         if value is not None
     }
     if grammar is not None and options:
+        from ..shapes.pipelines import model_image_size
+
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in options)
         side = model_image_size(args.model)
         raise UserError(
@@ -222,6 +242,9 @@ def _prompt(prompt: str, grammar: str | None) -> str:
     (``grammar``: :func:`~catprune.shapes.pipelines.prompt_grammar`, None for other models)."""
     if grammar is None:
         return prompt
+    from ..shapes.pipelines import normalize_model_prompt
+    from ..shapes.scenes import PromptGrammarError
+
     try:
         canonical = normalize_model_prompt(prompt, grammar)
     except PromptGrammarError as error:
@@ -232,16 +255,27 @@ def _prompt(prompt: str, grammar: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ..measure import alternating_medians, busy_note
+    from ..runtime import load_pipeline, psnr, run_generation, use_cpu_threads, warm_up
+    from ..shapes.pipelines import prompt_grammar
+
     config = CATPruningConfig(keep_ratio=args.keep_ratio, start_step=args.start_step)
-    if args.steps <= config.start_step:
-        raise UserError(f"--steps ({args.steps}) must be larger than --start-step ({config.start_step})")
+    check_steps(args.steps, config.start_step)
     if args.out.suffix.lower() != ".png":
         raise UserError(f"--out must be a .png file, got {args.out}")
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    check_writable(args.out)
+    check_model_name(args.model)
     grammar = prompt_grammar(args.model)
     options = _pipeline_options(args, grammar)
     args.prompt = _prompt(args.prompt, grammar)
+    if str(args.model) in MODEL_NOTES:
+        print(f"note: {MODEL_NOTES[str(args.model)]}")
     pipe = load_pipeline(args.model, args.device, args.dtype)
     use_cpu_threads(pipe.transformer, args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -253,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     # A short pruned generation runs the full and the pruned code paths once, so that no timed run pays
     # for one-off initialisation; then full and CAT alternate, and each time printed is their median.
-    generate_with_cat(pipe, args, config, config.start_step + 2, options)
+    warm_up(pipe, args.prompt, args.steps, args.seed, config, args.guidance, **options)
     runs: dict[str, Any] = {}
 
     def full_run() -> float:
@@ -280,7 +314,9 @@ def run(args: argparse.Namespace) -> int:
     compare_figure(full, cat, frequency, labels).save(args.out)
     print(_report("full", full_seconds, stats.full_macs, stats.full_macs))
     print(_report("CAT ", cat_seconds, stats.macs, stats.full_macs))
-    threads = f", {torch.get_num_threads()} CPU thread(s)" if pipe.transformer.device.type == "cpu" else ""
+    threads = (
+        f", {plural(torch.get_num_threads(), 'CPU thread')}" if pipe.transformer.device.type == "cpu" else ""
+    )
     print(
         f"speed-up {full_seconds / cat_seconds:.2f}x (MAC bound {stats.full_macs / stats.macs:.2f}x); "
         f"times are medians of {args.repeats} alternating runs{threads}"

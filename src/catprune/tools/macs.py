@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
-from ..architectures import ARCHITECTURES, resolve_architecture
 from ..config import CATPruningConfig
-from ..measure import MacsReport, SelectionCost, StepMacs, count_macs, count_selection
-from ..runtime import format_count
-from .arguments import add_command, add_pruning_arguments, guidance_label
+from ..formatting import format_count, plural
+from ..names import ARCHITECTURE_NAMES
+
+if TYPE_CHECKING:  # imported where used: ``catprune macs --help`` imports no torch
+    from ..measure import MacsReport, SelectionCost, StepMacs
+from .arguments import add_command, add_pruning_arguments, check_steps, guidance_label
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(subparsers, "macs")
     parser.add_argument(
-        "--model", required=True, help=f"one of {', '.join(ARCHITECTURES)}, or a local folder"
+        "--model", required=True, help=f"one of {', '.join(ARCHITECTURE_NAMES)}, or a local folder"
     )
     add_pruning_arguments(parser, steps=None)
     parser.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
@@ -37,6 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..architectures import resolve_architecture
+    from ..measure import count_macs, count_selection
+
+    check_steps(args.steps)
     architecture = resolve_architecture(args.model)
     report = count_macs(
         architecture,
@@ -54,7 +61,23 @@ def run(args: argparse.Namespace) -> int:
     selection = count_selection(architecture, args.resolution, args.batch, config)
     summary = report_fields(report, selection)
     print(json.dumps(summary, indent=2) if args.json else "\n".join(report_lines(report, summary)))
+    warning = never_pruned_warning(report)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def never_pruned_warning(report: MacsReport) -> str:
+    """Why the ratio is 1 when no step is pruned (the generation ends before ``start_step``), and the fix;
+    empty when some step is pruned."""
+    if report.start_step < report.steps:
+        return ""
+    name = report.architecture.name
+    return (
+        f"no step is pruned: {name}'s {plural(report.steps, 'step')} end before --start-step "
+        f"{report.start_step}, so CAT / full is 1.000; give --start-step 2 to {max(2, report.steps - 1)} "
+        "or more --steps"
+    )
 
 
 def _ratio(full: int, cat: int) -> dict[str, Any]:
@@ -128,9 +151,10 @@ def report_lines(report: MacsReport, fields: dict[str, Any]) -> list[str]:
     return [
         f"{architecture.name}: {fields['class']}, {report.parameters / 1e9:.3f}B parameters, "
         f"{report.resolution}x{report.resolution} ({report.image_tokens} image tokens, "
-        f"{report.kept_tokens} kept), {report.text_tokens} text tokens, {report.rows} rows per call ({cfg})",
-        f"{report.steps} steps: {kinds['full']} full + {kinds['fill']} fill + {kinds['pruned']} pruned "
-        f"(t0 = {report.start_step}, keep ratio {report.keep_ratio})",
+        f"{report.kept_tokens} kept), {report.text_tokens} text tokens, "
+        f"{plural(report.rows, 'row')} per call ({cfg})",
+        f"{plural(report.steps, 'step')}: {kinds['full']} full + {kinds['fill']} fill + "
+        f"{kinds['pruned']} pruned (t0 = {report.start_step}, keep ratio {report.keep_ratio})",
         "MACs counted by FlopCounterMode on the meta device, real forward with pruning applied "
         "(MACs = FLOPs / 2)",
         "",

@@ -7,10 +7,9 @@ import signal
 import time
 from pathlib import Path
 
-import torch
-
 from ..errors import UserError
-from ..shapes.training import ARCHES, DATASETS, TrainConfig, Trainer
+from ..formatting import plural
+from ..shapes.train_config import ARCHES, DATASETS, TrainConfig
 from .arguments import add_command, settings_from_arguments
 
 
@@ -64,6 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..shapes.training import Trainer
+
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.checkpoint_every < 1:
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         raise
     params = sum(p.numel() for p in trainer.params.values())
     print(
-        f"trained {args.arch} on {trainer.config.data}: {trainer.step} steps, "
+        f"trained {args.arch} on {trainer.config.data}: {plural(trainer.step, 'step')}, "
         f"{trainer.elapsed / 60:.1f} min in all "
         f"({(time.perf_counter() - start) / 60:.1f} min this run), {params / 1e6:.2f}M parameters; "
         f"EMA pipeline in {args.out / 'pipeline'}"

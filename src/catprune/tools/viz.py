@@ -18,11 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import CATPruningConfig
 from ..errors import UserError
-from ..runtime import load_pipeline
-from ..shapes.pipelines import SHIPPED_MODELS, normalize_model_prompt, prompt_grammar
+from ..names import SHIPPED_MODELS, STRATEGY_NAMES, check_model_name
 from ..shapes.scenes import PromptGrammarError
-from ..strategies import STRATEGIES
-from .arguments import add_command, add_pruning_arguments
+from .arguments import add_command, add_pruning_arguments, add_threads_argument, check_steps, check_writable
 
 if TYPE_CHECKING:
     from ..viz import FigureData
@@ -75,9 +73,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     figures = parser.add_subparsers(dest="figure", required=True, metavar="FIGURE")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--model", required=True, help=f"{', '.join(SHIPPED_MODELS)}, a local pipeline folder or a hub id"
+        "--model",
+        default=SHIPPED_MODELS[0],
+        help=f"{', '.join(SHIPPED_MODELS)}, a local pipeline folder or a hub id (default: %(default)s)",
     )
     common.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    add_threads_argument(common)
     common.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
     common.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default: 100)")
 
@@ -97,11 +98,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     selection = add("selection")
     selection.add_argument(
-        "--strategies", nargs="+", choices=sorted(STRATEGIES), default=["noise", "noise+balance"]
+        "--strategies", nargs="+", choices=sorted(STRATEGY_NAMES), default=["noise", "noise+balance"]
     )
     selection.add_argument("--panels", type=int, default=5, help="pruned steps shown (default: 5)")
     add("strategies").add_argument(
-        "--strategies", nargs="+", choices=sorted(STRATEGIES), default=["noise+balance", "cat", "rows"]
+        "--strategies", nargs="+", choices=sorted(STRATEGY_NAMES), default=["noise+balance", "cat", "rows"]
     )
     add("clusters")
     sweep = add("alpha-sweep", keep_ratio=None)
@@ -109,7 +110,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--keep-ratios", nargs="+", type=float, default=[0.2, 0.3, 0.5, 0.8, 1.0], help="1.0: the full model"
     )
     for figure in (sweep, add("frequency")):
-        figure.add_argument("--strategy", choices=sorted(STRATEGIES), default="cat", help="(default: cat)")
+        figure.add_argument(
+            "--strategy", choices=sorted(STRATEGY_NAMES), default="cat", help="(default: cat)"
+        )
 
 
 def _viz_library() -> ModuleType:
@@ -144,6 +147,8 @@ def _model_prompts(prompts: list[str], grammar: str | None) -> list[str]:
     """The prompts as the model reads them: a shapes model's captions in canonical order (as ``generate``)."""
     if grammar is None:
         return prompts
+    from ..shapes.pipelines import normalize_model_prompt
+
     try:
         return [normalize_model_prompt(prompt, grammar) for prompt in prompts]
     except PromptGrammarError as error:
@@ -151,22 +156,27 @@ def _model_prompts(prompts: list[str], grammar: str | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..runtime import load_pipeline, use_cpu_threads
+    from ..shapes.pipelines import prompt_grammar
+
+    check_model_name(args.model)
     grammar = prompt_grammar(args.model)
     if args.prompts is None:
         args.prompts = default_prompts(args.figure, grammar or "shapes")
-    if args.steps <= args.start_step:
-        raise UserError(f"--steps ({args.steps}) must be larger than --start-step ({args.start_step})")
+    check_steps(args.steps, args.start_step)
     if args.figure == "selection" and len(args.prompts) != 1:
         raise UserError(f"selection shows one prompt, got {len(args.prompts)}")
     if getattr(args, "panels", 1) < 1:
         raise UserError(f"--panels must be >= 1, got {args.panels}")
     if args.out.suffix.lower() != ".png":
         raise UserError(f"--out must name a .png file, got {args.out}")
+    check_writable(args.out)
     args.prompts = _model_prompts(args.prompts, grammar)
     viz = _viz_library()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     pipe = load_pipeline(args.model)
+    use_cpu_threads(pipe.transformer, args.threads)
     data = _collect(viz, args, pipe)
     viz.save_figure(data, args.out, dpi=args.dpi)
     print(
