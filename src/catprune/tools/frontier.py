@@ -92,8 +92,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=names(SOLVER_NAMES, "solver"),
         default=[],
         help=f"a fewer-steps curve for each of these solvers ({', '.join(SOLVER_NAMES)}), at --curve-steps "
-        "(Heun: the counts whose 2N - 1 calls do not exceed the reference's); the pipeline's own solver's curve "
-        "is always there",
+        "(Heun: the counts whose 2N - 1 calls do not exceed the reference's); the pipeline's own solver's "
+        "curve is always there",
     )
     parser.add_argument(
         "--cat-solvers",

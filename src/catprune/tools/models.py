@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import inspect
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import diffusers
-import diffusers.models.transformers as transformers
-from torch import nn
-
-from ..adapters import ADAPTERS
-from ..adapters.unsupported import MATRIX, unsupported_reason
 from .arguments import add_command
+
+if TYPE_CHECKING:
+    from torch import nn
 
 TESTED_PIPELINES: dict[str, tuple[str, ...]] = {
     "sd3": (
@@ -39,6 +37,9 @@ matrix checks that each is named in the tests)."""
 
 def transformer_classes() -> list[type[nn.Module]]:
     """Every model class that ``diffusers.models.transformers`` exports, by name."""
+    import diffusers.models.transformers as transformers
+    from torch import nn
+
     classes = {
         cls
         for cls in vars(transformers).values()
@@ -51,6 +52,9 @@ def transformer_classes() -> list[type[nn.Module]]:
 
 def matrix_rows() -> list[tuple[str, str, str, str]]:
     """(class, supported, family and named architectures or "", pipelines tested or the reason) per class."""
+    from ..adapters import ADAPTERS
+    from ..adapters.unsupported import unsupported_reason
+
     adapters = {adapter.model_class.__name__: adapter for adapter in ADAPTERS.values()}
     rows = []
     for cls in transformer_classes():
@@ -66,6 +70,10 @@ def matrix_rows() -> list[tuple[str, str, str, str]]:
 
 
 def matrix_markdown() -> str:
+    import diffusers
+
+    from ..adapters.unsupported import MATRIX
+
     rows = matrix_rows()
     supported = sum(row[1] == "yes" for row in rows)
     lines = [
@@ -87,7 +95,7 @@ def matrix_markdown() -> str:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(subparsers, "models")
     parser.add_argument(
-        "--write", type=Path, metavar="PATH", help=f"write the matrix to PATH (e.g. {MATRIX})"
+        "--write", type=Path, metavar="PATH", help="write the matrix to PATH (e.g. docs/models.md)"
     )
     parser.set_defaults(func=run)
 
