@@ -126,6 +126,8 @@ def test_named_architectures_have_the_published_sizes() -> None:
         "flux-schnell": 256,
         "chroma": 512,
         "qwen-image": 128,
+        "flux2-dev": 512,
+        "flux2-klein": 512,
     }
     assert (ARCHITECTURES["flux-dev"].default_steps, ARCHITECTURES["flux-schnell"].default_steps) == (28, 4)
 

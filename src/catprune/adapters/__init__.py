@@ -8,6 +8,7 @@ from torch import nn
 from .base import Catalogue, CostModel, ModelAdapter, PruningAdapter, PublicModel, TensorFactory
 from .chroma import ChromaAdapter
 from .flux import FluxAdapter
+from .flux2 import Flux2Adapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
@@ -39,7 +40,14 @@ def register_adapter(adapter_class: type[PruningAdapter]) -> PruningAdapter:
     return adapter
 
 
-for _adapter_class in (SD3Adapter, PixArtAdapter, FluxAdapter, ChromaAdapter, QwenImageAdapter):
+for _adapter_class in (
+    SD3Adapter,
+    PixArtAdapter,
+    FluxAdapter,
+    ChromaAdapter,
+    QwenImageAdapter,
+    Flux2Adapter,
+):
     register_adapter(_adapter_class)
 
 
@@ -72,6 +80,7 @@ __all__ = [
     "Catalogue",
     "ChromaAdapter",
     "CostModel",
+    "Flux2Adapter",
     "FluxAdapter",
     "ModelAdapter",
     "PixArtAdapter",

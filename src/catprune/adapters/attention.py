@@ -234,7 +234,7 @@ class JointAttentionProcessor(CachedSelfAttentionProcessor):
     def finish(self, attn: Any, image_out: Tensor, extra_out: Tensor | None) -> Any:
         if extra_out is None:
             return image_out
-        if not attn.context_pre_only:
+        if not getattr(attn, "context_pre_only", False):  # FLUX.2's attention has no such attribute
             extra_out = attn.to_add_out(extra_out)
         return image_out, extra_out
 
