@@ -10,6 +10,7 @@ segment), and Klein's true CFG.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import PIL.Image
@@ -34,7 +35,8 @@ from diffusers import Flux2KleinPipeline, Flux2Pipeline
 from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
 from catprune.architectures import ARCHITECTURES, Architecture
 from catprune.engine import StepMode
-from catprune.measure import count_macs
+from catprune.measure import count_macs, count_selection
+from catprune.tools.macs import report_fields, report_lines
 
 STEPS = 6
 START = 3
@@ -253,6 +255,43 @@ def test_counted_macs_of_a_pruned_step_agree_with_the_adapter_formula(guidance: 
     assert report.image_tokens == 256 and report.kept_tokens == round(0.3 * 256)
     assert report.pruned_step.macs == pytest.approx(report.analytic_pruned_step, rel=0.05)
     assert report.full_step.macs == pytest.approx(report.analytic_full_step, rel=0.05)
+
+
+def test_a_few_step_schedule_shows_the_saving_at_each_start_step_and_is_warned_about_once() -> None:
+    """FLUX.2-klein's 4 distilled steps never reach the default t0 = 8: ``catprune macs`` gives the ratio
+    at each start_step that prunes (2: two pruned steps, 3: one) and its advice, and a pipeline that runs
+    such a schedule warns once, however many generations it runs."""
+    model = tiny_flux2(guidance=False, num_layers=1, num_single_layers=1)
+    architecture = Architecture("tiny-klein", "flux2", dict(model.config), TEXT_TOKENS, default_steps=4)
+    report = count_macs(architecture, resolution=256, steps=4)
+    assert report.step_counts == (4, 0, 0) and report.ratio == 1.0
+    (two, pruned_two, ratio_two), (three, pruned_three, ratio_three) = report.by_start_step()
+    assert (two, pruned_two, three, pruned_three) == (2, 2, 3, 1)
+    pruned_share = report.pruned_step.macs / report.full_step.macs
+    assert ratio_two == pytest.approx((2 + 2 * pruned_share) / 4)
+    assert ratio_two < ratio_three < 1.0
+    selection = count_selection(architecture, 256, 1, CATPruningConfig())
+    fields = report_fields(report, selection)
+    assert "start_step 2 prunes 2 of them" in fields["few_steps"]
+    assert [row["start_step"] for row in fields["by_start_step"]] == [2, 3]
+    assert "start_step 2: 2 pruned" in "\n".join(report_lines(report, fields))
+
+    pipe = pipe_of("klein")
+    apply_cat_pruning(pipe, CATPruningConfig())
+    prompts = {"prompt_embeds": prompts_for(1, klein=False)["prompt_embeds"], "guidance_scale": 1.0}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            pipe(
+                height=SIZE,
+                width=SIZE,
+                num_inference_steps=4,
+                latents=latents(1),
+                output_type="latent",
+                **prompts,
+            )
+    messages = [str(w.message) for w in caught if "never reaches start_step" in str(w.message)]
+    assert len(messages) == 1 and "catprune macs" in messages[0]
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ shapes, counted separately (see :func:`count_selection`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import os
 import statistics
@@ -158,6 +159,17 @@ class MacsReport:
     def without_attention(self) -> tuple[int, int]:
         """(full, CAT) MACs per generation leaving out attention products: how the paper counts."""
         return self._generation(lambda step: step.without_attention)
+
+    def by_start_step(self) -> list[tuple[int, int, float]]:
+        """(start_step, pruned steps, ratio CAT / full) for every start_step that prunes at least one of the
+        generation's steps (2 .. steps - 1), at this keep ratio: what a few-step model (FLUX.1-schnell,
+        FLUX.2-klein) could save, whose default schedule never reaches the default t0. The fill step is
+        counted as in :attr:`ratio` (a pruned step's cost does not depend on t0)."""
+        rows = []
+        for start_step in range(2, self.steps):
+            other = dataclasses.replace(self, start_step=start_step)
+            rows.append((start_step, other.step_counts[2], other.ratio))
+        return rows
 
     def paper(self) -> tuple[float, float] | None:
         """The paper's (full, CAT) MACs for this setting, if it reports it."""
