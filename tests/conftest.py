@@ -27,6 +27,8 @@ from diffusers import (
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
 from torch._dynamo.utils import counters
 
@@ -169,6 +171,28 @@ def flux2_pipeline(transformer: Flux2Transformer2DModel, pipeline_class: type = 
         sample_size=32,
     ).eval()
     return flow_matching_pipeline(pipeline_class, transformer, vae, text_encoders=1)
+
+
+def tiny_zimage(num_layers: int = 2, num_refiner_layers: int = 1) -> ZImageTransformer2DModel:
+    """Z-Image's structure at toy width: noise and context refiners, then single-stream blocks, over 2x2
+    patches of 4 latent channels, 2 heads of 16, rotary axes summing to the head width."""
+    torch.manual_seed(0)
+    return ZImageTransformer2DModel(
+        in_channels=4,
+        dim=32,
+        n_layers=num_layers,
+        n_refiner_layers=num_refiner_layers,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=TEXT_DIM,
+        axes_dims=[4, 6, 6],
+        axes_lens=[256, 64, 64],
+    ).eval()
+
+
+def zimage_pipeline(transformer: ZImageTransformer2DModel) -> ZImagePipeline:
+    """A real ``ZImagePipeline`` around ``transformer``, driven with caption features (no Qwen3), no VAE."""
+    return flow_matching_pipeline(ZImagePipeline, transformer, None, text_encoders=1)
 
 
 def tiny_qwen(num_layers: int = 1, zero_cond_t: bool = False) -> QwenImageTransformer2DModel:
@@ -374,7 +398,12 @@ def assert_unpatched_until_start_and_removed(
     ``passes`` calls each) return the unpatched outputs bit for bit, the later ones differ, and
     ``remove_cat_pruning`` restores the unpatched generation bit for bit."""
     outputs: list[torch.Tensor] = []
-    pipe.transformer.register_forward_hook(lambda module, args, output: outputs.append(output[0].clone()))
+
+    def keep(module: torch.nn.Module, args: Any, output: Any) -> None:
+        sample = output[0]  # a tensor, or Z-Image's list of per-sample tensors
+        outputs.append(torch.stack(sample) if isinstance(sample, list) else sample.clone())
+
+    pipe.transformer.register_forward_hook(keep)
     reference = generate(pipe)
     unpatched, outputs[:] = list(outputs), []
     state = apply_cat_pruning(pipe, config)

@@ -207,14 +207,17 @@ def count_macs(
     state.force_indices(torch.arange(num_kept, device="meta").expand(rows, num_kept))
 
     with torch.device("meta"):
+        latents = torch.zeros(architecture.latent_shape(rows, resolution))
         inputs = {
-            "hidden_states": torch.zeros(architecture.latent_shape(rows, resolution)),
-            "timestep": torch.full((rows,), 500.0),
+            **architecture.adapter.call_inputs(latents, torch.full((rows,), 500.0)),
             **architecture.conditioning(model, rows, resolution),
         }
     full, fill, pruned = (count_call(model, **inputs) for _ in range(3))
     text = architecture.text_tokens
     adapter = state.adapter
+    fixed = state.context.fixed_tokens if state.context is not None else 0
+    """Tokens never pruned after the image's (Z-Image's text): counted with the queries, as the engine's
+    counter does."""
     return MacsReport(
         architecture=architecture,
         parameters=sum(parameter.numel() for parameter in model.parameters()),
@@ -230,8 +233,10 @@ def count_macs(
         full_step=full,
         fill_step=fill,
         pruned_step=pruned,
-        analytic_full_step=rows * adapter.step_macs(model, num_tokens, num_tokens, text, pruned=False),
-        analytic_pruned_step=rows * adapter.step_macs(model, num_kept, num_tokens, text, pruned=True),
+        analytic_full_step=rows
+        * adapter.step_macs(model, num_tokens + fixed, num_tokens + fixed, text, False),
+        analytic_pruned_step=rows
+        * adapter.step_macs(model, num_kept + fixed, num_tokens + fixed, text, True),
     )
 
 
@@ -406,7 +411,8 @@ def denoise(
         if hasattr(scheduler, "scale_model_input"):
             model_input = scheduler.scale_model_input(model_input, t)
         timestep = t[None].to(latents.device).expand(model_input.shape[0])
-        output = model(hidden_states=model_input, timestep=timestep, **conditioning, return_dict=False)[0]
+        inputs = architecture.adapter.call_inputs(model_input, timestep)
+        output = architecture.adapter.call_output(model(**inputs, **conditioning, return_dict=False)[0])
         if cfg:
             uncond, cond = output.chunk(2)
             output = uncond + architecture.guidance_scale * (cond - uncond)

@@ -13,6 +13,7 @@ from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
 from .unsupported import MATRIX, unsupported_reason
+from .zimage import ZImageAdapter
 
 ADAPTERS: dict[str, PruningAdapter] = {}
 """Registered adapters by family name."""
@@ -47,6 +48,7 @@ for _adapter_class in (
     ChromaAdapter,
     QwenImageAdapter,
     Flux2Adapter,
+    ZImageAdapter,
 ):
     register_adapter(_adapter_class)
 
@@ -89,6 +91,7 @@ __all__ = [
     "QwenImageAdapter",
     "SD3Adapter",
     "TensorFactory",
+    "ZImageAdapter",
     "adapter_for",
     "adapter_for_class_name",
     "register_adapter",

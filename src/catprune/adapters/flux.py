@@ -52,6 +52,16 @@ _FLUX_DEV = {
 }
 """``black-forest-labs/FLUX.1-dev``, ``transformer/config.json``."""
 
+FLUX_VAE: Mapping[str, Any] = {
+    **KL_AUTOENCODER,
+    "latent_channels": 16,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+"""FLUX.1's VAE (16 latent channels), which Z-Image uses too."""
+
 
 class SingleStreamAttentionProcessor(CachingProcessor):
     """The attention of a single-stream block: its input is [text T, image n (+ fixed R)] through one set
@@ -121,14 +131,7 @@ class FluxAdapter(PackedLatentAdapter):
     text_tokens_by_pipeline: ClassVar[Mapping[str, int]] = dict.fromkeys(
         ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline"), 512
     )
-    vae_config: ClassVar[Mapping[str, Any]] = {
-        **KL_AUTOENCODER,
-        "latent_channels": 16,
-        "scaling_factor": 0.3611,
-        "shift_factor": 0.1159,
-        "use_quant_conv": False,
-        "use_post_quant_conv": False,
-    }
+    vae_config: ClassVar[Mapping[str, Any]] = FLUX_VAE
     public_models: ClassVar[Mapping[str, PublicModel]] = {
         "flux-dev": PublicModel(_FLUX_DEV, 512),
         "flux-schnell": PublicModel({**_FLUX_DEV, "guidance_embeds": False}, 256, default_steps=4),

@@ -31,10 +31,6 @@ REASONS: dict[str, str] = {
     "Flux3Transformer2DModel": (
         "no adapter yet (issue 25): per-mode blocks for image, reference and text, per-token modulation"
     ),
-    "ZImageTransformer2DModel": (
-        "no adapter yet (issue 25): a list of latents flattened into padded [image, text] sequences with a "
-        "mask and per-row rotary tables, refiner blocks before the main ones"
-    ),
 }
 """Reasons by class name, where the class's kind does not say it."""
 
