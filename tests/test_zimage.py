@@ -100,19 +100,27 @@ def test_steps_before_start_step_are_identical_and_remove_restores_bit_for_bit(p
     assert_unpatched_until_start_and_removed(pipe, run, CONFIG, STEPS, passes=1)
 
 
-def test_pruned_step_fed_the_fill_steps_inputs_returns_its_output() -> None:
+@pytest.mark.parametrize("controlnet", [False, True], ids=["text-to-image", "controlnet"])
+def test_pruned_step_fed_the_fill_steps_inputs_returns_its_output(controlnet: bool) -> None:
     """Two rows with captions of different lengths (a key mask), refiners and two main blocks: the caches
     are exact after the fill step, so this checks the gather in front of the first main block, the
-    per-row rotary gather, the masked attention over the caches and the scatter."""
+    per-row rotary gather, the masked attention over the caches and the scatter; with ControlNet
+    residuals (a mapping from block to (B, L, D), as ``ZImageControlNetModel`` returns), their gather."""
     transformer = tiny_zimage(num_layers=2)
     captions = zimage_prompts(2, cfg=False)["prompt_embeds"]
     start = [latent[:, None] for latent in latents(2)]  # (C, 1, H, W) each
+    generator = torch.Generator().manual_seed(4)
+    residuals = {
+        0: torch.randn(2, 128, 32, generator=generator),
+        1: torch.randn(2, 128, 32, generator=generator),
+    }
+    extra = {"controlnet_block_samples": residuals} if controlnet else {}
     state = apply_cat_pruning(transformer, CATPruningConfig(keep_ratio=0.3, start_step=2))
     state.begin_generation()
     modes, outputs = [], []
     with torch.no_grad():
         for timestep in (0.1, 0.2, 0.2):
-            out = transformer(start, torch.tensor([timestep] * 2), captions).sample
+            out = transformer(start, torch.tensor([timestep] * 2), captions, **extra).sample
             outputs.append(torch.stack(out))
             modes.append(state.mode)
             start = start if timestep == 0.2 else [x - 0.1 * o for x, o in zip(start, out, strict=True)]
@@ -164,13 +172,11 @@ def test_cfg_truncation_keeps_the_conditional_rows(pipe: ZImagePipeline) -> None
     assert engine.stats.pruned_steps == STEPS - START
 
 
-def test_omni_mode_and_controlnet_residuals_are_refused() -> None:
+def test_omni_mode_is_refused() -> None:
     transformer = tiny_zimage()
     apply_cat_pruning(transformer, CONFIG).begin_generation()
     start = [latent[:, None] for latent in latents(1)]
     caption = [torch.randn(7, TEXT_DIM)]
-    with pytest.raises(ValueError, match="ControlNet"), torch.no_grad():
-        transformer(start, torch.tensor([0.1]), caption, controlnet_block_samples={0: torch.zeros(1)})
     with pytest.raises(ValueError, match="Omni"), torch.no_grad():
         transformer([start], torch.tensor([0.1]), [caption])
 

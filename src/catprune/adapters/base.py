@@ -105,8 +105,8 @@ class PruningAdapter(ABC):
     scatter_point: ClassVar[str]
     """Submodule whose output is the output tokens (B, N + R, p*p*C) before unpatchify: the scatter point."""
     token_arguments: ClassVar[tuple[str, ...]]
-    """Call arguments holding sequences of per-image-token tensors (B, N, D) that the blocks add to the image
-    tokens (ControlNet residuals): gathered at the selected tokens at a pruned step."""
+    """Call arguments holding sequences (or mappings by block) of per-image-token tensors (B, N + R, D) that
+    the blocks add to the tokens (ControlNet residuals): gathered at the selected tokens at a pruned step."""
     plain_processors: ClassVar[tuple[type, ...]] = ()
     """The model's own attention processors (beside diffusers' plain ones) that compute the plain attention
     the caching processors recompute, so that pruning may replace them (Qwen-Image's)."""

@@ -20,9 +20,10 @@ and the caption by 2 *context refiner* blocks, then runs 30 single-stream blocks
   ``cfg_truncation`` drops the unconditional rows for the late steps (the step engine keeps the
   conditional rows' caches). Timesteps increase ((1000 - t) / 1000). Turbo runs about 8 distilled steps
   without CFG (see "Few-step models" in docs/measurement.md).
+- **ControlNet** residuals (``controlnet_block_samples``, a mapping from block index to (B, L, D) over the
+  main sequence) are gathered like the sequence.
 - **Not supported:** the Omni mode (a nested list with reference images and SigLIP features; its per-token
-  noise/clean modulation) and ControlNet residuals (``controlnet_block_samples``, added over the whole
-  [image, caption] sequence): refused with the reason.
+  noise/clean modulation): refused with the reason.
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ class ZImageAdapter(ModelAdapter):
     scatter_point = "all_final_layer.2-1.linear"
     """The final layer's output projection for 2x2 patches (the published models' only ``all_patch_size``):
     its output is the model's per-token output before unpatchify."""
-    token_arguments = ()
+    token_arguments = ("controlnet_block_samples",)
+    """``ZImageControlNetModel``'s residuals: {block index: (B, L, D)} over the main sequence, added after
+    that block; gathered like the sequence."""
     plain_processors = (ZSingleStreamAttnProcessor,)
     cond_first = True
     """``ZImagePipeline`` batches CFG as ``[cond..., uncond...]``."""
@@ -149,11 +152,6 @@ class ZImageAdapter(ModelAdapter):
     def token_layout(self, model: nn.Module, arguments: dict[str, Any]) -> TokenLayout:
         """The image grid (from the first latent's shape), then its padding and the longest caption's
         padded tokens, fixed (no host read)."""
-        if arguments.get("controlnet_block_samples") is not None:
-            raise ValueError(
-                "CAT pruning: Z-Image ControlNet residuals are added over the whole [image, caption] "
-                "sequence of every block and are not gathered yet"
-            )
         grid = self.token_grid(model, arguments)
         image = grid.num_tokens
         return TokenLayout(grid, padded(image) - image + self.text_tokens(arguments))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -177,7 +177,7 @@ class PruningEngine:
         if context.mode is not StepMode.PRUNED:
             return args, kwargs
         gathered = {
-            name: [context.gather(tokens) for tokens in arguments[name]]
+            name: _gather_each(context, arguments[name])
             for name in self.adapter.token_arguments
             if arguments.get(name) is not None
         }
@@ -351,6 +351,14 @@ class PruningEngine:
         for processor in self.processors:
             processor.release()
         self.counter.stats = GenerationStats()
+
+
+def _gather_each(context: StepContext, tensors: Any) -> Any:
+    """A sequence of per-token tensors (B, N + R, ...) (Flux's ControlNet residuals), or a mapping of them
+    by block (Z-Image's), each gathered at the selected tokens."""
+    if isinstance(tensors, Mapping):
+        return {key: context.gather(value) for key, value in tensors.items()}
+    return [context.gather(value) for value in tensors]
 
 
 def _is_cfg_batch(hidden_states: Tensor) -> bool:
