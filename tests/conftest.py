@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     ChromaPipeline,
     ChromaTransformer2DModel,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2Pipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     PixArtAlphaPipeline,
@@ -21,9 +27,12 @@ from diffusers import (
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
 from torch._dynamo.utils import counters
 
+from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
 from catprune.engine import StepMode
 
 torch.use_deterministic_algorithms(True)
@@ -123,6 +132,67 @@ def tiny_chroma(num_layers: int = 1, num_single_layers: int = 2) -> ChromaTransf
 def chroma_pipeline(transformer: ChromaTransformer2DModel) -> ChromaPipeline:
     """A real ``ChromaPipeline`` around ``transformer``, driven with prompt embeddings and masks (no T5)."""
     return flow_matching_pipeline(ChromaPipeline, transformer, None, text_encoders=1)
+
+
+def tiny_flux2(
+    guidance: bool = True, num_layers: int = 1, num_single_layers: int = 2
+) -> Flux2Transformer2DModel:
+    """FLUX.2's structure at toy width: double- then single-stream blocks (the latter with the fused
+    Q/K/V/MLP projection), 2 heads of 16, four rotary axes of 4, 2x2-packed latents of 4 channels;
+    ``guidance`` embeds the distilled guidance (dev), without it Klein."""
+    torch.manual_seed(0)
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM,
+        timestep_guidance_channels=16,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance,
+    ).eval()
+
+
+def flux2_pipeline(transformer: Flux2Transformer2DModel, pipeline_class: type = Flux2Pipeline) -> Any:
+    """A real FLUX.2 pipeline (dev's, or ``Flux2KleinPipeline``) around ``transformer``, driven with prompt
+    embeddings (no Mistral-3 or Qwen3), with a toy ``AutoencoderKLFlux2`` (downscale 2, 4 latent channels:
+    2x2-packed, the transformer's 16; Klein's pipeline reads its batch norm even for latent output, and it
+    encodes reference images)."""
+    torch.manual_seed(0)
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    ).eval()
+    return flow_matching_pipeline(pipeline_class, transformer, vae, text_encoders=1)
+
+
+def tiny_zimage(num_layers: int = 2, num_refiner_layers: int = 1) -> ZImageTransformer2DModel:
+    """Z-Image's structure at toy width: noise and context refiners, then single-stream blocks, over 2x2
+    patches of 4 latent channels, 2 heads of 16, rotary axes summing to the head width."""
+    torch.manual_seed(0)
+    return ZImageTransformer2DModel(
+        in_channels=4,
+        dim=32,
+        n_layers=num_layers,
+        n_refiner_layers=num_refiner_layers,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=TEXT_DIM,
+        axes_dims=[4, 6, 6],
+        axes_lens=[256, 64, 64],
+    ).eval()
+
+
+def zimage_pipeline(transformer: ZImageTransformer2DModel) -> ZImagePipeline:
+    """A real ``ZImagePipeline`` around ``transformer``, driven with caption features (no Qwen3), no VAE."""
+    return flow_matching_pipeline(ZImagePipeline, transformer, None, text_encoders=1)
 
 
 def tiny_qwen(num_layers: int = 1, zero_cond_t: bool = False) -> QwenImageTransformer2DModel:
@@ -311,3 +381,43 @@ def assert_compiles_once(pipe: Any, generate: Any, how: str) -> None:
     assert torch.equal(generate(pipe), first)
     assert counters["stats"]["unique_graphs"] == 0, "a later generation recompiled"
     torch.testing.assert_close(first, eager, atol=1e-6, rtol=0)
+
+
+def assert_keep_ratio_one_is_unpatched(pipe: Any, generate: Any, steps: int, start: int) -> None:
+    """With every token kept, a pruned generation (``generate(pipe)``) equals the unpatched one."""
+    reference = generate(pipe)
+    state = apply_cat_pruning(pipe, CATPruningConfig(keep_ratio=1.0, start_step=start))
+    torch.testing.assert_close(generate(pipe), reference, atol=1e-5, rtol=0)
+    assert (state.stats.steps, state.stats.pruned_steps) == (steps, steps - start)
+
+
+def assert_unpatched_until_start_and_removed(
+    pipe: Any, generate: Any, config: CATPruningConfig, steps: int, passes: int
+) -> None:
+    """Under ``config`` the calls of the steps before ``start_step`` (the full steps, then the fill step;
+    ``passes`` calls each) return the unpatched outputs bit for bit, the later ones differ, and
+    ``remove_cat_pruning`` restores the unpatched generation bit for bit."""
+    outputs: list[torch.Tensor] = []
+
+    def keep(module: torch.nn.Module, args: Any, output: Any) -> None:
+        sample = output[0]  # a tensor, or Z-Image's list of per-sample tensors
+        outputs.append(torch.stack(sample) if isinstance(sample, list) else sample.clone())
+
+    pipe.transformer.register_forward_hook(keep)
+    reference = generate(pipe)
+    unpatched, outputs[:] = list(outputs), []
+    state = apply_cat_pruning(pipe, config)
+    pruned = generate(pipe)
+    for call in range(passes * config.start_step):
+        assert torch.equal(outputs[call], unpatched[call]), call
+    assert not torch.equal(pruned, reference)
+    assert (state.stats.steps, state.stats.pruned_steps) == (steps, steps - config.start_step)
+    remove_cat_pruning(pipe)
+    assert torch.equal(generate(pipe), reference)
+
+
+def macs_cli(name: str, steps: int) -> dict[str, Any]:
+    """``catprune macs --model NAME --steps STEPS --json``'s report, run as a user runs it."""
+    command = [sys.executable, "-m", "catprune", "macs", "--model", name, "--steps", str(steps), "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(result.stdout)

@@ -8,9 +8,6 @@ calls per step (the negative prompt with its own mask), and a modulation approxi
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -19,8 +16,11 @@ from conftest import (
     TEXT_DIM,
     TEXT_TOKENS,
     assert_compiles_once,
+    assert_keep_ratio_one_is_unpatched,
     assert_passes_share_selections,
+    assert_unpatched_until_start_and_removed,
     chroma_pipeline,
+    macs_cli,
     one_prompt,
     record_calls,
     seeded_latents,
@@ -28,7 +28,7 @@ from conftest import (
 )
 from diffusers import ChromaPipeline
 
-from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
+from catprune import CATPruningConfig, apply_cat_pruning
 from catprune.architectures import ARCHITECTURES, Architecture
 from catprune.engine import StepMode
 from catprune.measure import count_macs
@@ -86,26 +86,15 @@ def pipe() -> ChromaPipeline:
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["no-cfg", "true-cfg"])
 def test_keep_ratio_one_equals_the_unpatched_pipeline(pipe: ChromaPipeline, true_cfg: bool) -> None:
     prompts = chroma_prompts(2, true_cfg)
-    reference = generate(pipe, prompts, packed_latents(2))
-    state = apply_cat_pruning(pipe, CATPruningConfig(keep_ratio=1.0, start_step=START))
-    torch.testing.assert_close(generate(pipe, prompts, packed_latents(2)), reference, atol=1e-5, rtol=0)
-    assert (state.stats.steps, state.stats.pruned_steps) == (STEPS, STEPS - START)
+    assert_keep_ratio_one_is_unpatched(
+        pipe, lambda pipe: generate(pipe, prompts, packed_latents(2)), STEPS, START
+    )
 
 
 def test_steps_before_start_step_are_identical_and_remove_restores_bit_for_bit(pipe: ChromaPipeline) -> None:
     prompts = chroma_prompts(2, true_cfg=True)
-    outputs: list[torch.Tensor] = []
-    pipe.transformer.register_forward_hook(lambda module, args, output: outputs.append(output[0].clone()))
-    reference = generate(pipe, prompts, packed_latents(2))
-    unpatched, outputs[:] = list(outputs), []
-    state = apply_cat_pruning(pipe, CONFIG)
-    pruned = generate(pipe, prompts, packed_latents(2))
-    for call in range(2 * START):  # full steps, then the fill step (two calls each): unpatched
-        assert torch.equal(outputs[call], unpatched[call]), call
-    assert not torch.equal(pruned, reference)
-    assert (state.stats.steps, state.stats.pruned_steps) == (STEPS, STEPS - START)
-    remove_cat_pruning(pipe)
-    assert torch.equal(generate(pipe, prompts, packed_latents(2)), reference)
+    run = lambda pipe: generate(pipe, prompts, packed_latents(2))  # noqa: E731
+    assert_unpatched_until_start_and_removed(pipe, run, CONFIG, STEPS, passes=2)
 
 
 def test_pruned_step_fed_the_fill_steps_inputs_returns_its_output() -> None:
@@ -214,14 +203,7 @@ def test_the_chroma_architecture_has_the_published_size_and_macs_cli_ratio() -> 
     parameters = sum(p.numel() for p in architecture.build().parameters())
     assert parameters == 8_899_983_424 and round(parameters / 1e9, 1) == 8.9
     assert (architecture.text_tokens, architecture.default_steps) == (512, 35)
-    result = subprocess.run(
-        [sys.executable, "-m", "catprune", "macs", "--model", "chroma", "--steps", "28", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    report = json.loads(result.stdout)
+    report = macs_cli("chroma", 28)
     assert report["class"] == "ChromaTransformer2DModel" and report["rows"] == 1
     assert (report["image_tokens"], report["text_tokens"]) == (4096, 512)
     assert 0.5 < report["ratio"] < 0.6

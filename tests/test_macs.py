@@ -126,6 +126,10 @@ def test_named_architectures_have_the_published_sizes() -> None:
         "flux-schnell": 256,
         "chroma": 512,
         "qwen-image": 128,
+        "flux2-dev": 512,
+        "flux2-klein": 512,
+        "z-image": 128,
+        "z-image-turbo": 128,
     }
     assert (ARCHITECTURES["flux-dev"].default_steps, ARCHITECTURES["flux-schnell"].default_steps) == (28, 4)
 

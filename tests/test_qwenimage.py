@@ -9,9 +9,6 @@ pipelines' reference latents: a segment never pruned.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from typing import Any
 
 import numpy as np
@@ -21,7 +18,10 @@ from conftest import (
     TEXT_DIM,
     TEXT_TOKENS,
     assert_compiles_once,
+    assert_keep_ratio_one_is_unpatched,
     assert_passes_share_selections,
+    assert_unpatched_until_start_and_removed,
+    macs_cli,
     one_prompt,
     qwen_pipeline,
     record_calls,
@@ -85,28 +85,17 @@ def pipe() -> QwenImagePipeline:
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["no-cfg", "true-cfg"])
 def test_keep_ratio_one_equals_the_unpatched_pipeline(pipe: QwenImagePipeline, true_cfg: bool) -> None:
     prompts = qwen_prompts(2, true_cfg)
-    reference = generate(pipe, prompts, packed_latents(2))
-    state = apply_cat_pruning(pipe, CATPruningConfig(keep_ratio=1.0, start_step=START))
-    torch.testing.assert_close(generate(pipe, prompts, packed_latents(2)), reference, atol=1e-5, rtol=0)
-    assert (state.stats.steps, state.stats.pruned_steps) == (STEPS, STEPS - START)
+    assert_keep_ratio_one_is_unpatched(
+        pipe, lambda pipe: generate(pipe, prompts, packed_latents(2)), STEPS, START
+    )
 
 
 def test_steps_before_start_step_are_identical_and_remove_restores_bit_for_bit(
     pipe: QwenImagePipeline,
 ) -> None:
     prompts = qwen_prompts(2, true_cfg=True)
-    outputs: list[torch.Tensor] = []
-    pipe.transformer.register_forward_hook(lambda module, args, output: outputs.append(output[0].clone()))
-    reference = generate(pipe, prompts, packed_latents(2))
-    unpatched, outputs[:] = list(outputs), []
-    state = apply_cat_pruning(pipe, CONFIG)
-    pruned = generate(pipe, prompts, packed_latents(2))
-    for call in range(2 * START):  # full steps, then the fill step (two passes each): unpatched
-        assert torch.equal(outputs[call], unpatched[call]), call
-    assert not torch.equal(pruned, reference)
-    assert (state.stats.steps, state.stats.pruned_steps) == (STEPS, STEPS - START)
-    remove_cat_pruning(pipe)
-    assert torch.equal(generate(pipe, prompts, packed_latents(2)), reference)
+    run = lambda pipe: generate(pipe, prompts, packed_latents(2))  # noqa: E731
+    assert_unpatched_until_start_and_removed(pipe, run, CONFIG, STEPS, passes=2)
 
 
 @pytest.mark.parametrize("zero_cond_t", [False, True], ids=["qwen-image", "zero-cond-t"])
@@ -202,14 +191,7 @@ def test_the_qwen_image_architecture_has_the_published_size_and_macs_cli_ratio()
     architecture = ARCHITECTURES["qwen-image"]
     assert sum(p.numel() for p in architecture.build().parameters()) == 20_430_401_088
     assert (architecture.text_tokens, architecture.default_steps) == (128, 50)
-    result = subprocess.run(
-        [sys.executable, "-m", "catprune", "macs", "--model", "qwen-image", "--steps", "50", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    report = json.loads(result.stdout)
+    report = macs_cli("qwen-image", 50)
     assert report["class"] == "QwenImageTransformer2DModel" and report["rows"] == 1
     assert (report["image_tokens"], report["text_tokens"]) == (4096, 128)
     assert 0.4 < report["ratio"] < 0.5

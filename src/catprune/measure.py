@@ -13,6 +13,7 @@ shapes, counted separately (see :func:`count_selection`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import os
 import statistics
@@ -160,6 +161,17 @@ class MacsReport:
         """(full, CAT) MACs per generation leaving out attention products: how the paper counts."""
         return self._generation(lambda step: step.without_attention)
 
+    def by_start_step(self) -> list[tuple[int, int, float]]:
+        """(start_step, pruned steps, ratio CAT / full) for every start_step that prunes at least one of the
+        generation's steps (2 .. steps - 1), at this keep ratio: what a few-step model (FLUX.1-schnell,
+        FLUX.2-klein) could save, whose default schedule never reaches the default t0. The fill step is
+        counted as in :attr:`ratio` (a pruned step's cost does not depend on t0)."""
+        rows = []
+        for start_step in range(2, self.steps):
+            other = dataclasses.replace(self, start_step=start_step)
+            rows.append((start_step, other.step_counts[2], other.ratio))
+        return rows
+
     def paper(self) -> tuple[float, float] | None:
         """The paper's (full, CAT) MACs for this setting, if it reports it."""
         paper_setting = (
@@ -196,14 +208,17 @@ def count_macs(
     state.force_indices(torch.arange(num_kept, device="meta").expand(rows, num_kept))
 
     with torch.device("meta"):
+        latents = torch.zeros(architecture.latent_shape(rows, resolution))
         inputs = {
-            "hidden_states": torch.zeros(architecture.latent_shape(rows, resolution)),
-            "timestep": torch.full((rows,), 500.0),
+            **architecture.adapter.call_inputs(latents, torch.full((rows,), 500.0)),
             **architecture.conditioning(model, rows, resolution),
         }
     full, fill, pruned = (count_call(model, **inputs) for _ in range(3))
     text = architecture.text_tokens
     adapter = state.adapter
+    fixed = state.context.fixed_tokens if state.context is not None else 0
+    """Tokens never pruned after the image's (Z-Image's text): counted with the queries, as the engine's
+    counter does."""
     return MacsReport(
         architecture=architecture,
         parameters=sum(parameter.numel() for parameter in model.parameters()),
@@ -219,8 +234,10 @@ def count_macs(
         full_step=full,
         fill_step=fill,
         pruned_step=pruned,
-        analytic_full_step=rows * adapter.step_macs(model, num_tokens, num_tokens, text, pruned=False),
-        analytic_pruned_step=rows * adapter.step_macs(model, num_kept, num_tokens, text, pruned=True),
+        analytic_full_step=rows
+        * adapter.step_macs(model, num_tokens + fixed, num_tokens + fixed, text, False),
+        analytic_pruned_step=rows
+        * adapter.step_macs(model, num_kept + fixed, num_tokens + fixed, text, True),
     )
 
 
@@ -395,7 +412,8 @@ def denoise(
         if hasattr(scheduler, "scale_model_input"):
             model_input = scheduler.scale_model_input(model_input, t)
         timestep = t[None].to(latents.device).expand(model_input.shape[0])
-        output = model(hidden_states=model_input, timestep=timestep, **conditioning, return_dict=False)[0]
+        inputs = architecture.adapter.call_inputs(model_input, timestep)
+        output = architecture.adapter.call_output(model(**inputs, **conditioning, return_dict=False)[0])
         if cfg:
             uncond, cond = output.chunk(2)
             output = uncond + architecture.guidance_scale * (cond - uncond)

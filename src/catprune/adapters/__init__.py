@@ -8,10 +8,12 @@ from torch import nn
 from .base import Catalogue, CostModel, ModelAdapter, PruningAdapter, PublicModel, TensorFactory
 from .chroma import ChromaAdapter
 from .flux import FluxAdapter
+from .flux2 import Flux2Adapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
 from .unsupported import MATRIX, unsupported_reason
+from .zimage import ZImageAdapter
 
 ADAPTERS: dict[str, PruningAdapter] = {}
 """Registered adapters by family name."""
@@ -39,7 +41,15 @@ def register_adapter(adapter_class: type[PruningAdapter]) -> PruningAdapter:
     return adapter
 
 
-for _adapter_class in (SD3Adapter, PixArtAdapter, FluxAdapter, ChromaAdapter, QwenImageAdapter):
+for _adapter_class in (
+    SD3Adapter,
+    PixArtAdapter,
+    FluxAdapter,
+    ChromaAdapter,
+    QwenImageAdapter,
+    Flux2Adapter,
+    ZImageAdapter,
+):
     register_adapter(_adapter_class)
 
 
@@ -72,6 +82,7 @@ __all__ = [
     "Catalogue",
     "ChromaAdapter",
     "CostModel",
+    "Flux2Adapter",
     "FluxAdapter",
     "ModelAdapter",
     "PixArtAdapter",
@@ -80,6 +91,7 @@ __all__ = [
     "QwenImageAdapter",
     "SD3Adapter",
     "TensorFactory",
+    "ZImageAdapter",
     "adapter_for",
     "adapter_for_class_name",
     "register_adapter",

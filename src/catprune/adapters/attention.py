@@ -61,6 +61,13 @@ def rotate(tensor: torch.Tensor, rotary: Rotary) -> torch.Tensor:
     return (tensor.float() * cos + rotated.float() * sin).to(tensor.dtype)
 
 
+def real_rotary(frequencies: Tensor) -> Rotary:
+    """Complex rotary frequencies (..., S, d/2) -> (cos, sin), each (..., S, d), with each frequency on its
+    pair of interleaved channels: the rotation that Qwen-Image's and Z-Image's processors do by complex
+    multiplication."""
+    return frequencies.real.repeat_interleave(2, dim=-1), frequencies.imag.repeat_interleave(2, dim=-1)
+
+
 def split_rotary(rotary: Rotary | None, leading: int) -> tuple[Rotary | None, Rotary | None]:
     """A rotary embedding over [``leading`` tokens, the rest] cut into the two parts (None stays None)."""
     if rotary is None:
@@ -234,7 +241,7 @@ class JointAttentionProcessor(CachedSelfAttentionProcessor):
     def finish(self, attn: Any, image_out: Tensor, extra_out: Tensor | None) -> Any:
         if extra_out is None:
             return image_out
-        if not attn.context_pre_only:
+        if not getattr(attn, "context_pre_only", False):  # FLUX.2's attention has no such attribute
             extra_out = attn.to_add_out(extra_out)
         return image_out, extra_out
 

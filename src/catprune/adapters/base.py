@@ -105,8 +105,8 @@ class PruningAdapter(ABC):
     scatter_point: ClassVar[str]
     """Submodule whose output is the output tokens (B, N + R, p*p*C) before unpatchify: the scatter point."""
     token_arguments: ClassVar[tuple[str, ...]]
-    """Call arguments holding sequences of per-image-token tensors (B, N, D) that the blocks add to the image
-    tokens (ControlNet residuals): gathered at the selected tokens at a pruned step."""
+    """Call arguments holding sequences (or mappings by block) of per-image-token tensors (B, N + R, D) that
+    the blocks add to the tokens (ControlNet residuals): gathered at the selected tokens at a pruned step."""
     plain_processors: ClassVar[tuple[type, ...]] = ()
     """The model's own attention processors (beside diffusers' plain ones) that compute the plain attention
     the caching processors recompute, so that pruning may replace them (Qwen-Image's)."""
@@ -125,7 +125,17 @@ class PruningAdapter(ABC):
 
     def batch_rows(self, arguments: dict[str, Any]) -> int:
         """Batch rows of a call."""
-        return arguments["hidden_states"].shape[0]
+        return self.call_latents(arguments).shape[0]
+
+    def call_latents(self, arguments: dict[str, Any]) -> Tensor:
+        """A call's latents (B, ...), one row per batch row: CFG pairs are told by its two halves being
+        equal. diffusers' ``hidden_states`` unless the model names them otherwise (Z-Image's list ``x``)."""
+        return arguments["hidden_states"]
+
+    def call_timestep(self, arguments: dict[str, Any]) -> Any:
+        """A call's timestep, which the step engine tells steps and passes by: ``timestep`` unless the model
+        names it otherwise (Z-Image's ``t``)."""
+        return arguments.get("timestep")
 
     @abstractmethod
     def text_tokens(self, arguments: dict[str, Any]) -> int:
@@ -267,6 +277,15 @@ class Catalogue(ABC):
     ) -> dict[str, Any]:
         """Transformer kwargs besides the latents and timestep, with random prompt embeddings of the shapes
         the pipeline's text encoders give (text encoding is not part of the transformer's cost)."""
+
+    def call_inputs(self, latents: Tensor, timestep: Tensor) -> dict[str, Any]:
+        """The transformer's keyword arguments for ``latents`` (as :meth:`latent_shape`) and ``timestep``
+        (besides :meth:`conditioning`)."""
+        return {"hidden_states": latents, "timestep": timestep}
+
+    def call_output(self, output: Any) -> Tensor:
+        """The transformer's first output as one tensor shaped like the latents."""
+        return output
 
     def noise_prediction(self, model: nn.Module, output: Tensor) -> Tensor:
         """The channels of a (B, C, H, W) output that the scheduler steps with."""

@@ -21,13 +21,13 @@ block kinds. What differs:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from diffusers import ChromaTransformer2DModel
 from diffusers.models.transformers.transformer_chroma import ChromaSingleTransformerBlock
 from torch import nn
 
-from .base import PublicModel, TensorFactory, linear_macs
+from .base import PublicModel, linear_macs
 from .flux import FluxAdapter
 
 _CHROMA1_HD = {
@@ -64,11 +64,6 @@ class ChromaAdapter(FluxAdapter):
     """``max_sequence_length=512`` T5 tokens (the padding after the first pad token masked)."""
     text_tokens_by_pipeline: ClassVar[Mapping[str, int]] = dict.fromkeys(CHROMA_PIPELINES, 512)
     public_models: ClassVar[Mapping[str, PublicModel]] = {"chroma": PublicModel(_CHROMA1_HD, 512)}
-
-    def conditioning(
-        self, model: nn.Module, rows: int, text_tokens: int, resolution: int, make: TensorFactory
-    ) -> dict[str, Any]:
-        return self.text_conditioning(model, rows, text_tokens, resolution, make)
 
     def step_macs(
         self, model: nn.Module, image_queries: int, image_tokens: int, text_tokens: int, pruned: bool

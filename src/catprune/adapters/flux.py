@@ -52,6 +52,16 @@ _FLUX_DEV = {
 }
 """``black-forest-labs/FLUX.1-dev``, ``transformer/config.json``."""
 
+FLUX_VAE: Mapping[str, Any] = {
+    **KL_AUTOENCODER,
+    "latent_channels": 16,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+"""FLUX.1's VAE (16 latent channels), which Z-Image uses too."""
+
 
 class SingleStreamAttentionProcessor(CachingProcessor):
     """The attention of a single-stream block: its input is [text T, image n (+ fixed R)] through one set
@@ -64,10 +74,15 @@ class SingleStreamAttentionProcessor(CachingProcessor):
     ) -> Any:
         if context is not None:
             raise NotImplementedError("CAT pruning: a single-stream attention with a context")
-        text = self.context.text_tokens
         query, key, value = projections(attn, tokens, IMAGE_PROJECTIONS, rotary)  # (B, T+n+R, h, d)
+        return self.stream_attention(query, key, value, mask)
+
+    def stream_attention(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> Tensor:
+        """Attention of the stream's Q, K, V (B, T+n+R, h, d) over the cached K/V of all image tokens, with
+        the text and fixed tokens' K/V written into the cache: (B, T+n+R, h*d)."""
+        text = self.context.text_tokens
         self.store(key[:, text:], value[:, text:], lead=(key[:, :text], value[:, :text]))
-        return attend(query, *self.cached(), query_mask(mask, self.context, text))  # (B, T+n+R, h*d)
+        return attend(query, *self.cached(), query_mask(mask, self.context, text))
 
 
 def token_layout_of(ids: Tensor) -> TokenLayout:
@@ -99,6 +114,10 @@ class FluxAdapter(PackedLatentAdapter):
     depth_keys = ("num_layers", "num_single_layers")
     single_blocks: ClassVar[tuple[type[nn.Module], ...]] = (FluxSingleTransformerBlock,)
     """The single-stream block classes (text and image tokens through one set of weights)."""
+    single_processor: ClassVar[type[SingleStreamAttentionProcessor]] = SingleStreamAttentionProcessor
+    """The caching processor of the single-stream blocks' attention."""
+    id_axes: ClassVar[int] = 3
+    """Coordinates of an image or text id: (index, row, column)."""
 
     scheduler_class = FlowMatchEulerDiscreteScheduler
     scheduler_config: ClassVar[Mapping[str, Any]] = {"shift": 3.0}
@@ -112,14 +131,7 @@ class FluxAdapter(PackedLatentAdapter):
     text_tokens_by_pipeline: ClassVar[Mapping[str, int]] = dict.fromkeys(
         ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline"), 512
     )
-    vae_config: ClassVar[Mapping[str, Any]] = {
-        **KL_AUTOENCODER,
-        "latent_channels": 16,
-        "scaling_factor": 0.3611,
-        "shift_factor": 0.1159,
-        "use_quant_conv": False,
-        "use_post_quant_conv": False,
-    }
+    vae_config: ClassVar[Mapping[str, Any]] = FLUX_VAE
     public_models: ClassVar[Mapping[str, PublicModel]] = {
         "flux-dev": PublicModel(_FLUX_DEV, 512),
         "flux-schnell": PublicModel({**_FLUX_DEV, "guidance_embeds": False}, 256, default_steps=4),
@@ -157,7 +169,7 @@ class FluxAdapter(PackedLatentAdapter):
         for block in model.transformer_blocks:
             yield JointAttentionProcessor(block.attn, slot, extra_first=True)
         for block in model.single_transformer_blocks:
-            yield SingleStreamAttentionProcessor(block.attn, slot, extra_first=True)
+            yield self.single_processor(block.attn, slot, extra_first=True)
 
     def hooks(self, model: nn.Module, slot: StepSlot) -> list[Any]:
         """At a pruned step, the rotary embedding (cos, sin), each (T+N+R, d), becomes each row's over its
@@ -185,32 +197,43 @@ class FluxAdapter(PackedLatentAdapter):
             return joint_block_macs(block, image_queries, image_tokens, text_tokens)
         attn = block.attn
         queries = text_tokens + image_queries
-        per_token = linear_macs(attn.to_q, attn.to_k, attn.to_v, block.proj_mlp, block.proj_out)
+        per_token = linear_macs(*self.single_block_layers(block))
         # QK^T and AV: queries x keys x width, twice.
         return queries * per_token + 2 * queries * (text_tokens + image_tokens) * attn.inner_dim
+
+    def single_block_layers(self, block: nn.Module) -> tuple[nn.Module, ...]:
+        """The linear layers a single-stream block runs every token through: Q, K, V, the MLP's input and
+        the output projection shared with the attention."""
+        attn = block.attn
+        return attn.to_q, attn.to_k, attn.to_v, block.proj_mlp, block.proj_out
 
     # --- the pipeline around the transformer
 
     def text_conditioning(
         self, model: nn.Module, rows: int, text_tokens: int, resolution: int, make: TensorFactory
     ) -> dict[str, Any]:
-        """The T5 sequence and the text and image ids, as the pipelines pass them."""
+        """The text sequence and the text and image ids (``id_axes`` coordinates, the image's (row, column)
+        second and third, the rest 0), as the pipelines pass them."""
         height, width = self.image_grid(model.config, resolution)
-        image_ids = make.full((height, width, 3), 0.0)  # (h, w, 3): (0, row, column)
+        axes = self.id_axes
+        image_ids = make.full((height, width, axes), 0.0)  # (h, w, axes): (0, row, column, 0...)
         image_ids[..., 1] += torch.arange(height, device=make.device, dtype=make.dtype)[:, None]
         image_ids[..., 2] += torch.arange(width, device=make.device, dtype=make.dtype)[None, :]
         return {
             "encoder_hidden_states": make.randn(rows, text_tokens, model.config.joint_attention_dim),
-            "txt_ids": make.full((text_tokens, 3), 0.0),
-            "img_ids": image_ids.flatten(0, 1),  # (N, 3)
+            "txt_ids": make.full((text_tokens, axes), 0.0),
+            "img_ids": image_ids.flatten(0, 1),  # (N, axes)
         }
 
     def conditioning(
         self, model: nn.Module, rows: int, text_tokens: int, resolution: int, make: TensorFactory
     ) -> dict[str, Any]:
+        """The text conditioning, with the pooled projection and the distilled guidance where the model's
+        config has them (FLUX.1-dev both, schnell no guidance, Chroma neither)."""
         config = model.config
         arguments = self.text_conditioning(model, rows, text_tokens, resolution, make)
-        arguments["pooled_projections"] = make.randn(rows, config.pooled_projection_dim)
-        if config.guidance_embeds:
+        if config.get("pooled_projection_dim"):
+            arguments["pooled_projections"] = make.randn(rows, config.pooled_projection_dim)
+        if config.get("guidance_embeds"):
             arguments["guidance"] = make.full((rows,), self.guidance_scale)
         return arguments

@@ -33,7 +33,7 @@ from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStream
 from torch import Tensor, nn
 
 from ..engine import CachingProcessor, Grid, StepMode, StepSlot, TokenLayout
-from .attention import JointAttentionProcessor, joint_block_macs
+from .attention import JointAttentionProcessor, joint_block_macs, real_rotary
 from .base import KL_AUTOENCODER, PackedLatentAdapter, PublicModel, TensorFactory, linear_macs
 
 _QWEN_IMAGE = {
@@ -97,12 +97,6 @@ class QwenJointAttentionProcessor(JointAttentionProcessor):
             )
             mask = torch.cat([encoder_hidden_states_mask, image], dim=1)[:, None, None, :]  # (B, 1, 1, L)
         return self.attend(attn, hidden_states, encoder_hidden_states, mask, image_rotary_emb)
-
-
-def real_rotary(frequencies: Tensor) -> tuple[Tensor, Tensor]:
-    """Complex rotary frequencies (..., S, d/2) -> (cos, sin), each (..., S, d), with each frequency on its
-    pair of interleaved channels: the rotation ``apply_rotary_emb_qwen`` does by complex multiplication."""
-    return frequencies.real.repeat_interleave(2, dim=-1), frequencies.imag.repeat_interleave(2, dim=-1)
 
 
 def image_shapes(arguments: dict[str, Any]) -> list[tuple[int, int, int]]:

@@ -28,17 +28,8 @@ REASONS: dict[str, str] = {
     "DualTransformer2DModel": "a block inside UNet pipelines (Versatile Diffusion): not a whole model",
     "TransformerTemporalModel": "temporal layers inside video UNets: not a whole model",
     # The models of issue 25 not done yet.
-    "Flux2Transformer2DModel": (
-        "no adapter yet (issue 25): its rotary embedding is computed separately for image and text ids and "
-        "its single-stream blocks fuse Q/K/V with the MLP (to_qkv_mlp_proj), so Flux.1's hooks and "
-        "processors do not apply"
-    ),
     "Flux3Transformer2DModel": (
         "no adapter yet (issue 25): per-mode blocks for image, reference and text, per-token modulation"
-    ),
-    "ZImageTransformer2DModel": (
-        "no adapter yet (issue 25): a list of latents flattened into padded [image, text] sequences with a "
-        "mask and per-row rotary tables, refiner blocks before the main ones"
     ),
 }
 """Reasons by class name, where the class's kind does not say it."""

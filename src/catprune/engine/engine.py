@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -45,6 +45,10 @@ class PruningFacts(Protocol):
     def token_layout(self, model: torch.nn.Module, arguments: dict[str, Any]) -> TokenLayout: ...
 
     def batch_rows(self, arguments: dict[str, Any]) -> int: ...
+
+    def call_latents(self, arguments: dict[str, Any]) -> Tensor: ...
+
+    def call_timestep(self, arguments: dict[str, Any]) -> Any: ...
 
     def text_tokens(self, arguments: dict[str, Any]) -> int: ...
 
@@ -173,7 +177,7 @@ class PruningEngine:
         if context.mode is not StepMode.PRUNED:
             return args, kwargs
         gathered = {
-            name: [context.gather(tokens) for tokens in arguments[name]]
+            name: _gather_each(context, arguments[name])
             for name in self.adapter.token_arguments
             if arguments.get(name) is not None
         }
@@ -210,14 +214,14 @@ class PruningEngine:
         """Which generation, step and pass the call is; starts the generation or steps it."""
         layout = self.adapter.token_layout(self.model, arguments)
         rows = self.adapter.batch_rows(arguments)
-        call = self.tracker.classify(arguments.get("timestep"))
+        call = self.tracker.classify(self.adapter.call_timestep(arguments))
         plan = self.plan
         if call.kind is not CallKind.GENERATION and plan is not None:
             if plan.drops_unconditional_rows(layout, rows):
                 self._take_rows(plan.drop_unconditional_rows())
             elif (layout, rows) != (plan.layout, plan.rows):
                 self.tracker.restart()
-                call = self.tracker.classify(arguments.get("timestep"))
+                call = self.tracker.classify(self.adapter.call_timestep(arguments))
         if call.kind is CallKind.GENERATION or plan is None:
             plan = self._start_generation(arguments, rows, layout)
         elif call.kind is CallKind.STEP:
@@ -243,7 +247,7 @@ class PruningEngine:
         ``config.row_pairing`` says."""
         declared = self.declared[0]
         if declared is None and self.detect_cfg:
-            paired = _is_cfg_batch(arguments["hidden_states"])
+            paired = _is_cfg_batch(self.adapter.call_latents(arguments))
             return RowLayout(paired, paired and self.adapter.cond_first)
         paired = self.config.row_pairing != "none" if declared is None else declared
         return RowLayout(paired, paired and self.config.row_pairing == "cfg-cond-first")
@@ -296,10 +300,10 @@ class PruningEngine:
         read), where an extrapolation option needs it."""
         if "linear" not in (self.config.kv_extrapolation, self.config.output_extrapolation):
             return None
-        timestep = arguments.get("timestep")
+        timestep = self.adapter.call_timestep(arguments)
         if timestep is None:
             raise ValueError("CAT pruning: extrapolation needs the transformer call's timestep")
-        device = arguments["hidden_states"].device
+        device = self.adapter.call_latents(arguments).device
         time = torch.as_tensor(timestep, device=device, dtype=torch.float32).reshape(-1)
         return time.expand(rows) if time.numel() == 1 else time
 
@@ -347,6 +351,14 @@ class PruningEngine:
         for processor in self.processors:
             processor.release()
         self.counter.stats = GenerationStats()
+
+
+def _gather_each(context: StepContext, tensors: Any) -> Any:
+    """A sequence of per-token tensors (B, N + R, ...) (Flux's ControlNet residuals), or a mapping of them
+    by block (Z-Image's), each gathered at the selected tokens."""
+    if isinstance(tensors, Mapping):
+        return {key: context.gather(value) for key, value in tensors.items()}
+    return [context.gather(value) for value in tensors]
 
 
 def _is_cfg_batch(hidden_states: Tensor) -> bool:

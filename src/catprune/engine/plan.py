@@ -66,5 +66,6 @@ def too_short_warning(config: CATPruningConfig, steps: int | None) -> str | None
     return (
         f"CAT pruning: a generation of {steps} step{'s' * (steps != 1)} never reaches start_step "
         f"{config.start_step}, so it runs unpruned (this is said once); lower start_step in CATPruningConfig "
-        "to prune short generations"
+        "to prune short generations (a few-step model's: 'catprune macs --model NAME --steps N' lists the "
+        "saving at each start_step; docs/measurement.md, 'Few-step models', says what to check)"
     )

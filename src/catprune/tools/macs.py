@@ -124,7 +124,28 @@ def report_fields(report: MacsReport, selection: SelectionCost) -> dict[str, Any
             "flop_counter_macs": selection.matmul_macs,
         },
         "paper": _ratio(round(paper[0]), round(paper[1])) if paper else None,
+        "by_start_step": [
+            {"start_step": start_step, "pruned_steps": steps, "ratio": ratio}
+            for start_step, steps, ratio in report.by_start_step()
+        ],
+        "few_steps": few_steps_advice(report),
     }
+
+
+def few_steps_advice(report: MacsReport) -> str | None:
+    """What a user of a schedule that leaves no step to prune at this start_step should know (None when
+    some step is pruned)."""
+    if report.step_counts[2]:
+        return None
+    if report.steps < 3:
+        return f"no step of a {report.steps}-step generation can be pruned (t0 >= 2 needs 3 steps)"
+    best = min(report.by_start_step(), key=lambda row: row[2])
+    return (
+        f"{report.steps} steps never reach start_step {report.start_step}: the generation runs unpruned "
+        f"(ratio 1.0). start_step {best[0]} prunes {best[1]} of them (ratio {best[2]:.3f}); few-step "
+        "(distilled) models change the image most in their first steps, so check the quality at the "
+        "start_step you choose (docs/measurement.md, 'Few-step models')"
+    )
 
 
 def _step_line(name: str, step: StepMacs, analytic: int | None = None) -> str:
@@ -173,4 +194,16 @@ def report_lines(report: MacsReport, fields: dict[str, Any]) -> list[str]:
         f"{format_count(selection['later_step_ops'])}; per generation "
         f"{format_count(selection['per_generation_ops'])} = {selection['share_of_cat_macs'] * 100:.2g}% "
         "of the CAT MACs",
+        *few_steps_lines(fields),
     ]
+
+
+def few_steps_lines(fields: dict[str, Any]) -> list[str]:
+    """A schedule that leaves no step to prune: the advice and the ratio at each start_step that prunes."""
+    if fields["few_steps"] is None:
+        return []
+    table = [
+        f"  start_step {row['start_step']}: {row['pruned_steps']} pruned, ratio {row['ratio']:.3f}"
+        for row in fields["by_start_step"]
+    ]
+    return ["", f"few steps: {fields['few_steps']}", *table]

@@ -30,6 +30,8 @@ TESTED_PIPELINES: dict[str, tuple[str, ...]] = {
     "flux": ("FluxPipeline", "FluxImg2ImgPipeline", "FluxControlNetPipeline", "FluxKontextPipeline"),
     "chroma": ("ChromaPipeline",),
     "qwen-image": ("QwenImagePipeline", "QwenImageEditPipeline"),
+    "flux2": ("Flux2Pipeline", "Flux2KleinPipeline"),
+    "z-image": ("ZImagePipeline",),
 }
 """The diffusers pipelines each family's tests build from tiny components and run pruned (the test of the
 matrix checks that each is named in the tests)."""
