@@ -33,6 +33,9 @@ OPTIONS = {
     "output-extrapolation": {"output_extrapolation": "linear"},
     "refresh-last": {"refresh_steps": (-1,)},
     "all": {"kv_extrapolation": "linear", "output_extrapolation": "linear", "refresh_steps": (5, -1)},
+    "kv-quadratic": {"kv_extrapolation": "quadratic"},
+    "output-quadratic": {"output_extrapolation": "quadratic"},
+    "miss-driven": {"strategy": "misses", "kv_extrapolation": "linear"},
 }
 CASES = {
     "sd3": (lambda: sd3_pipeline(tiny_sd3()), sd3_prompts, {}),
@@ -161,12 +164,96 @@ def test_a_token_computed_once_is_not_extrapolated_and_a_recomputed_one_is_exact
     assert torch.equal(moved[:, 2:], later[:, 2:])
 
 
+def quadratic_in_time(time: float, shape: tuple[int, ...]) -> torch.Tensor:
+    """Values A + t B + t^2 C, the same A, B and C at every call."""
+    generator = torch.Generator().manual_seed(4)
+    a, b, c = (torch.randn(shape, generator=generator) for _ in range(3))
+    return a + time * b + time**2 * c
+
+
+def test_quadratic_kv_extrapolation_is_exact_for_values_quadratic_in_time() -> None:
+    """Tokens computed three times, each at its own times (unequal spans), are moved exactly; tokens
+    computed twice only are moved along their line, and the linear option misses the curvature."""
+    rows, tokens, heads, dim = 2, 8, 2, 4
+
+    def at(time: float) -> torch.Tensor:
+        return quadratic_in_time(time, (rows, tokens, heads, dim))
+
+    def times(value: float) -> torch.Tensor:
+        return torch.full((rows,), value)
+
+    caches = {order: KVCache(extrapolate=order) for order in (1, 2)}
+    first = torch.stack([torch.randperm(tokens)[:4] for _ in range(rows)])  # (B, 4)
+    rest = torch.stack([torch.tensor([t for t in range(tokens) if t not in row]) for row in first])
+    everyone = torch.arange(tokens).expand(rows, -1)
+    for cache in caches.values():
+        cache.fill(at(1.0), at(1.0) + 1, image_start=0, num_image=tokens, time=times(1.0))
+        for indices, time in ((everyone, 0.9), (first, 0.75), (rest, 0.6), (first, 0.5)):
+            index = indices[:, :, None, None].expand(-1, -1, heads, dim)
+            cache.update(indices, at(time).gather(1, index), (at(time) + 1).gather(1, index), times(time))
+    key, value = caches[2].attention_inputs(times(0.3))
+    index = first[:, :, None, None].expand(-1, -1, heads, dim)
+    torch.testing.assert_close(key.gather(1, index), at(0.3).gather(1, index), atol=1e-5, rtol=0)
+    torch.testing.assert_close(value, at(0.3) + 1, atol=1e-5, rtol=0)
+    linear_key = caches[1].attention_inputs(times(0.3))[0]
+    assert not torch.allclose(linear_key, at(0.3), atol=1e-3)
+
+
+def test_quadratic_history_with_two_computations_is_the_line_and_with_one_the_value() -> None:
+    quadratic, linear = TokenHistory(order=2), TokenHistory()
+    values = linear_in_time(1.0, (1, 4, 3))
+    for history in (quadratic, linear):
+        history.record_all(None, torch.tensor([1.0]), values)
+    later = values.clone()
+    for history in (quadratic, linear):
+        history.record(later, torch.tensor([[0, 1]]), torch.tensor([0.5]))
+    later[:, :2] = linear_in_time(0.5, (1, 4, 3))[:, :2]
+    time = torch.tensor([0.2])
+    assert torch.equal(quadratic.extrapolate(later, time), linear.extrapolate(later, time))
+
+
+def test_miss_driven_selection_spends_the_budget_where_the_forecast_missed() -> None:
+    """Never measured first (ties by relative noise), then the largest miss per step waited, times the
+    steps waited since."""
+    from catprune.selection import Grid
+    from catprune.strategies import SelectionInput, get_strategy
+
+    strategy = get_strategy("misses")
+    config = CATPruningConfig(strategy="misses")
+    memory: dict[str, Any] = {}
+    grid = Grid(2, 3)
+
+    def select(step: int, misses: torch.Tensor | None, scores: list[float]) -> list[int]:
+        score = torch.tensor([scores])
+        noise = torch.zeros(1, 6, 2)
+        inputs = SelectionInput(
+            noise, noise, score, torch.zeros(1, 6), step, grid, 2, config, memory, None, misses
+        )
+        return strategy(inputs)[0].tolist()
+
+    flat = [0.0] * 6
+    assert select(0, None, [0, 5, 1, 4, 0, 0]) == [1, 3]
+    # tokens 1 and 3 measured (miss 1 and 8); the others never measured go first, by relative noise
+    assert select(1, torch.tensor([[-1.0, 1.0, -1, 8.0, -1, -1]]), [0, 0, 3, 0, 0, 2]) == [2, 5]
+    measured = torch.tensor([[-1.0, 1.0, 0.5, 8.0, -1, 0.1]])
+    assert select(2, measured, flat) == [0, 4]
+    # at step 3, miss / steps waited then * steps waited since: token 1: 1 / 1 * 3, token 2: 0.5 / 2 * 2,
+    # token 3: 8 / 1 * 3, token 5: 0.1 / 2 * 2; tokens 0 and 4 measured at step 2 (waited 3): 0.2 / 3 * 1
+    # and 12 / 3 * 1
+    assert select(3, torch.tensor([[0.2, 1.0, 0.5, 8.0, 12.0, 0.1]]), flat) == [3, 4]
+    assert select(4, torch.tensor([[0.2, 1.0, 0.5, 0.0, 0.0, 0.1]]), flat) == [1, 2]
+
+
 def test_the_options_run_on_the_meta_device() -> None:
     """No host reads or data-dependent shapes in pruned steps with every option on."""
     with torch.device("meta"):
         transformer = tiny_sd3()
     config = CATPruningConfig(
-        start_step=2, kv_extrapolation="linear", output_extrapolation="linear", refresh_steps=(4, -1)
+        start_step=2,
+        kv_extrapolation="linear",
+        output_extrapolation="quadratic",
+        strategy="misses",
+        refresh_steps=(4, -1),
     )
     state = apply_cat_pruning(transformer, config)
     state.begin_generation(steps=6)
@@ -215,7 +302,7 @@ def test_refresh_steps_from_the_end_need_the_number_of_steps_and_say_so_once() -
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("kv_extrapolation", "quadratic"), ("output_extrapolation", "yes"), ("refresh_steps", (1.5,))],
+    [("kv_extrapolation", "cubic"), ("output_extrapolation", "yes"), ("refresh_steps", (1.5,))],
 )
 def test_bad_option_values_are_refused_naming_the_field(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field):

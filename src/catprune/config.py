@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 RowPairing = Literal["none", "cfg", "cfg-cond-first"]
-Extrapolation = Literal["none", "linear"]
+Extrapolation = Literal["none", "linear", "quadratic"]
+EXTRAPOLATION_ORDERS: dict[str, int] = {"none": 0, "linear": 1, "quadratic": 2}
+"""The order in time of each extrapolation option (0: the values as last computed)."""
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,10 @@ class CATPruningConfig:
         kv_extrapolation: what a pruned step attends over for the image tokens it does not recompute:
             their cached K/V as last computed (``"none"``: the paper) or extrapolated to the current
             timestep, first order in the scheduler's time, from the last two times each token was computed
-            (``"linear"``; it keeps the previous K/V beside the cache: twice the cache memory).
+            (``"linear"``; it keeps the previous K/V beside the cache: twice the cache memory), or second
+            order from the last three (``"quadratic"``: three times the cache memory).
         output_extrapolation: the same for the output of the tokens not recomputed: reused as last
-            computed (``"none"``: the paper) or extrapolated linearly in time (``"linear"``).
+            computed (``"none"``: the paper) or extrapolated in time (``"linear"``, ``"quadratic"``).
         kept_multiple: K rounded up to a multiple of this (64 or 128 suit fast attention and matmul
             kernels on GPUs); it recomputes a few more tokens: SD3 at 1024x1024, K = 1229 -> 1280, the
             28-step MAC ratio 0.537 -> 0.545 (``catprune macs --kept-multiple 64``). 1: K = round(alpha N).
@@ -127,7 +130,10 @@ class CATPruningConfig:
         )
         for name in ("kv_extrapolation", "output_extrapolation"):
             value = getattr(self, name)
-            require(value in ("none", "linear"), f"{name} must be 'none' or 'linear', got {value!r}")
+            require(
+                value in EXTRAPOLATION_ORDERS,
+                f"{name} must be 'none', 'linear' or 'quadratic', got {value!r}",
+            )
         require(
             isinstance(self.kept_multiple, int) and self.kept_multiple >= 1,
             f"kept_multiple must be a positive integer, got {self.kept_multiple!r}",

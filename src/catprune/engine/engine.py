@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ..config import CATPruningConfig
+from ..config import EXTRAPOLATION_ORDERS, CATPruningConfig
 from ..strategies import TokenSelector
 from .caches import CachingProcessor, OutputCache, PassKey
 from .context import RowLayout, StepContext, StepMode, StepSlot, TokenLayout
@@ -258,7 +258,9 @@ class PruningEngine:
         num_kept = self.config.num_kept(plan.layout.grid.num_tokens)
         if mode is StepMode.PRUNED and first_pass:
             noise = self._prompt_noise(self.output.tokens)
-            self.selections.choose(noise, plan, num_kept, self.slot.capture.map)
+            misses = self.output.misses
+            misses = None if misses is None else plan.row_layout.prompt_rows(misses)
+            self.selections.choose(noise, plan, num_kept, self.slot.capture.map, misses)
         rows = plan.rows
         return StepContext(
             step=plan.step,
@@ -281,8 +283,9 @@ class PruningEngine:
         only when the pass changes (once per generation, or per call under true CFG)."""
         if self.output is not None and self.outputs.get(key) is self.output:
             return
-        extrapolate = self.config.output_extrapolation == "linear"
-        self.output = self.outputs.setdefault(key, OutputCache(extrapolate))
+        extrapolate = EXTRAPOLATION_ORDERS[self.config.output_extrapolation]
+        track_misses = self.selector.needs_misses
+        self.output = self.outputs.setdefault(key, OutputCache(extrapolate, track_misses))
         for processor in self.processors:
             processor.enter_pass(key)
 
@@ -294,7 +297,7 @@ class PruningEngine:
     def _timesteps(self, arguments: dict[str, Any], rows: int) -> Tensor | None:
         """The call's timestep as (rows,) float32 on the model's device (a device-side cast, no host
         read), where an extrapolation option needs it."""
-        if "linear" not in (self.config.kv_extrapolation, self.config.output_extrapolation):
+        if self.config.kv_extrapolation == self.config.output_extrapolation == "none":
             return None
         timestep = arguments.get("timestep")
         if timestep is None:
@@ -366,7 +369,7 @@ def attach(model: torch.nn.Module, adapter: PruningFacts, config: CATPruningConf
     engine = PruningEngine(config, adapter, model)
     engine.processors = list(adapter.processors(model, engine.slot, engine.selector.needs_attention))
     for processor in engine.processors:
-        processor.extrapolate = config.kv_extrapolation == "linear"
+        processor.extrapolate = EXTRAPOLATION_ORDERS[config.kv_extrapolation]
     # PyTorch's own module hooks, not a replaced ``forward``: accelerate's offload hooks and diffusers'
     # hook registry replace and restore ``forward`` on their own schedule, which would drop or revive ours.
     # The model's own hooks plan and account for each call in Python, outside ``torch.compile``: compiled
