@@ -244,6 +244,46 @@ def test_miss_driven_selection_spends_the_budget_where_the_forecast_missed() -> 
     assert select(4, torch.tensor([[0.2, 1.0, 0.5, 0.0, 0.0, 0.1]]), flat) == [1, 2]
 
 
+def test_miss_driven_selection_with_staleness_lets_no_token_wait_long() -> None:
+    """``misses+staleness``: the noise_fraction share by expected miss, the rest the tokens waiting
+    longest; with a quarter of the budget by miss, every token is chosen within N / (3K / 4) steps + 1,
+    however small its miss."""
+    from catprune.selection import Grid
+    from catprune.strategies import SelectionInput, get_strategy
+
+    strategy = get_strategy("misses+staleness")
+    config = CATPruningConfig(strategy="misses+staleness", noise_fraction=0.25)
+    memory: dict[str, Any] = {}
+    tokens, kept = 16, 4
+    misses = torch.full((1, tokens), -1.0)
+    big = torch.zeros(1, tokens)
+    big[0, 0] = 100.0  # token 0 always misses most once measured, the others never miss
+    seen: dict[int, int] = {}
+    for step in range(8):
+        noise = torch.zeros(1, tokens, 2)
+        inputs = SelectionInput(
+            noise,
+            noise,
+            torch.zeros(1, tokens),
+            torch.zeros(1, tokens),
+            step,
+            Grid(4, 4),
+            kept,
+            config,
+            memory,
+            None,
+            misses,
+        )
+        indices = strategy(inputs)[0].tolist()
+        assert len(set(indices)) == kept
+        for token in indices:
+            seen.setdefault(token, step)
+        misses = torch.where(torch.isin(torch.arange(tokens), torch.tensor(indices)), big, misses)
+        if step >= tokens // kept:  # every token measured: the miss share goes to the one that misses
+            assert 0 in indices
+    assert sorted(seen) == list(range(tokens)) and max(seen.values()) <= tokens // 3 + 1
+
+
 def test_the_options_run_on_the_meta_device() -> None:
     """No host reads or data-dependent shapes in pruned steps with every option on."""
     with torch.device("meta"):

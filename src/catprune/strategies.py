@@ -159,25 +159,50 @@ def uniformly_random(inputs: SelectionInput) -> torch.Tensor:
     return take_first([draws.expand_as(inputs.scores)], inputs.num_kept)
 
 
-@register_strategy("misses", needs_misses=True)
-def largest_expected_miss(inputs: SelectionInput) -> torch.Tensor:
-    """Error-driven selection: the K tokens whose forecast (or reuse) is expected to be furthest off now.
-    A token's miss when it was last recomputed, per pruned step it had waited then, times the pruned steps
-    it has waited since; tokens never measured first, ties by relative noise. Tokens that bend get the
-    budget, tokens on straight paths wait longer, but every wait grows its priority."""
+def expected_misses(inputs: SelectionInput) -> torch.Tensor:
+    """(P, N) how far each token's forecast (or reuse) is expected to be off now: its miss when it was
+    last recomputed, per pruned step it had waited then, times the pruned steps it has waited since
+    (infinite for a token never measured). Updates the strategy's memory of when each token was chosen
+    (call once per selection, then :func:`remember_choice`)."""
     memory = inputs.memory
     if "last" not in memory:  # the pruned step each token was last selected at (-1: the fill step)
         memory["last"] = torch.full_like(inputs.scores, -1.0)
         memory["waited"] = torch.ones_like(inputs.scores)  # the pruned steps it had waited then
-    step = float(inputs.pruned_step)
     misses = inputs.misses if inputs.misses is not None else torch.full_like(inputs.scores, -1.0)
-    rate = misses / memory["waited"]
-    expected = torch.where(misses >= 0, rate * (step - memory["last"]), torch.inf)  # (P, N)
-    indices = take_first([-expected, -inputs.scores], inputs.num_kept)  # (P, K)
+    waited_now = float(inputs.pruned_step) - memory["last"]
+    return torch.where(misses >= 0, misses / memory["waited"] * waited_now, torch.inf)
+
+
+def remember_choice(inputs: SelectionInput, indices: torch.Tensor) -> torch.Tensor:
+    memory, step = inputs.memory, float(inputs.pruned_step)
     chosen = torch.zeros_like(inputs.scores, dtype=torch.bool).scatter_(1, indices, True)
     memory["waited"] = torch.where(chosen, step - memory["last"], memory["waited"])
     memory["last"] = torch.where(chosen, torch.full_like(memory["last"], step), memory["last"])
     return indices
+
+
+@register_strategy("misses", needs_misses=True)
+def largest_expected_miss(inputs: SelectionInput) -> torch.Tensor:
+    """Error-driven selection: the K tokens whose forecast (or reuse) is expected to be furthest off now
+    (:func:`expected_misses`), never-measured tokens first, ties by relative noise. Measured on
+    ``textures-mmdit``: far worse than CAT (tokens on straight paths wait too long; see
+    ``docs/results-frontier.md``)."""
+    expected = expected_misses(inputs)
+    return remember_choice(inputs, take_first([-expected, -inputs.scores], inputs.num_kept))
+
+
+@register_strategy("misses+staleness", needs_misses=True)
+def expected_miss_and_staleness(inputs: SelectionInput) -> torch.Tensor:
+    """Error-driven selection with a floor: the ``noise_fraction`` share of K by expected miss, the rest
+    the tokens waiting longest (then by expected miss), so that no token waits more than about
+    N / ((1 - noise_fraction) K) pruned steps."""
+    expected = expected_misses(inputs)
+    waited = float(inputs.pruned_step) - inputs.memory["last"]
+    num_miss = round(inputs.config.noise_fraction * inputs.num_kept)
+    by_miss = take_first([-expected, -inputs.scores], num_miss)
+    chosen = torch.zeros_like(inputs.scores, dtype=torch.long).scatter_(1, by_miss, 1)
+    indices = take_first([1 - chosen, -waited, -expected], inputs.num_kept)
+    return remember_choice(inputs, indices)
 
 
 ATEDM_ITERATIONS = 10
