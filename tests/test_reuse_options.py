@@ -35,7 +35,7 @@ OPTIONS = {
     "all": {"kv_extrapolation": "linear", "output_extrapolation": "linear", "refresh_steps": (5, -1)},
     "kv-quadratic": {"kv_extrapolation": "quadratic"},
     "output-quadratic": {"output_extrapolation": "quadratic"},
-    "miss-driven": {"strategy": "misses", "kv_extrapolation": "linear"},
+    "rows-extrapolated": {"strategy": "rows", "kv_extrapolation": "linear", "refresh_steps": (-1,)},
 }
 CASES = {
     "sd3": (lambda: sd3_pipeline(tiny_sd3()), sd3_prompts, {}),
@@ -212,78 +212,6 @@ def test_quadratic_history_with_two_computations_is_the_line_and_with_one_the_va
     assert torch.equal(quadratic.extrapolate(later, time), linear.extrapolate(later, time))
 
 
-def test_miss_driven_selection_spends_the_budget_where_the_forecast_missed() -> None:
-    """Never measured first (ties by relative noise), then the largest miss per step waited, times the
-    steps waited since."""
-    from catprune.selection import Grid
-    from catprune.strategies import SelectionInput, get_strategy
-
-    strategy = get_strategy("misses")
-    config = CATPruningConfig(strategy="misses")
-    memory: dict[str, Any] = {}
-    grid = Grid(2, 3)
-
-    def select(step: int, misses: torch.Tensor | None, scores: list[float]) -> list[int]:
-        score = torch.tensor([scores])
-        noise = torch.zeros(1, 6, 2)
-        inputs = SelectionInput(
-            noise, noise, score, torch.zeros(1, 6), step, grid, 2, config, memory, None, misses
-        )
-        return strategy(inputs)[0].tolist()
-
-    flat = [0.0] * 6
-    assert select(0, None, [0, 5, 1, 4, 0, 0]) == [1, 3]
-    # tokens 1 and 3 measured (miss 1 and 8); the others never measured go first, by relative noise
-    assert select(1, torch.tensor([[-1.0, 1.0, -1, 8.0, -1, -1]]), [0, 0, 3, 0, 0, 2]) == [2, 5]
-    measured = torch.tensor([[-1.0, 1.0, 0.5, 8.0, -1, 0.1]])
-    assert select(2, measured, flat) == [0, 4]
-    # at step 3, miss / steps waited then * steps waited since: token 1: 1 / 1 * 3, token 2: 0.5 / 2 * 2,
-    # token 3: 8 / 1 * 3, token 5: 0.1 / 2 * 2; tokens 0 and 4 measured at step 2 (waited 3): 0.2 / 3 * 1
-    # and 12 / 3 * 1
-    assert select(3, torch.tensor([[0.2, 1.0, 0.5, 8.0, 12.0, 0.1]]), flat) == [3, 4]
-    assert select(4, torch.tensor([[0.2, 1.0, 0.5, 0.0, 0.0, 0.1]]), flat) == [1, 2]
-
-
-def test_miss_driven_selection_with_staleness_lets_no_token_wait_long() -> None:
-    """``misses+staleness``: the noise_fraction share by expected miss, the rest the tokens waiting
-    longest; with a quarter of the budget by miss, every token is chosen within N / (3K / 4) steps + 1,
-    however small its miss."""
-    from catprune.selection import Grid
-    from catprune.strategies import SelectionInput, get_strategy
-
-    strategy = get_strategy("misses+staleness")
-    config = CATPruningConfig(strategy="misses+staleness", noise_fraction=0.25)
-    memory: dict[str, Any] = {}
-    tokens, kept = 16, 4
-    misses = torch.full((1, tokens), -1.0)
-    big = torch.zeros(1, tokens)
-    big[0, 0] = 100.0  # token 0 always misses most once measured, the others never miss
-    seen: dict[int, int] = {}
-    for step in range(8):
-        noise = torch.zeros(1, tokens, 2)
-        inputs = SelectionInput(
-            noise,
-            noise,
-            torch.zeros(1, tokens),
-            torch.zeros(1, tokens),
-            step,
-            Grid(4, 4),
-            kept,
-            config,
-            memory,
-            None,
-            misses,
-        )
-        indices = strategy(inputs)[0].tolist()
-        assert len(set(indices)) == kept
-        for token in indices:
-            seen.setdefault(token, step)
-        misses = torch.where(torch.isin(torch.arange(tokens), torch.tensor(indices)), big, misses)
-        if step >= tokens // kept:  # every token measured: the miss share goes to the one that misses
-            assert 0 in indices
-    assert sorted(seen) == list(range(tokens)) and max(seen.values()) <= tokens // 3 + 1
-
-
 def test_the_options_run_on_the_meta_device() -> None:
     """No host reads or data-dependent shapes in pruned steps with every option on."""
     with torch.device("meta"):
@@ -292,7 +220,6 @@ def test_the_options_run_on_the_meta_device() -> None:
         start_step=2,
         kv_extrapolation="linear",
         output_extrapolation="quadratic",
-        strategy="misses",
         refresh_steps=(4, -1),
     )
     state = apply_cat_pruning(transformer, config)
@@ -362,3 +289,13 @@ def test_the_extrapolated_preset_is_the_frontier_s_winning_setting() -> None:
         (-1,),
     )
     assert (config.output_extrapolation, config.strategy) == ("none", "cat")
+
+
+def test_the_multistep_preset_is_the_frontier_s_winning_setting_on_a_second_order_solver() -> None:
+    config = CATPruningConfig.multistep()
+    assert (config.keep_ratio, config.start_step, config.strategy) == (0.7, 4, "rows")
+    assert (config.kv_extrapolation, config.output_extrapolation, config.refresh_steps) == (
+        "linear",
+        "none",
+        (-1,),
+    )

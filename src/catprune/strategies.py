@@ -60,32 +60,22 @@ class SelectionInput:
     """(P, M, M) float32 head-averaged attention probabilities of one block at the latest step, over the
     N image tokens (first, raster order) and the text tokens of a joint attention; given only to
     strategies registered with ``needs_attention=True``."""
-    misses: torch.Tensor | None = None
-    """(P, N) float32 how far each token's output was from what the pruned step before its latest
-    recomputation used for it (reused or forecast), -1 for a token not yet recomputed at a pruned step (or
-    None before any pruned step); given only to strategies registered with ``needs_misses=True``."""
 
 
 Strategy = Callable[[SelectionInput], torch.Tensor]
 STRATEGIES: dict[str, Strategy] = {}
 ATTENTION_STRATEGIES: set[str] = set()
 """Names of the strategies that read an attention map (computing one costs an extra N x N product)."""
-MISS_STRATEGIES: set[str] = set()
-"""Names of the strategies that read the forecast misses (``SelectionInput.misses``)."""
 
 
-def register_strategy(
-    name: str, *, needs_attention: bool = False, needs_misses: bool = False
-) -> Callable[[Strategy], Strategy]:
+def register_strategy(name: str, *, needs_attention: bool = False) -> Callable[[Strategy], Strategy]:
     """Decorator: make a strategy selectable by ``CATPruningConfig(strategy=name)``; ``needs_attention``
-    asks the mechanism for an attention map before each selection, ``needs_misses`` for the misses."""
+    asks the mechanism for an attention map before each selection."""
 
     def register(strategy: Strategy) -> Strategy:
         STRATEGIES[name] = strategy
         if needs_attention:
             ATTENTION_STRATEGIES.add(name)
-        if needs_misses:
-            MISS_STRATEGIES.add(name)
         return strategy
 
     return register
@@ -159,52 +149,6 @@ def uniformly_random(inputs: SelectionInput) -> torch.Tensor:
     return take_first([draws.expand_as(inputs.scores)], inputs.num_kept)
 
 
-def expected_misses(inputs: SelectionInput) -> torch.Tensor:
-    """(P, N) how far each token's forecast (or reuse) is expected to be off now: its miss when it was
-    last recomputed, per pruned step it had waited then, times the pruned steps it has waited since
-    (infinite for a token never measured). Updates the strategy's memory of when each token was chosen
-    (call once per selection, then :func:`remember_choice`)."""
-    memory = inputs.memory
-    if "last" not in memory:  # the pruned step each token was last selected at (-1: the fill step)
-        memory["last"] = torch.full_like(inputs.scores, -1.0)
-        memory["waited"] = torch.ones_like(inputs.scores)  # the pruned steps it had waited then
-    misses = inputs.misses if inputs.misses is not None else torch.full_like(inputs.scores, -1.0)
-    waited_now = float(inputs.pruned_step) - memory["last"]
-    return torch.where(misses >= 0, misses / memory["waited"] * waited_now, torch.inf)
-
-
-def remember_choice(inputs: SelectionInput, indices: torch.Tensor) -> torch.Tensor:
-    memory, step = inputs.memory, float(inputs.pruned_step)
-    chosen = torch.zeros_like(inputs.scores, dtype=torch.bool).scatter_(1, indices, True)
-    memory["waited"] = torch.where(chosen, step - memory["last"], memory["waited"])
-    memory["last"] = torch.where(chosen, torch.full_like(memory["last"], step), memory["last"])
-    return indices
-
-
-@register_strategy("misses", needs_misses=True)
-def largest_expected_miss(inputs: SelectionInput) -> torch.Tensor:
-    """Error-driven selection: the K tokens whose forecast (or reuse) is expected to be furthest off now
-    (:func:`expected_misses`), never-measured tokens first, ties by relative noise. Measured on
-    ``textures-mmdit``: far worse than CAT (tokens on straight paths wait too long; see
-    ``docs/results-frontier.md``)."""
-    expected = expected_misses(inputs)
-    return remember_choice(inputs, take_first([-expected, -inputs.scores], inputs.num_kept))
-
-
-@register_strategy("misses+staleness", needs_misses=True)
-def expected_miss_and_staleness(inputs: SelectionInput) -> torch.Tensor:
-    """Error-driven selection with a floor: the ``noise_fraction`` share of K by expected miss, the rest
-    the tokens waiting longest (then by expected miss), so that no token waits more than about
-    N / ((1 - noise_fraction) K) pruned steps."""
-    expected = expected_misses(inputs)
-    waited = float(inputs.pruned_step) - inputs.memory["last"]
-    num_miss = round(inputs.config.noise_fraction * inputs.num_kept)
-    by_miss = take_first([-expected, -inputs.scores], num_miss)
-    chosen = torch.zeros_like(inputs.scores, dtype=torch.long).scatter_(1, by_miss, 1)
-    indices = take_first([1 - chosen, -waited, -expected], inputs.num_kept)
-    return remember_choice(inputs, indices)
-
-
 ATEDM_ITERATIONS = 10
 """Power iterations of the weighted PageRank; the ranking of the top tokens is stable after a few."""
 
@@ -268,20 +212,15 @@ class TokenSelector:
     def needs_attention(self) -> bool:
         return self.config.strategy in ATTENTION_STRATEGIES
 
-    @property
-    def needs_misses(self) -> bool:
-        return self.config.strategy in MISS_STRATEGIES
-
     def select(
         self,
         noise: torch.Tensor,
         grid: Grid,
         num_kept: int,
         attention: torch.Tensor | None = None,
-        misses: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(P, N, C) latest noise (and, for a strategy that needs them, (P, M, M) attention or (P, N)
-        forecast misses) -> (P, K) int64 token indices, sorted."""
+        """(P, N, C) latest noise (and, for a strategy that needs it, (P, M, M) attention) -> (P, K) int64
+        token indices, sorted."""
         if self.reference is None:
             raise RuntimeError("TokenSelector.select called before set_reference")
         delta, scores = relative_noise(noise, self.reference)
@@ -298,7 +237,6 @@ class TokenSelector:
             self.config,
             self.memory,
             attention,
-            misses,
         )
         indices = self.strategy(inputs)
         self.counts = update_selection_counts(self.counts, indices, self.config.ewma_decay)

@@ -237,16 +237,11 @@ class OutputCache:
     """The output tokens (B, N, C) of one pass at its latest step: pruned steps scatter their recomputed
     tokens into it, the rest are reused (or extrapolated in time with ``extrapolate``)."""
 
-    def __init__(self, extrapolate: int = 0, track_misses: bool = False) -> None:
+    def __init__(self, extrapolate: int = 0) -> None:
         self.tokens: Tensor | None = None
         """(B, N, C) every image token's output as last computed, kept from the fill step on: one tensor
         updated in place."""
         self.history = TokenHistory(extrapolate) if extrapolate else None
-        self.track_misses = track_misses
-        self.misses: Tensor | None = None
-        """(B, N) float32, with ``track_misses``: how far each token's output was from what the pruned
-        step before its recomputation would have used for it (reused or forecast; L2 over channels) when
-        it was last recomputed at a pruned step; -1 before that (for error-driven selection)."""
 
     def complete(self, output: Tensor, context: StepContext) -> tuple[Tensor, Tensor]:
         """A call's output at the scatter point (B, n + R, C), n the image tokens that went through the
@@ -258,8 +253,6 @@ class OutputCache:
         history = self.history if context.mode is not StepMode.FULL else None
         if context.mode is StepMode.PRUNED:
             assert self.tokens is not None and context.indices is not None
-            if self.track_misses:
-                self._measure_misses(image, context, history)
             if history is not None:
                 history.record(self.tokens, context.indices, context.timestep)
             index = context.indices[..., None].expand(-1, -1, image.shape[-1])  # (B, K, C)
@@ -278,21 +271,9 @@ class OutputCache:
             image = torch.cat([image, output[:, context.num_queries :]], dim=1)  # (B, N + R, C)
         return image, computed
 
-    def _measure_misses(self, image: Tensor, context: StepContext, history: TokenHistory | None) -> None:
-        """The recomputed tokens' (B, K, C) ``image`` against what they would have been without it."""
-        assert self.tokens is not None and context.indices is not None
-        used = self.tokens if history is None else history.extrapolate(self.tokens, context.timestep)
-        index = context.indices[..., None].expand(-1, -1, image.shape[-1])  # (B, K, C)
-        miss = (image.float() - used.gather(1, index).float()).norm(dim=-1)  # (B, K)
-        if self.misses is None or self.misses.shape != self.tokens.shape[:2]:
-            self.misses = torch.full(self.tokens.shape[:2], -1.0, device=image.device)  # (B, N)
-        self.misses.scatter_(1, context.indices, miss)
-
     def take_rows(self, rows: Tensor) -> None:
         if self.tokens is not None:
             self.tokens = self.tokens[rows]
-        if self.misses is not None:
-            self.misses = self.misses[rows]
         if self.history is not None:
             self.history.take_rows(rows)
 

@@ -258,9 +258,7 @@ class PruningEngine:
         num_kept = self.config.num_kept(plan.layout.grid.num_tokens)
         if mode is StepMode.PRUNED and first_pass:
             noise = self._prompt_noise(self.output.tokens)
-            misses = self.output.misses
-            misses = None if misses is None else plan.row_layout.prompt_rows(misses)
-            self.selections.choose(noise, plan, num_kept, self.slot.capture.map, misses)
+            self.selections.choose(noise, plan, num_kept, self.slot.capture.map)
         rows = plan.rows
         return StepContext(
             step=plan.step,
@@ -284,8 +282,7 @@ class PruningEngine:
         if self.output is not None and self.outputs.get(key) is self.output:
             return
         extrapolate = EXTRAPOLATION_ORDERS[self.config.output_extrapolation]
-        track_misses = self.selector.needs_misses
-        self.output = self.outputs.setdefault(key, OutputCache(extrapolate, track_misses))
+        self.output = self.outputs.setdefault(key, OutputCache(extrapolate))
         for processor in self.processors:
             processor.enter_pass(key)
 

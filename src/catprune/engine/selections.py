@@ -22,19 +22,11 @@ class Selections:
         self.forced: Tensor | None = None
         """(B, K) tokens every pruned step recomputes instead of the selector's choice (measurement)."""
 
-    def choose(
-        self,
-        noise: Tensor,
-        plan: GenerationPlan,
-        num_kept: int,
-        attention: Tensor | None,
-        misses: Tensor | None = None,
-    ) -> Tensor:
-        """The prompt rows' latest noise (P, N, C) (and forecast misses (P, N)) -> the step's (B, K)
-        tokens, in the buffer."""
+    def choose(self, noise: Tensor, plan: GenerationPlan, num_kept: int, attention: Tensor | None) -> Tensor:
+        """The prompt rows' latest noise (P, N, C) -> the step's (B, K) tokens, in the buffer."""
         if self.forced is not None:
             return self.hold(self.forced)
-        indices = self.selector.select(noise, plan.layout.grid, num_kept, attention, misses)  # (P, K)
+        indices = self.selector.select(noise, plan.layout.grid, num_kept, attention)  # (P, K)
         return self.hold(plan.row_layout.all_rows(indices))  # (B, K)
 
     def hold(self, indices: Tensor) -> Tensor:
