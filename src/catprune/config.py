@@ -86,7 +86,8 @@ class CATPruningConfig:
         full steps): +1.2 dB (MMDiT) and +5.1 dB (PixArt) PSNR above the fewer-steps curve at equal MACs on
         those toys (``docs/results-frontier.md``), whose paths are nearly straight, but 3.5 dB *below* it on
         ``textures-mmdit``, whose paths bend (``docs/results-textures.md``); not measured on SD3 or
-        PixArt-Sigma themselves."""
+        PixArt-Sigma themselves. On a second-order solver, :meth:`multistep` does better on both MMDiT
+        models."""
         return cls(keep_ratio=0.5, start_step=5, kv_extrapolation="linear", refresh_steps=(-1,))
 
     @classmethod
