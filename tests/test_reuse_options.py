@@ -33,6 +33,9 @@ OPTIONS = {
     "output-extrapolation": {"output_extrapolation": "linear"},
     "refresh-last": {"refresh_steps": (-1,)},
     "all": {"kv_extrapolation": "linear", "output_extrapolation": "linear", "refresh_steps": (5, -1)},
+    "kv-quadratic": {"kv_extrapolation": "quadratic"},
+    "output-quadratic": {"output_extrapolation": "quadratic"},
+    "rows-extrapolated": {"strategy": "rows", "kv_extrapolation": "linear", "refresh_steps": (-1,)},
 }
 CASES = {
     "sd3": (lambda: sd3_pipeline(tiny_sd3()), sd3_prompts, {}),
@@ -161,12 +164,63 @@ def test_a_token_computed_once_is_not_extrapolated_and_a_recomputed_one_is_exact
     assert torch.equal(moved[:, 2:], later[:, 2:])
 
 
+def quadratic_in_time(time: float, shape: tuple[int, ...]) -> torch.Tensor:
+    """Values A + t B + t^2 C, the same A, B and C at every call."""
+    generator = torch.Generator().manual_seed(4)
+    a, b, c = (torch.randn(shape, generator=generator) for _ in range(3))
+    return a + time * b + time**2 * c
+
+
+def test_quadratic_kv_extrapolation_is_exact_for_values_quadratic_in_time() -> None:
+    """Tokens computed three times, each at its own times (unequal spans), are moved exactly; tokens
+    computed twice only are moved along their line, and the linear option misses the curvature."""
+    rows, tokens, heads, dim = 2, 8, 2, 4
+
+    def at(time: float) -> torch.Tensor:
+        return quadratic_in_time(time, (rows, tokens, heads, dim))
+
+    def times(value: float) -> torch.Tensor:
+        return torch.full((rows,), value)
+
+    caches = {order: KVCache(extrapolate=order) for order in (1, 2)}
+    first = torch.stack([torch.randperm(tokens)[:4] for _ in range(rows)])  # (B, 4)
+    rest = torch.stack([torch.tensor([t for t in range(tokens) if t not in row]) for row in first])
+    everyone = torch.arange(tokens).expand(rows, -1)
+    for cache in caches.values():
+        cache.fill(at(1.0), at(1.0) + 1, image_start=0, num_image=tokens, time=times(1.0))
+        for indices, time in ((everyone, 0.9), (first, 0.75), (rest, 0.6), (first, 0.5)):
+            index = indices[:, :, None, None].expand(-1, -1, heads, dim)
+            cache.update(indices, at(time).gather(1, index), (at(time) + 1).gather(1, index), times(time))
+    key, value = caches[2].attention_inputs(times(0.3))
+    index = first[:, :, None, None].expand(-1, -1, heads, dim)
+    torch.testing.assert_close(key.gather(1, index), at(0.3).gather(1, index), atol=1e-5, rtol=0)
+    torch.testing.assert_close(value, at(0.3) + 1, atol=1e-5, rtol=0)
+    linear_key = caches[1].attention_inputs(times(0.3))[0]
+    assert not torch.allclose(linear_key, at(0.3), atol=1e-3)
+
+
+def test_quadratic_history_with_two_computations_is_the_line_and_with_one_the_value() -> None:
+    quadratic, linear = TokenHistory(order=2), TokenHistory()
+    values = linear_in_time(1.0, (1, 4, 3))
+    for history in (quadratic, linear):
+        history.record_all(None, torch.tensor([1.0]), values)
+    later = values.clone()
+    for history in (quadratic, linear):
+        history.record(later, torch.tensor([[0, 1]]), torch.tensor([0.5]))
+    later[:, :2] = linear_in_time(0.5, (1, 4, 3))[:, :2]
+    time = torch.tensor([0.2])
+    assert torch.equal(quadratic.extrapolate(later, time), linear.extrapolate(later, time))
+
+
 def test_the_options_run_on_the_meta_device() -> None:
     """No host reads or data-dependent shapes in pruned steps with every option on."""
     with torch.device("meta"):
         transformer = tiny_sd3()
     config = CATPruningConfig(
-        start_step=2, kv_extrapolation="linear", output_extrapolation="linear", refresh_steps=(4, -1)
+        start_step=2,
+        kv_extrapolation="linear",
+        output_extrapolation="quadratic",
+        refresh_steps=(4, -1),
     )
     state = apply_cat_pruning(transformer, config)
     state.begin_generation(steps=6)
@@ -215,7 +269,7 @@ def test_refresh_steps_from_the_end_need_the_number_of_steps_and_say_so_once() -
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("kv_extrapolation", "quadratic"), ("output_extrapolation", "yes"), ("refresh_steps", (1.5,))],
+    [("kv_extrapolation", "cubic"), ("output_extrapolation", "yes"), ("refresh_steps", (1.5,))],
 )
 def test_bad_option_values_are_refused_naming_the_field(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field):
@@ -235,3 +289,13 @@ def test_the_extrapolated_preset_is_the_frontier_s_winning_setting() -> None:
         (-1,),
     )
     assert (config.output_extrapolation, config.strategy) == ("none", "cat")
+
+
+def test_the_multistep_preset_is_the_frontier_s_winning_setting_on_a_second_order_solver() -> None:
+    config = CATPruningConfig.multistep()
+    assert (config.keep_ratio, config.start_step, config.strategy) == (0.7, 4, "rows")
+    assert (config.kv_extrapolation, config.output_extrapolation, config.refresh_steps) == (
+        "linear",
+        "none",
+        (-1,),
+    )

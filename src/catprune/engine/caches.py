@@ -15,18 +15,24 @@ from .context import StepContext, StepMode, StepSlot
 
 
 class TokenHistory:
-    """The values of a per-token tensor (B, N, ...) at the last two times each token was computed, for a
-    first-order extrapolation in time of the tokens not recomputed (``kv_extrapolation``,
-    ``output_extrapolation``). The current values live with the caller; this keeps the previous ones and
-    both times, all on the device (no host reads)."""
+    """The values of a per-token tensor (B, N, ...) at the last times each token was computed, for a
+    forecast in time of the tokens not recomputed (``kv_extrapolation``, ``output_extrapolation``): first
+    order (``order=1``, the line through the last two computations) or second (``order=2``, the parabola
+    through the last three, Newton's divided differences at unequal times). The current values live with
+    the caller; this keeps the earlier ones and the times, all on the device (no host reads)."""
 
-    def __init__(self) -> None:
+    def __init__(self, order: int = 1) -> None:
+        self.order = order
         self.previous: Tensor | None = None
         """(B, N, ...) each token's values at its computation before the last."""
+        self.older: Tensor | None = None
+        """(B, N, ...) at the one before that (order 2 only)."""
         self.last_time: Tensor | None = None
         """(B, N) float32: when each token was last computed."""
         self.previous_time: Tensor | None = None
         """(B, N) float32: when it was computed before that (equal to ``last_time``: no slope yet)."""
+        self.older_time: Tensor | None = None
+        """(B, N) float32: the time of ``older`` (equal to ``previous_time``: no curvature yet)."""
 
     def record_all(self, current: Tensor | None, time: Tensor, computed: Tensor) -> None:
         """Every token is computed at ``time`` (B,): a fill or refresh step. ``current`` (the values from
@@ -36,7 +42,12 @@ class TokenHistory:
         if current is None or self.previous is None or self.previous.shape != current.shape:
             self.previous = computed.detach().clone()
             self.last_time, self.previous_time = now.clone(), now.clone()
+            if self.order == 2:
+                self.older, self.older_time = computed.detach().clone(), now.clone()
             return
+        if self.order == 2:
+            self.older.copy_(self.previous)
+            self.older_time.copy_(self.previous_time)
         self.previous.copy_(current)
         self.previous_time.copy_(self.last_time)
         self.last_time.copy_(now)
@@ -47,28 +58,64 @@ class TokenHistory:
         index = indices.view(*indices.shape, *(1,) * (current.dim() - 2)).expand(
             *indices.shape, *current.shape[2:]
         )  # (B, K, ...)
+        if self.order == 2:
+            self.older.scatter_(1, index, self.previous.gather(1, index))
+            self.older_time.scatter_(1, indices, self.previous_time.gather(1, indices))
         self.previous.scatter_(1, index, current.gather(1, index))
         self.previous_time.scatter_(1, indices, self.last_time.gather(1, indices))
         self.last_time.scatter_(1, indices, time[:, None].expand_as(indices).to(self.last_time.dtype))
 
     def extrapolate(self, current: Tensor, time: Tensor) -> Tensor:
         """``current`` (B, N, ...), each token as last computed, moved to ``time`` (B,) along the line
-        through its last two computations; tokens computed at ``time`` and tokens with one computation
-        only are returned as they are."""
+        through its last two computations (order 2: the parabola through its last three); tokens
+        computed at ``time`` and tokens with one computation only are returned as they are, tokens with
+        two only are moved along the line."""
         span = self.last_time - self.previous_time  # (B, N)
         safe_span = torch.where(span != 0, span, torch.ones_like(span))
-        coefficient = torch.where(span != 0, (time[:, None] - self.last_time) / safe_span, 0.0)  # (B, N)
-        coefficient = coefficient.view(*coefficient.shape, *(1,) * (current.dim() - 2)).to(current.dtype)
-        return current + coefficient * (current - self.previous)  # (B, N, ...)
+        ahead = time[:, None] - self.last_time  # (B, N)
+        coefficient = torch.where(span != 0, ahead / safe_span, 0.0)  # (B, N)
+        moved = current + _per_token(coefficient, current) * (current - self.previous)
+        if self.order == 1:
+            return moved  # (B, N, ...)
+        # Newton: p(t) = y0 + (t - t0) [y0, y1] + (t - t0)(t - t1) [y0, y1, y2], with
+        # [y0, y1, y2] = ([y0, y1] - [y1, y2]) / (t0 - t2); zero where a span is zero (two computations).
+        older_span = self.previous_time - self.older_time  # (B, N)
+        whole_span = self.last_time - self.older_time  # (B, N)
+        defined = (span != 0) & (older_span != 0) & (whole_span != 0)
+        one = torch.ones_like(span)
+        curvature = torch.where(
+            defined,
+            ahead * (time[:, None] - self.previous_time) / torch.where(defined, whole_span, one),
+            0.0,
+        )  # (B, N): (t - t0)(t - t1) / (t0 - t2)
+        first = torch.where(defined, curvature / torch.where(defined, span, one), 0.0)
+        second = torch.where(defined, curvature / torch.where(defined, older_span, one), 0.0)
+        return (
+            moved
+            + _per_token(first, current) * (current - self.previous)
+            - _per_token(second, current) * (self.previous - self.older)
+        )  # (B, N, ...)
 
     def take_rows(self, rows: Tensor) -> None:
         """Keep only batch rows ``rows`` (CFG truncation)."""
         if self.previous is not None:
             self.previous = self.previous[rows]
             self.last_time, self.previous_time = self.last_time[rows], self.previous_time[rows]
+        if self.older is not None:
+            self.older, self.older_time = self.older[rows], self.older_time[rows]
 
     def release(self) -> None:
         self.previous = self.last_time = self.previous_time = None
+        self.older = self.older_time = None
+
+    def tensors(self) -> list[Tensor]:
+        """The kept values (for memory accounting)."""
+        return [t for t in (self.previous, self.older) if t is not None]
+
+
+def _per_token(coefficient: Tensor, like: Tensor) -> Tensor:
+    """(B, N) coefficients shaped to broadcast over ``like`` (B, N, ...), in its dtype."""
+    return coefficient.view(*coefficient.shape, *(1,) * (like.dim() - 2)).to(like.dtype)
 
 
 class KVCache:
@@ -82,12 +129,12 @@ class KVCache:
     :meth:`attention_inputs` moves the ones not recomputed to the current time.
     """
 
-    def __init__(self, extrapolate: bool = False) -> None:
+    def __init__(self, extrapolate: int = 0) -> None:
         self.key: Tensor | None = None
         self.value: Tensor | None = None
         self.image_start = 0
         self.num_image = 0
-        self.histories = (TokenHistory(), TokenHistory()) if extrapolate else None
+        self.histories = (TokenHistory(extrapolate), TokenHistory(extrapolate)) if extrapolate else None
         """Histories of the image tokens' keys and values, with ``extrapolate``."""
 
     def image_rows(self, tensor: Tensor) -> Tensor:
@@ -181,8 +228,8 @@ class KVCache:
             history.release()
 
     def nbytes(self) -> int:
-        previous = [history.previous for history in self.histories or ()]
-        tensors = [t for t in (self.key, self.value, *previous) if t is not None]
+        kept = [t for history in self.histories or () for t in history.tensors()]
+        tensors = [t for t in (self.key, self.value, *kept) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -190,11 +237,11 @@ class OutputCache:
     """The output tokens (B, N, C) of one pass at its latest step: pruned steps scatter their recomputed
     tokens into it, the rest are reused (or extrapolated in time with ``extrapolate``)."""
 
-    def __init__(self, extrapolate: bool = False) -> None:
+    def __init__(self, extrapolate: int = 0) -> None:
         self.tokens: Tensor | None = None
         """(B, N, C) every image token's output as last computed, kept from the fill step on: one tensor
         updated in place."""
-        self.history = TokenHistory() if extrapolate else None
+        self.history = TokenHistory(extrapolate) if extrapolate else None
 
     def complete(self, output: Tensor, context: StepContext) -> tuple[Tensor, Tensor]:
         """A call's output at the scatter point (B, n + R, C), n the image tokens that went through the
@@ -252,8 +299,8 @@ class CachingProcessor:
         self.original = attention.processor
         self.slot = slot
         self.extra_first = extra_first
-        self.extrapolate = False
-        """Whether caches keep histories for ``kv_extrapolation`` (set by the engine)."""
+        self.extrapolate = 0
+        """The order of ``kv_extrapolation`` (0: none; set by the engine): the caches' histories."""
         self.caches: dict[PassKey, KVCache] = {}
         """The K/V cache of each pass."""
         self.cache: KVCache | None = None

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ..config import CATPruningConfig
+from ..config import EXTRAPOLATION_ORDERS, CATPruningConfig
 from ..strategies import TokenSelector
 from .caches import CachingProcessor, OutputCache, PassKey
 from .context import RowLayout, StepContext, StepMode, StepSlot, TokenLayout
@@ -285,7 +285,7 @@ class PruningEngine:
         only when the pass changes (once per generation, or per call under true CFG)."""
         if self.output is not None and self.outputs.get(key) is self.output:
             return
-        extrapolate = self.config.output_extrapolation == "linear"
+        extrapolate = EXTRAPOLATION_ORDERS[self.config.output_extrapolation]
         self.output = self.outputs.setdefault(key, OutputCache(extrapolate))
         for processor in self.processors:
             processor.enter_pass(key)
@@ -298,7 +298,7 @@ class PruningEngine:
     def _timesteps(self, arguments: dict[str, Any], rows: int) -> Tensor | None:
         """The call's timestep as (rows,) float32 on the model's device (a device-side cast, no host
         read), where an extrapolation option needs it."""
-        if "linear" not in (self.config.kv_extrapolation, self.config.output_extrapolation):
+        if self.config.kv_extrapolation == self.config.output_extrapolation == "none":
             return None
         timestep = self.adapter.call_timestep(arguments)
         if timestep is None:
@@ -378,7 +378,7 @@ def attach(model: torch.nn.Module, adapter: PruningFacts, config: CATPruningConf
     engine = PruningEngine(config, adapter, model)
     engine.processors = list(adapter.processors(model, engine.slot, engine.selector.needs_attention))
     for processor in engine.processors:
-        processor.extrapolate = config.kv_extrapolation == "linear"
+        processor.extrapolate = EXTRAPOLATION_ORDERS[config.kv_extrapolation]
     # PyTorch's own module hooks, not a replaced ``forward``: accelerate's offload hooks and diffusers'
     # hook registry replace and restore ``forward`` on their own schedule, which would drop or revive ours.
     # The model's own hooks plan and account for each call in Python, outside ``torch.compile``: compiled
