@@ -12,6 +12,7 @@ from .flux2 import Flux2Adapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
+from .wan import WanAdapter
 from .unsupported import MATRIX, unsupported_reason
 from .zimage import ZImageAdapter
 
@@ -49,6 +50,7 @@ for _adapter_class in (
     QwenImageAdapter,
     Flux2Adapter,
     ZImageAdapter,
+    WanAdapter,
 ):
     register_adapter(_adapter_class)
 
@@ -91,6 +93,7 @@ __all__ = [
     "QwenImageAdapter",
     "SD3Adapter",
     "TensorFactory",
+    "WanAdapter",
     "ZImageAdapter",
     "adapter_for",
     "adapter_for_class_name",

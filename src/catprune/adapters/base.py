@@ -80,6 +80,19 @@ def gather_tokens(slot: StepSlot, tokens: Tensor, lead: int = 0) -> Tensor:
     return tokens if context is None else context.gather(tokens, lead)
 
 
+def gather_input_hook(slot: StepSlot) -> Callable[..., Any]:
+    """A forward pre-hook that gathers a module's first input, the token sequence (B, N + R, D), at the
+    selected tokens: the gather point of a model whose sequence no module outputs (Z-Image, Wan)."""
+
+    def gather_input(module: nn.Module, args: tuple[Any, ...]) -> Any:
+        context = slot.context
+        if context is None:
+            return None
+        return context.gather(args[0]), *args[1:]  # (B, L, D) -> (B, K + R, D)
+
+    return gather_input
+
+
 class PruningAdapter(ABC):
     """The required part: everything the step engine needs from one transformer class.
 
