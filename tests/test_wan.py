@@ -50,7 +50,9 @@ def wan_prompts(num_prompts: int, cfg: bool = True) -> dict[str, Any]:
         "guidance_scale": 5.0 if cfg else 1.0,
     }
     if cfg:
-        prompts["negative_prompt_embeds"] = torch.randn(num_prompts, TEXT_TOKENS, TEXT_DIM, generator=generator)
+        prompts["negative_prompt_embeds"] = torch.randn(
+            num_prompts, TEXT_TOKENS, TEXT_DIM, generator=generator
+        )
     return prompts
 
 
@@ -176,7 +178,7 @@ def test_counted_macs_of_a_pruned_step_agree_with_the_adapter_formula() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "parameters"), [("wan2.1-t2v-1.3b", 1_418_996_800), ("wan2.1-t2v-14b", 14_288_901_120)]
+    ("name", "parameters"), [("wan2.1-t2v-1.3b", 1_418_996_800), ("wan2.1-t2v-14b", 14_288_491_584)]
 )
 def test_the_wan_architectures_have_the_published_size_and_macs_cli_ratio(name: str, parameters: int) -> None:
     """Wan 2.1 T2V 1.3B and 14B at 480p (480x832) and 81 frames: 32,760 image tokens, 512 text tokens, 50
@@ -191,7 +193,9 @@ def test_the_wan_architectures_have_the_published_size_and_macs_cli_ratio(name: 
 
 
 @pytest.mark.slow
-def test_compiled_pruning_has_no_graph_breaks_and_a_second_generation_compiles_nothing(pipe: WanPipeline) -> None:
+def test_compiled_pruning_has_no_graph_breaks_and_a_second_generation_compiles_nothing(
+    pipe: WanPipeline,
+) -> None:
     torch._dynamo.reset()
     prompts = wan_prompts(2)
     apply_cat_pruning(pipe, CONFIG)

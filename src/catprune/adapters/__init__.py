@@ -12,8 +12,8 @@ from .flux2 import Flux2Adapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
-from .wan import WanAdapter
 from .unsupported import MATRIX, unsupported_reason
+from .wan import WanAdapter
 from .zimage import ZImageAdapter
 
 ADAPTERS: dict[str, PruningAdapter] = {}

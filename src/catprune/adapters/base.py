@@ -271,6 +271,15 @@ class Catalogue(ABC):
     the decode with random weights."""
     depth_keys: ClassVar[tuple[str, ...]] = ("num_layers",)
     """Config keys that count blocks: ``Architecture.with_layers`` sets each (Flux has two kinds)."""
+    default_resolution: ClassVar[int] = 1024
+    """The square image's side (a video's height) in pixels that the tools measure at by default."""
+    default_frames: ClassVar[int | None] = None
+    """A video family's frames per generation (its pipeline's ``num_frames``); None for images. A video
+    family's ``latent_shape`` and ``image_grid`` read the config's ``num_frames`` where the tools set it
+    (``catprune macs --frames``)."""
+    cfg_calls: ClassVar[int] = 1
+    """Calls per step under classifier-free guidance: 2 where the pipeline runs CFG as a second call (Wan:
+    two passes, each with its own caches), 1 otherwise."""
 
     @abstractmethod
     def latent_shape(self, config: Mapping[str, Any], batch: int, resolution: int) -> tuple[int, ...]:

@@ -105,6 +105,9 @@ class WanAdapter(ModelAdapter):
     plain_processors = (WanAttnProcessor,)
     cfg_batch = 1
     """CFG as a second call per step (``cache_context("uncond")``): one row per prompt per call."""
+    cfg_calls = 2
+    default_resolution = 480
+    default_frames = FRAMES
     text_embedder = "condition_embedder.text_embedder"
     blocks = ("blocks",)
 
@@ -185,18 +188,23 @@ class WanAdapter(ModelAdapter):
         self_attention, cross = block.attn1, block.attn2
         per_query = linear_macs(self_attention, cross.to_q, cross.to_out, block.ffn)
         text_kv = text_tokens * linear_macs(cross.to_k, cross.to_v)
-        products = 2 * image_queries * (image_tokens * self_attention.inner_dim + text_tokens * cross.inner_dim)
+        keys = image_tokens * self_attention.inner_dim + text_tokens * cross.inner_dim
+        products = 2 * image_queries * keys
         return image_queries * per_query + text_kv + products
 
     # --- the pipeline around the transformer
 
-    def video_size(self, resolution: int) -> tuple[int, int, int]:
-        """(frames, height, width) in pixels of a generation at ``resolution`` (the video's height)."""
-        return FRAMES, resolution, WIDTHS.get(resolution, resolution)
+    def video_size(self, config: Mapping[str, Any], resolution: int) -> tuple[int, int, int]:
+        """(frames, height, width) in pixels of a generation at ``resolution`` (the video's height; Wan's
+        width for it) and ``num_frames`` frames where the config says (else 81)."""
+        frames = int(config.get("num_frames", self.default_frames))
+        return frames, resolution, WIDTHS.get(resolution, resolution)
 
     def latent_shape(self, config: Mapping[str, Any], batch: int, resolution: int) -> tuple[int, ...]:
-        frames, height, width = self.video_size(resolution)
-        p_t, p_h, p_w = config["patch_size"]
+        frames, height, width = self.video_size(config, resolution)
+        if (frames - 1) % 4:
+            raise ValueError(f"Wan's frames are 4k + 1 (81, 121...), got {frames}")
+        _, p_h, p_w = config["patch_size"]
         if height % (8 * p_h) or width % (8 * p_w):
             raise ValueError(f"the video's height and width must be multiples of {8 * p_h}, got {resolution}")
         latent_frames = (frames - 1) // 4 + 1  # AutoencoderKLWan: 4x in time, the first frame alone
@@ -215,4 +223,3 @@ class WanAdapter(ModelAdapter):
         self, model: nn.Module, rows: int, text_tokens: int, resolution: int, make: TensorFactory
     ) -> dict[str, Any]:
         return {"encoder_hidden_states": make.randn(rows, text_tokens, model.config.text_dim)}
-
