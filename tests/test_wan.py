@@ -9,6 +9,7 @@ own cross-attention to the text on the selected tokens, and CFG as two calls per
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -30,7 +31,9 @@ from diffusers import WanPipeline
 
 from catprune import CATPruningConfig, apply_cat_pruning
 from catprune.architectures import ARCHITECTURES, Architecture
-from catprune.engine import StepMode
+from catprune.engine import StepMode, caches
+from catprune.errors import CacheMemoryError
+from catprune.formatting import format_count
 from catprune.measure import count_macs
 from catprune.selection import Grid
 
@@ -190,6 +193,11 @@ def test_the_wan_architectures_have_the_published_size_and_macs_cli_ratio(name: 
     assert report["class"] == "WanTransformer3DModel" and report["rows"] == 1
     assert (report["image_tokens"], report["text_tokens"]) == (32760, 512)
     assert 0.3 < report["ratio"] < 0.5
+    config = architecture.config
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    per_pass = config["num_layers"] * 2 * 32760 * width + 32760 * 64  # K/V of every layer, output tokens
+    assert report["cache_passes"] == 2 and report["frames"] == 81
+    assert report["cache_bytes"]["bfloat16"] == 2 * 2 * per_pass  # 1.3B: 12.1 GB; 14B: 53.7 GB
 
 
 @pytest.mark.slow
@@ -200,3 +208,46 @@ def test_compiled_pruning_has_no_graph_breaks_and_a_second_generation_compiles_n
     prompts = wan_prompts(2)
     apply_cat_pruning(pipe, CONFIG)
     assert_compiles_once(pipe, lambda pipe: generate(pipe, prompts, latents(2)), "whole")
+
+
+def test_macs_report_the_caches_of_both_cfg_passes_by_dtype() -> None:
+    """The caches a generation keeps: each pass (CFG as two calls: two) holds every layer's K/V of every
+    image token and the output tokens."""
+    model = tiny_wan(num_layers=3)
+    architecture = Architecture("tiny-wan", "wan", dict(model.config), text_tokens=512, default_steps=50)
+    report = count_macs(architecture.with_frames(9), resolution=32, steps=50, start_step=8)
+    tokens = 3 * 2 * 2  # 9 frames: 3 latent frames of 2x2 tokens
+    per_pass = 3 * 2 * tokens * 24 + tokens * 16  # layers x (K, V) x tokens x width, then 1x2x2x4 outputs
+    assert report.passes == 2 and report.image_tokens == tokens
+    assert report.cache_bytes() == {"float32": 8 * per_pass, "bfloat16": 4 * per_pass, "float8": 2 * per_pass}
+    assert count_macs(architecture, resolution=32, steps=50, cfg=False).passes == 1
+
+
+def test_the_cache_size_is_logged_once_before_the_first_fill_step(
+    pipe: WanPipeline, caplog: pytest.LogCaptureFixture
+) -> None:
+    apply_cat_pruning(pipe, CONFIG)
+    with caplog.at_level(logging.INFO, logger="catprune"):
+        generate(pipe, wan_prompts(2), latents(2))
+        generate(pipe, wan_prompts(2), latents(2))
+    messages = [record.getMessage() for record in caplog.records if "K/V caches" in record.getMessage()]
+    size = 2 * 2 * 32 * 24 * 2 * 4  # (K, V) x rows x tokens x width x layers x float32
+    assert messages == [
+        f"CAT pruning: the K/V caches take about {format_count(size, 'B')} per pass (2 layers)"
+    ]
+
+
+def test_a_cache_that_cannot_be_allocated_is_refused_in_one_line_naming_its_size(
+    pipe: WanPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The out-of-memory error of the fill step's allocation becomes one line with the size it needs."""
+    apply_cat_pruning(pipe, CONFIG)
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(caches.KVCache, "fill", out_of_memory)
+    with pytest.raises(CacheMemoryError) as error:
+        generate(pipe, wan_prompts(2), latents(2))
+    size = format_count(2 * 2 * 32 * 24 * 2 * 4, "B")
+    assert f"need about {size} per pass" in str(error.value) and "\n" not in str(error.value)
