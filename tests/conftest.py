@@ -217,16 +217,17 @@ def tiny_wan(num_layers: int = 2) -> WanTransformer3DModel:
     ).eval()
 
 
-def wan_pipeline(transformer: WanTransformer3DModel) -> WanPipeline:
+def wan_pipeline(transformer: WanTransformer3DModel, **options: Any) -> WanPipeline:
     """A real ``WanPipeline`` around ``transformer``, driven with prompt embeddings (no umT5), with a toy
     ``AutoencoderKLWan`` (4 latent channels; its published 4x temporal and 8x spatial factors, which the
-    pipeline reads to size the latents)."""
+    pipeline reads to size the latents); ``options``: Wan 2.2's ``transformer_2``, ``boundary_ratio``,
+    ``expand_timesteps``."""
     torch.manual_seed(0)
     vae = AutoencoderKLWan(
         base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.0] * 4,
         latents_std=[1.0] * 4,
     ).eval()  # fmt: skip
-    return flow_matching_pipeline(WanPipeline, transformer, vae, text_encoders=1)
+    return flow_matching_pipeline(WanPipeline, transformer, vae, text_encoders=1, **options)
 
 
 def tiny_qwen(num_layers: int = 1, zero_cond_t: bool = False) -> QwenImageTransformer2DModel:

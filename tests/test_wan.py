@@ -159,12 +159,39 @@ def test_3d_selection_keeps_k_tokens_per_prompt_on_the_meta_device() -> None:
     assert output.sample.shape == (2, 4, 3, 8, 8) and state.indices.shape == (2, round(0.3 * 48))
 
 
-def test_wan22_ti2v_per_token_timestep_is_refused() -> None:
-    transformer = tiny_wan(num_layers=1)
-    apply_cat_pruning(transformer, CONFIG).begin_generation()
-    start, text = torch.randn(1, 4, 1, 8, 8), torch.randn(1, TEXT_TOKENS, TEXT_DIM)
-    with pytest.raises(ValueError, match="TI2V"), torch.no_grad():
-        transformer(start, torch.full((1, 16), 900.0), text)
+def test_wan22_ti2v_per_token_timesteps_are_gathered_like_the_tokens() -> None:
+    """Wan 2.2 TI2V: a timestep per token (B, N), 0 on the conditioning frame's tokens; the pruned step fed
+    the fill step's inputs returns its output only if the per-token modulation follows the selected
+    tokens."""
+    transformer = tiny_wan()
+    start = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    text = torch.randn(2, TEXT_TOKENS, TEXT_DIM, generator=torch.Generator().manual_seed(4))
+    state = apply_cat_pruning(transformer, CATPruningConfig(keep_ratio=0.3, start_step=2))
+    state.begin_generation()
+    outputs = []
+    with torch.no_grad():
+        for timestep in (100.0, 200.0, 200.0):
+            per_token = torch.full((2, 48), timestep)
+            per_token[:, :16] = 0.0  # the first latent frame: the conditioning image
+            outputs.append(transformer(start, timestep=per_token, encoder_hidden_states=text).sample)
+            start = start if timestep == 200.0 else start - 0.1 * outputs[-1]
+    assert state.mode is StepMode.PRUNED and state.stats.steps == 3
+    torch.testing.assert_close(outputs[2], outputs[1], atol=1e-5, rtol=0)
+
+
+def test_wan22_ti2v_pipeline_at_keep_ratio_one_equals_the_unpatched_one() -> None:
+    """``WanPipeline(expand_timesteps=True)``: the per-token timesteps of Wan 2.2 TI2V's text-to-video."""
+    pipe = wan_pipeline(tiny_wan(), expand_timesteps=True)
+    prompts = wan_prompts(2)
+    run = lambda pipe: generate(pipe, prompts, latents(2))  # noqa: E731
+    assert_keep_ratio_one_is_unpatched(pipe, run, STEPS, START)
+
+
+def test_wan22_a14b_two_experts_are_refused_with_the_reason() -> None:
+    pipe = wan_pipeline(tiny_wan(num_layers=1), transformer_2=tiny_wan(num_layers=1), boundary_ratio=0.875)
+    with pytest.raises(ValueError, match="two experts"):
+        apply_cat_pruning(pipe, CONFIG)
+    assert all(type(p).__name__ == "WanAttnProcessor" for p in pipe.transformer.attn_processors.values())
 
 
 def test_counted_macs_of_a_pruned_step_agree_with_the_adapter_formula() -> None:

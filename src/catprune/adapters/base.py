@@ -174,6 +174,11 @@ class PruningAdapter(ABC):
     def attention_processors(self, model: nn.Module, slot: StepSlot) -> Iterator[CachingProcessor]:
         """One caching processor per attention layer that pruning replaces."""
 
+    def check_pipeline(self, pipeline: Any) -> None:
+        """Raise ValueError, naming the reason, for a pipeline whose use of the model pruning does not
+        support (``apply_cat_pruning(pipe)`` asks before it changes anything); nothing by default."""
+        return None
+
     def hooks(self, model: nn.Module, slot: StepSlot) -> list[Any]:
         """Module hooks the model needs besides the gather and scatter (their handles): per-token tables
         computed inside ``forward`` (rotary embeddings), gathered per row; none by default."""

@@ -22,8 +22,14 @@ per sample. A final norm and ``proj_out`` give each token its 1x2x2 patch of C c
   caching them would tie the cache to one prompt per pass for that.
 - **Guidance.** ``WanPipeline`` runs CFG as two calls per step under ``cache_context("cond"/"uncond")``:
   two passes, each with its own caches.
-- **Not supported yet:** Wan 2.2 TI2V's per-token timestep (B, N) (``expand_timesteps``): refused with
-  the reason.
+- **Wan 2.2 TI2V** (``WanPipeline(expand_timesteps=True)``) gives every token its own timestep (B, N):
+  the conditioning frame's tokens 0, the others the step's. A pre-hook on the model gathers it like the
+  tokens at a pruned step, so the per-token modulation (B, K, 6, D) and the final norm follow the selected
+  tokens; steps are told by each row's largest timestep.
+- **Not supported yet:** Wan 2.2 A14B's two experts (``transformer_2`` with ``boundary_ratio``): one
+  generation would have to span both models with one selection history, and the second expert's K/V
+  caches start empty at the switch (its weights differ, so it needs a fill step). ``apply_cat_pruning``
+  refuses such a pipeline with that reason.
 """
 
 from __future__ import annotations
@@ -138,13 +144,20 @@ class WanAdapter(ModelAdapter):
         return Grid(height // p_h, width // p_w, frames // p_t)
 
     def call_timestep(self, arguments: dict[str, Any]) -> Any:
+        """The call's timestep per row: Wan 2.2 TI2V's per-token timesteps (B, N) by each row's largest
+        (the conditioning frame's tokens have 0)."""
         timestep = arguments.get("timestep")
-        if timestep is not None and timestep.ndim == 2:
-            raise ValueError(
-                "CAT pruning: Wan 2.2 TI2V's per-token timestep (B, N) (WanPipeline's expand_timesteps) is "
-                "not supported; Wan 2.1 and Wan 2.2 A14B (one timestep per row) are"
-            )
+        if isinstance(timestep, Tensor) and timestep.ndim == 2:
+            return timestep.amax(dim=1)  # (B,)
         return timestep
+
+    def check_pipeline(self, pipeline: Any) -> None:
+        if getattr(pipeline, "transformer_2", None) is not None:
+            raise ValueError(
+                "CAT pruning: Wan 2.2 A14B's two experts (transformer_2, boundary_ratio) are not supported: "
+                "one generation would span two models with one selection history, the second filling its "
+                "own caches at the switch; pipelines with one transformer (Wan 2.1, Wan 2.2 TI2V) are"
+            )
 
     def text_tokens(self, arguments: dict[str, Any]) -> int:
         return arguments["encoder_hidden_states"].shape[1]
@@ -169,7 +182,21 @@ class WanAdapter(ModelAdapter):
                 return None
             return tuple(context.gather_table(part[0]) for part in output)  # (B, K, 1, d) each
 
+        def gather_timestep(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            context = slot.context
+            if context is None or context.mode is not StepMode.PRUNED:
+                return None
+            if "timestep" in kwargs:
+                timestep = kwargs["timestep"]
+                if timestep.ndim != 2:
+                    return None
+                return args, {**kwargs, "timestep": context.gather(timestep)}  # (B, N) -> (B, K)
+            if len(args) < 2 or args[1].ndim != 2:
+                return None
+            return (args[0], context.gather(args[1]), *args[2:]), kwargs
+
         return [
+            model.register_forward_pre_hook(gather_timestep, with_kwargs=True),
             model.blocks[0].register_forward_pre_hook(gather_input_hook(slot)),
             model.rope.register_forward_hook(gather_rotary),
             model.proj_out.register_forward_hook(lambda module, args, output: scatter(output)),
