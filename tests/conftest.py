@@ -12,6 +12,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLFlux2,
+    AutoencoderKLWan,
     ChromaPipeline,
     ChromaTransformer2DModel,
     DPMSolverMultistepScheduler,
@@ -27,6 +28,8 @@ from diffusers import (
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    WanPipeline,
+    WanTransformer3DModel,
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
@@ -193,6 +196,38 @@ def tiny_zimage(num_layers: int = 2, num_refiner_layers: int = 1) -> ZImageTrans
 def zimage_pipeline(transformer: ZImageTransformer2DModel) -> ZImagePipeline:
     """A real ``ZImagePipeline`` around ``transformer``, driven with caption features (no Qwen3), no VAE."""
     return flow_matching_pipeline(ZImagePipeline, transformer, None, text_encoders=1)
+
+
+def tiny_wan(num_layers: int = 2) -> WanTransformer3DModel:
+    """Wan 2.1's structure at toy width: 1x2x2 patches of 4 latent channels, 2 heads of 12 (rotary axes
+    4, 4, 4 over frames, rows, columns), self-attention with q/k normalised across heads, cross-attention
+    to the text, a feed-forward of 32."""
+    torch.manual_seed(0)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=TEXT_DIM,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=num_layers,
+        rope_max_seq_len=64,
+    ).eval()
+
+
+def wan_pipeline(transformer: WanTransformer3DModel, **options: Any) -> WanPipeline:
+    """A real ``WanPipeline`` around ``transformer``, driven with prompt embeddings (no umT5), with a toy
+    ``AutoencoderKLWan`` (4 latent channels; its published 4x temporal and 8x spatial factors, which the
+    pipeline reads to size the latents); ``options``: Wan 2.2's ``transformer_2``, ``boundary_ratio``,
+    ``expand_timesteps``."""
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ).eval()  # fmt: skip
+    return flow_matching_pipeline(WanPipeline, transformer, vae, text_encoders=1, **options)
 
 
 def tiny_qwen(num_layers: int = 1, zero_cond_t: bool = False) -> QwenImageTransformer2DModel:

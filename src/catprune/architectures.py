@@ -42,6 +42,8 @@ class Architecture:
     """The transformer folder of a local model (its weights can be loaded), None for a named architecture."""
     vae_config: Mapping[str, Any] | None = None
     """A local pipeline's ``vae/config.json``; None: the family's published VAE (``adapter.vae_config``)."""
+    frames: int | None = None
+    """A video's frames (video families only; None: the pipeline's default)."""
 
     @property
     def adapter(self) -> ModelAdapter:
@@ -59,6 +61,20 @@ class Architecture:
     def cfg_batch(self) -> int:
         """Rows per prompt in a call under guidance (2: CFG as one batch; 1: guidance-distilled)."""
         return self.adapter.cfg_batch
+
+    @property
+    def shape_config(self) -> Mapping[str, Any]:
+        """The config the adapter sizes latents and grids by: the model's, with ``num_frames`` for a
+        video of :attr:`frames` frames."""
+        return self.config if self.frames is None else {**self.config, "num_frames": self.frames}
+
+    def with_frames(self, frames: int | None) -> Architecture:
+        """The same architecture measured on videos of ``frames`` frames (None: as it is)."""
+        if frames is None:
+            return self
+        if self.adapter.default_frames is None:
+            raise ValueError(f"{self.name} generates images: frames apply to video models only")
+        return dataclasses.replace(self, frames=frames)
 
     def with_layers(self, num_layers: int | None) -> Architecture:
         """The same architecture cut to ``num_layers`` blocks of each kind (width kept); None: whole."""
@@ -116,12 +132,12 @@ class Architecture:
     def latent_shape(self, batch: int, resolution: int) -> tuple[int, ...]:
         """The latents of ``batch`` square images of ``resolution`` pixels, as the pipeline makes them."""
         try:
-            return self.adapter.latent_shape(self.config, batch, resolution)
+            return self.adapter.latent_shape(self.shape_config, batch, resolution)
         except ValueError as error:
             raise ValueError(f"{self.name}: {error}") from None
 
     def image_tokens(self, resolution: int) -> int:
-        height, width = self.adapter.image_grid(self.config, resolution)
+        height, width = self.adapter.image_grid(self.shape_config, resolution)
         return height * width
 
     def conditioning(

@@ -57,6 +57,8 @@ def apply_cat_pruning(target: Any, config: CATPruningConfig | None = None) -> Pr
             "call remove_cat_pruning first to change its settings"
         )
     check_before_apply(transformer, adapter, config)
+    if pipeline is not None:
+        adapter.check_pipeline(pipeline)
     engine = attach(transformer, adapter, config)
     engine.checks.extend(generation_checks(transformer, engine))
     if pipeline is not None and hasattr(pipeline, "scheduler"):

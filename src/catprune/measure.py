@@ -108,6 +108,18 @@ class SelectionCost:
         return self.clustering_step + (pruned_steps - 1) * self.later_step if pruned_steps else 0
 
 
+CACHE_DTYPES = {"float32": 4, "bfloat16": 2, "float8": 1}
+"""Bytes per element of the dtypes a cache's size is reported in."""
+
+
+def engine_cache_elements(state: PruningEngine) -> int:
+    """Elements the engine's caches hold now (every pass's K/V of every layer, and output tokens)."""
+    kv = (cache for processor in state.processors for cache in processor.caches.values())
+    tensors = [t for cache in kv for t in (cache.key, cache.value) if t is not None]
+    tensors += [output.tokens for output in state.outputs.values() if output.tokens is not None]
+    return sum(t.numel() for t in tensors)
+
+
 @dataclass(frozen=True)
 class MacsReport:
     """MACs of full and CAT generations of one architecture at one setting."""
@@ -131,6 +143,16 @@ class MacsReport:
     analytic_full_step: int
     """``adapter.step_macs`` from the layer shapes, for comparison with the counted figures."""
     analytic_pruned_step: int
+    cache_elements: int = 0
+    """Elements of the caches one pass keeps (every attention layer's K/V, the output tokens), at
+    :attr:`rows` rows: read from the caches the counted fill step allocated (meta tensors)."""
+    passes: int = 1
+    """Passes per step, each with its own caches: 2 where CFG is a second call (Wan)."""
+
+    def cache_bytes(self) -> dict[str, int]:
+        """The caches of a generation (all its passes) in bytes, by storage dtype."""
+        elements = self.cache_elements * self.passes
+        return {name: elements * size for name, size in CACHE_DTYPES.items()}
 
     @property
     def step_counts(self) -> tuple[int, int, int]:
@@ -142,7 +164,7 @@ class MacsReport:
     def _generation(self, macs: Callable[[StepMacs], int]) -> tuple[int, int]:
         full, fill, pruned = self.step_counts
         cat = full * macs(self.full_step) + fill * macs(self.fill_step) + pruned * macs(self.pruned_step)
-        return self.steps * macs(self.full_step), cat
+        return self.passes * self.steps * macs(self.full_step), self.passes * cat
 
     @property
     def full_macs(self) -> int:
@@ -238,6 +260,8 @@ def count_macs(
         * adapter.step_macs(model, num_tokens + fixed, num_tokens + fixed, text, False),
         analytic_pruned_step=rows
         * adapter.step_macs(model, num_kept + fixed, num_tokens + fixed, text, True),
+        cache_elements=engine_cache_elements(state),
+        passes=architecture.adapter.cfg_calls if cfg else 1,
     )
 
 
@@ -267,9 +291,10 @@ def count_selection(
     the noise channels of each output token (p * p * C)."""
     model = architecture.build("meta")
     adapter = architecture.adapter
-    height, width = adapter.image_grid(architecture.config, resolution)
+    height, width = adapter.image_grid(architecture.shape_config, resolution)
     output_channels = model.get_submodule(adapter.scatter_point).out_features  # p*p*C_out per token
-    shape = (batch, height * width, output_channels * adapter.noise_channels(model) // model.out_channels)
+    out_channels = model.config.get("out_channels") or model.out_channels
+    shape = (batch, height * width, output_channels * adapter.noise_channels(model) // out_channels)
     generator = torch.Generator().manual_seed(0)
     reference = torch.randn(shape, generator=generator)
     selector = TokenSelector(config)

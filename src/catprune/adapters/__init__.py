@@ -13,6 +13,7 @@ from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
 from .unsupported import MATRIX, unsupported_reason
+from .wan import WanAdapter
 from .zimage import ZImageAdapter
 
 ADAPTERS: dict[str, PruningAdapter] = {}
@@ -49,6 +50,7 @@ for _adapter_class in (
     QwenImageAdapter,
     Flux2Adapter,
     ZImageAdapter,
+    WanAdapter,
 ):
     register_adapter(_adapter_class)
 
@@ -91,6 +93,7 @@ __all__ = [
     "QwenImageAdapter",
     "SD3Adapter",
     "TensorFactory",
+    "WanAdapter",
     "ZImageAdapter",
     "adapter_for",
     "adapter_for_class_name",

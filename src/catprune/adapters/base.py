@@ -80,6 +80,19 @@ def gather_tokens(slot: StepSlot, tokens: Tensor, lead: int = 0) -> Tensor:
     return tokens if context is None else context.gather(tokens, lead)
 
 
+def gather_input_hook(slot: StepSlot) -> Callable[..., Any]:
+    """A forward pre-hook that gathers a module's first input, the token sequence (B, N + R, D), at the
+    selected tokens: the gather point of a model whose sequence no module outputs (Z-Image, Wan)."""
+
+    def gather_input(module: nn.Module, args: tuple[Any, ...]) -> Any:
+        context = slot.context
+        if context is None:
+            return None
+        return context.gather(args[0]), *args[1:]  # (B, L, D) -> (B, K + R, D)
+
+    return gather_input
+
+
 class PruningAdapter(ABC):
     """The required part: everything the step engine needs from one transformer class.
 
@@ -160,6 +173,11 @@ class PruningAdapter(ABC):
     @abstractmethod
     def attention_processors(self, model: nn.Module, slot: StepSlot) -> Iterator[CachingProcessor]:
         """One caching processor per attention layer that pruning replaces."""
+
+    def check_pipeline(self, pipeline: Any) -> None:
+        """Raise ValueError, naming the reason, for a pipeline whose use of the model pruning does not
+        support (``apply_cat_pruning(pipe)`` asks before it changes anything); nothing by default."""
+        return None
 
     def hooks(self, model: nn.Module, slot: StepSlot) -> list[Any]:
         """Module hooks the model needs besides the gather and scatter (their handles): per-token tables
@@ -258,6 +276,15 @@ class Catalogue(ABC):
     the decode with random weights."""
     depth_keys: ClassVar[tuple[str, ...]] = ("num_layers",)
     """Config keys that count blocks: ``Architecture.with_layers`` sets each (Flux has two kinds)."""
+    default_resolution: ClassVar[int] = 1024
+    """The square image's side (a video's height) in pixels that the tools measure at by default."""
+    default_frames: ClassVar[int | None] = None
+    """A video family's frames per generation (its pipeline's ``num_frames``); None for images. A video
+    family's ``latent_shape`` and ``image_grid`` read the config's ``num_frames`` where the tools set it
+    (``catprune macs --frames``)."""
+    cfg_calls: ClassVar[int] = 1
+    """Calls per step under classifier-free guidance: 2 where the pipeline runs CFG as a second call (Wan:
+    two passes, each with its own caches), 1 otherwise."""
 
     @abstractmethod
     def latent_shape(self, config: Mapping[str, Any], batch: int, resolution: int) -> tuple[int, ...]:

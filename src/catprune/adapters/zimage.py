@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..engine import CachingProcessor, Grid, StepMode, StepSlot, TokenLayout
 from .attention import CachedSelfAttentionProcessor, real_rotary
-from .base import ModelAdapter, PublicModel, TensorFactory, linear_macs
+from .base import ModelAdapter, PublicModel, TensorFactory, gather_input_hook, linear_macs
 from .flux import FLUX_VAE
 
 _Z_IMAGE = {
@@ -172,12 +172,6 @@ class ZImageAdapter(ModelAdapter):
         """A pre-hook on the first main block gathers the sequence, one on every main block its rotary
         rows; the final layer's output projection is scattered."""
 
-        def gather_sequence(module: nn.Module, args: tuple[Any, ...]) -> Any:
-            context = slot.context
-            if context is None:
-                return None
-            return context.gather(args[0]), *args[1:]  # (B, L, D) -> (B, K + R, D)
-
         def gather_rotary(module: nn.Module, args: tuple[Any, ...]) -> Any:
             context = slot.context
             if context is None:
@@ -187,7 +181,7 @@ class ZImageAdapter(ModelAdapter):
 
         scatter_module = model.get_submodule(self.scatter_point)
         return [
-            model.layers[0].register_forward_pre_hook(gather_sequence),
+            model.layers[0].register_forward_pre_hook(gather_input_hook(slot)),
             *(block.register_forward_pre_hook(gather_rotary) for block in model.layers),
             scatter_module.register_forward_hook(lambda module, args, output: scatter(output)),
         ]

@@ -11,7 +11,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import CacheMemoryError
+from ..formatting import format_count
 from .context import StepContext, StepMode, StepSlot
+
+
+def cache_memory_message(required: int, device: torch.device | str, free: int | None = None) -> str:
+    """The one line that says the K/V caches of a pass do not fit, and what to do."""
+    available = "" if free is None else f" ({format_count(free, 'B')} free)"
+    return (
+        f"CAT pruning: the K/V caches need about {format_count(required, 'B')} per pass (every layer's "
+        f"keys and values of every image token; a second pass under CFG as two calls needs as much again) "
+        f"and cannot be allocated on {device}{available}: lower the resolution, frames or batch, or run "
+        "without pruning"
+    )
 
 
 class TokenHistory:
@@ -337,9 +350,12 @@ class CachingProcessor:
             values = [part[1] for part in (lead, (key, value), trail) if part is not None]
             whole_key = keys[0] if len(keys) == 1 else torch.cat(keys, dim=1)  # (B, L, h, d)
             whole_value = values[0] if len(values) == 1 else torch.cat(values, dim=1)  # (B, L, h, d)
-            cache.fill(
-                whole_key, whole_value, start, context.num_tokens, context.timestep, context.refreshing
-            )
+            try:
+                cache.fill(
+                    whole_key, whole_value, start, context.num_tokens, context.timestep, context.refreshing
+                )
+            except torch.OutOfMemoryError:
+                raise CacheMemoryError(cache_memory_message(context.cache_bytes, key.device)) from None
             return
         queries = context.num_queries
         cache.update(context.indices, key[:, :queries], value[:, :queries], context.timestep)

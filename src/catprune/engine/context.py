@@ -91,6 +91,9 @@ class StepContext:
     """A fill step after t0 (``refresh_steps``): the caches already hold this generation's values."""
     keeps_output: bool = False
     """Whether the step's output tokens are kept for the next pruned step (from the fill step on)."""
+    cache_bytes: int = 0
+    """The estimated bytes of one pass's K/V caches (every caching layer, at the model's dtype): named by
+    the error raised when the fill step cannot allocate them."""
 
     @property
     def grid(self) -> Grid:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
@@ -26,13 +27,17 @@ import torch
 from torch import Tensor
 
 from ..config import EXTRAPOLATION_ORDERS, CATPruningConfig
+from ..errors import CacheMemoryError
+from ..formatting import format_count
 from ..strategies import TokenSelector
-from .caches import CachingProcessor, OutputCache, PassKey
+from .caches import CachingProcessor, OutputCache, PassKey, cache_memory_message
 from .context import RowLayout, StepContext, StepMode, StepSlot, TokenLayout
 from .plan import GenerationPlan, refresh_steps, too_short_warning
 from .records import GenerationStats, MacCounter, Observer, StepRecord
 from .selections import Selections
 from .tracker import Call, CallKind, NamedContext, StepTracker
+
+logger = logging.getLogger("catprune")
 
 
 class PruningFacts(Protocol):
@@ -264,6 +269,9 @@ class PruningEngine:
             noise = self._prompt_noise(self.output.tokens)
             self.selections.choose(noise, plan, num_kept, self.slot.capture.map)
         rows = plan.rows
+        cache_bytes = self._cache_bytes(rows, plan.layout) if mode is StepMode.FILL else 0
+        if mode is StepMode.FILL and self.output.tokens is None:  # the pass allocates its caches now
+            self._check_cache_memory(cache_bytes)
         return StepContext(
             step=plan.step,
             pass_key=call.pass_key,
@@ -278,7 +286,34 @@ class PruningEngine:
             timestep=self._timesteps(arguments, rows),
             refreshing=mode is StepMode.FILL and plan.step >= self.config.start_step,
             keeps_output=plan.keeps_output,
+            cache_bytes=cache_bytes,
         )
+
+    def _cache_bytes(self, rows: int, layout: TokenLayout) -> int:
+        """One pass's K/V caches in bytes: keys and values of every image (and fixed) token in every
+        caching layer, at the model's dtype (the rows every step recomputes, such as text, left out)."""
+        parameter = next(self.model.parameters(), None)
+        size = parameter.element_size() if parameter is not None else 4
+        tokens = layout.grid.num_tokens + layout.fixed_tokens
+        widths = sum(_attention_width(processor.attention) for processor in self.processors)
+        return 2 * rows * tokens * widths * size
+
+    def _check_cache_memory(self, required: int) -> None:
+        """Before a pass's first fill step: log the caches' size once, and on a CUDA device refuse in one
+        line when they cannot fit in its free memory."""
+        if "cache size" not in self._warned:
+            self._warned.add("cache size")
+            logger.info(
+                "CAT pruning: the K/V caches take about %s per pass (%d layers)",
+                format_count(required, "B"),
+                len(self.processors),
+            )
+        parameter = next(self.model.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if required > free:
+                raise CacheMemoryError(cache_memory_message(required, device, free))
 
     def _enter_pass(self, key: PassKey) -> None:
         """Point the scatter and every processor at pass ``key``'s caches: Python work per processor, done
@@ -351,6 +386,11 @@ class PruningEngine:
         for processor in self.processors:
             processor.release()
         self.counter.stats = GenerationStats()
+
+
+def _attention_width(attention: torch.nn.Module) -> int:
+    """Channels of an attention layer's keys (all heads)."""
+    return int(getattr(attention, "inner_dim", None) or attention.to_k.out_features)
 
 
 def _gather_each(context: StepContext, tensors: Any) -> Any:

@@ -107,10 +107,13 @@ def _why_not_writable(error: OSError) -> str:
     return f"{(error.strerror or str(error)).lower()}; choose another path"
 
 
-def guidance_label(cfg: bool, cfg_batch: int) -> str:
-    """How guidance reaches the transformer, in words (``cfg_batch``: rows per prompt under guidance)."""
+def guidance_label(cfg: bool, cfg_batch: int, cfg_calls: int = 1) -> str:
+    """How guidance reaches the transformer, in words (``cfg_batch``: rows per prompt under guidance;
+    ``cfg_calls``: calls per step under guidance)."""
     if not cfg:
         return "no CFG"
+    if cfg_calls == 2:
+        return "CFG as two calls per step"
     return "CFG" if cfg_batch == 2 else "guidance-distilled: guidance is an input"
 
 

@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ..config import CATPruningConfig
+from ..errors import UserError
 from ..formatting import format_count, plural
 from ..names import ARCHITECTURE_NAMES
 
@@ -22,7 +23,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model", required=True, help=f"one of {', '.join(ARCHITECTURE_NAMES)}, or a local folder"
     )
     add_pruning_arguments(parser, steps=None)
-    parser.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="square image side in pixels (default 1024), or a video's height (480p: 480x832, 720p: "
+        "720x1280; default 480)",
+    )
+    parser.add_argument(
+        "--frames", type=int, default=None, help="a video model's frames (default: its pipeline's; Wan: 81)"
+    )
     parser.add_argument("--batch", type=int, default=1, help="prompts per call (default: 1)")
     parser.add_argument(
         "--no-cfg", action="store_true", help="no classifier-free guidance (one row per prompt)"
@@ -44,7 +54,11 @@ def run(args: argparse.Namespace) -> int:
     from ..measure import count_macs, count_selection
 
     check_steps(args.steps)
-    architecture = resolve_architecture(args.model)
+    try:
+        architecture = resolve_architecture(args.model).with_frames(args.frames)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    args.resolution = args.resolution or architecture.adapter.default_resolution
     report = count_macs(
         architecture,
         resolution=args.resolution,
@@ -94,6 +108,7 @@ def report_fields(report: MacsReport, selection: SelectionCost) -> dict[str, Any
         "class": report.architecture.model_class.__name__,
         "parameters": report.parameters,
         "resolution": report.resolution,
+        "frames": report.architecture.frames or report.architecture.adapter.default_frames,
         "cfg": report.cfg,
         "rows": report.rows,
         "image_tokens": report.image_tokens,
@@ -123,6 +138,8 @@ def report_fields(report: MacsReport, selection: SelectionCost) -> dict[str, Any
             "share_of_cat_macs": selection_ops / report.cat_macs,
             "flop_counter_macs": selection.matmul_macs,
         },
+        "cache_bytes": report.cache_bytes(),
+        "cache_passes": report.passes,
         "paper": _ratio(round(paper[0]), round(paper[1])) if paper else None,
         "by_start_step": [
             {"start_step": start_step, "pruned_steps": steps, "ratio": ratio}
@@ -157,7 +174,7 @@ def _step_line(name: str, step: StepMacs, analytic: int | None = None) -> str:
 
 def report_lines(report: MacsReport, fields: dict[str, Any]) -> list[str]:
     architecture, kinds, paper = report.architecture, fields["steps_by_kind"], fields["paper"]
-    cfg = guidance_label(report.cfg, architecture.cfg_batch)
+    cfg = guidance_label(report.cfg, architecture.cfg_batch, architecture.adapter.cfg_calls)
     paper_ratio = f"   (paper {paper['ratio']:.3f})" if paper else ""
     bare = fields["without_attention"]
     bare_line = (
@@ -171,7 +188,7 @@ def report_lines(report: MacsReport, fields: dict[str, Any]) -> list[str]:
     selection = fields["selection"]
     return [
         f"{architecture.name}: {fields['class']}, {report.parameters / 1e9:.3f}B parameters, "
-        f"{report.resolution}x{report.resolution} ({report.image_tokens} image tokens, "
+        f"{size_label(report)} ({report.image_tokens} image tokens, "
         f"{report.kept_tokens} kept), {report.text_tokens} text tokens, "
         f"{plural(report.rows, 'row')} per call ({cfg})",
         f"{plural(report.steps, 'step')}: {kinds['full']} full + {kinds['fill']} fill + "
@@ -187,6 +204,7 @@ def report_lines(report: MacsReport, fields: dict[str, Any]) -> list[str]:
         f"  {'generation, CAT':<20}{format_count(report.cat_macs):>10}",
         f"  {'ratio CAT / full':<20}{report.ratio:>10.3f}{paper_ratio}",
         bare_line,
+        cache_line(report),
         "",
         f"selection overhead, counted on CPU tensors {tuple(selection['noise_shape'])} in element operations "
         f"(FlopCounterMode: {format_count(selection['flop_counter_macs'])} MACs, it counts matmuls only):",
@@ -196,6 +214,23 @@ def report_lines(report: MacsReport, fields: dict[str, Any]) -> list[str]:
         "of the CAT MACs",
         *few_steps_lines(fields),
     ]
+
+
+def size_label(report: MacsReport) -> str:
+    """The image's size in pixels, or a video's size and frames."""
+    architecture = report.architecture
+    shape = architecture.latent_shape(1, report.resolution)
+    if architecture.adapter.default_frames is None:
+        return f"{report.resolution}x{report.resolution}"
+    frames = architecture.frames or architecture.adapter.default_frames
+    return f"{shape[-2] * 8}x{shape[-1] * 8}, {frames} frames"
+
+
+def cache_line(report: MacsReport) -> str:
+    """The caches a generation keeps, by storage dtype."""
+    sizes = ", ".join(f"{format_count(size, 'B')} {dtype}" for dtype, size in report.cache_bytes().items())
+    passes = plural(report.passes, "pass", "passes")
+    return f"  caches (K/V of every layer and the output tokens, {passes}): {sizes}"
 
 
 def few_steps_lines(fields: dict[str, Any]) -> list[str]:
