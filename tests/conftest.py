@@ -456,3 +456,48 @@ def macs_cli(name: str, steps: int) -> dict[str, Any]:
     command = [sys.executable, "-m", "catprune", "macs", "--model", name, "--steps", str(steps), "--json"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
     return json.loads(result.stdout)
+
+
+def assert_formula_agrees_with_counted_macs(
+    architecture: Any,
+    rows: int,
+    image_tokens: int,
+    resolution: int = 256,
+    steps: int = 10,
+    start_step: int = 4,
+) -> None:
+    """FlopCounterMode on the real forward (meta) against the adapter's ``step_macs``, within 5%, for full
+    and pruned steps; ``rows`` per call, ``image_tokens`` of which ``round(0.3 * N)`` are kept."""
+    from catprune.measure import count_macs
+
+    report = count_macs(architecture, resolution=resolution, steps=steps, start_step=start_step)
+    assert report.rows == rows
+    assert report.image_tokens == image_tokens and report.kept_tokens == round(0.3 * image_tokens)
+    assert report.pruned_step.macs == pytest.approx(report.analytic_pruned_step, rel=0.05)
+    assert report.full_step.macs == pytest.approx(report.analytic_full_step, rel=0.05)
+
+
+def assert_published_architecture(
+    name: str,
+    model_class: str,
+    parameters: int,
+    text_tokens: int,
+    default_steps: int,
+    cli_steps: int,
+    rows: int,
+    image_tokens: int,
+    ratio: tuple[float, float],
+) -> dict[str, Any]:
+    """A named architecture built on ``meta`` has the published parameter count and the pipeline's text
+    tokens and steps, and ``catprune macs --model NAME --json`` reports its class, rows, tokens and a ratio
+    in ``ratio``; returns that report."""
+    from catprune.architectures import ARCHITECTURES
+
+    architecture = ARCHITECTURES[name]
+    assert sum(p.numel() for p in architecture.build().parameters()) == parameters
+    assert (architecture.text_tokens, architecture.default_steps) == (text_tokens, default_steps)
+    report = macs_cli(name, cli_steps)
+    assert report["class"] == model_class and report["rows"] == rows
+    assert (report["image_tokens"], report["text_tokens"]) == (image_tokens, text_tokens)
+    assert ratio[0] < report["ratio"] < ratio[1]
+    return report

@@ -16,11 +16,12 @@ from conftest import (
     TEXT_DIM,
     TEXT_TOKENS,
     assert_compiles_once,
+    assert_formula_agrees_with_counted_macs,
     assert_keep_ratio_one_is_unpatched,
     assert_passes_share_selections,
+    assert_published_architecture,
     assert_unpatched_until_start_and_removed,
     chroma_pipeline,
-    macs_cli,
     one_prompt,
     record_calls,
     seeded_latents,
@@ -29,9 +30,8 @@ from conftest import (
 from diffusers import ChromaPipeline
 
 from catprune import CATPruningConfig, apply_cat_pruning
-from catprune.architectures import ARCHITECTURES, Architecture
+from catprune.architectures import Architecture
 from catprune.engine import StepMode
-from catprune.measure import count_macs
 
 STEPS = 6
 START = 3
@@ -188,25 +188,18 @@ def test_counted_macs_of_a_pruned_step_agree_with_the_adapter_formula() -> None:
     architecture = Architecture(
         "tiny-chroma", "chroma", dict(model.config), text_tokens=TEXT_TOKENS, default_steps=4
     )
-    report = count_macs(architecture, resolution=256, steps=10, start_step=4)
-    assert report.rows == 1  # true CFG is a second call, not a second row
-    assert report.image_tokens == 256 and report.kept_tokens == round(0.3 * 256)
-    assert report.pruned_step.macs == pytest.approx(report.analytic_pruned_step, rel=0.05)
-    assert report.full_step.macs == pytest.approx(report.analytic_full_step, rel=0.05)
+    assert_formula_agrees_with_counted_macs(architecture, rows=1, image_tokens=256)  # true CFG: a second call
 
 
 @pytest.mark.slow
 def test_the_chroma_architecture_has_the_published_size_and_macs_cli_ratio() -> None:
     """Chroma1-HD: 8.9B parameters (FLUX.1-dev's 11.9B less the per-block modulation layers, plus the
     approximator); 512 T5 tokens; 35 steps by default."""
-    architecture = ARCHITECTURES["chroma"]
-    parameters = sum(p.numel() for p in architecture.build().parameters())
-    assert parameters == 8_899_983_424 and round(parameters / 1e9, 1) == 8.9
-    assert (architecture.text_tokens, architecture.default_steps) == (512, 35)
-    report = macs_cli("chroma", 28)
-    assert report["class"] == "ChromaTransformer2DModel" and report["rows"] == 1
-    assert (report["image_tokens"], report["text_tokens"]) == (4096, 512)
-    assert 0.5 < report["ratio"] < 0.6
+    assert round(8_899_983_424 / 1e9, 1) == 8.9
+    assert_published_architecture(
+        "chroma", "ChromaTransformer2DModel", 8_899_983_424, 512, 35, cli_steps=28, rows=1,
+        image_tokens=4096, ratio=(0.5, 0.6),
+    )  # fmt: skip
 
 
 @pytest.mark.slow

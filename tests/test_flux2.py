@@ -20,11 +20,12 @@ from conftest import (
     TEXT_DIM,
     TEXT_TOKENS,
     assert_compiles_once,
+    assert_formula_agrees_with_counted_macs,
     assert_keep_ratio_one_is_unpatched,
     assert_passes_share_selections,
+    assert_published_architecture,
     assert_unpatched_until_start_and_removed,
     flux2_pipeline,
-    macs_cli,
     one_prompt,
     record_calls,
     seeded_latents,
@@ -33,7 +34,7 @@ from conftest import (
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
 
 from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
-from catprune.architectures import ARCHITECTURES, Architecture
+from catprune.architectures import Architecture
 from catprune.engine import StepMode
 from catprune.measure import count_macs, count_selection
 from catprune.tools.macs import report_fields, report_lines
@@ -250,11 +251,7 @@ def test_counted_macs_of_a_pruned_step_agree_with_the_adapter_formula(guidance: 
     architecture = Architecture(
         "tiny-flux2", "flux2", dict(model.config), text_tokens=TEXT_TOKENS, default_steps=4
     )
-    report = count_macs(architecture, resolution=256, steps=10, start_step=4)
-    assert report.rows == 1
-    assert report.image_tokens == 256 and report.kept_tokens == round(0.3 * 256)
-    assert report.pruned_step.macs == pytest.approx(report.analytic_pruned_step, rel=0.05)
-    assert report.full_step.macs == pytest.approx(report.analytic_full_step, rel=0.05)
+    assert_formula_agrees_with_counted_macs(architecture, rows=1, image_tokens=256)
 
 
 def test_a_few_step_schedule_shows_the_saving_at_each_start_step_and_is_warned_about_once() -> None:
@@ -304,14 +301,11 @@ def test_the_flux2_architectures_have_the_published_size_and_macs_cli_ratio(
 ) -> None:
     """FLUX.2-dev: 32B parameters, 50 steps; FLUX.2-klein-4B: 4B (3.9B), 4 distilled steps; both 512 text
     tokens."""
-    architecture = ARCHITECTURES[name]
-    counted = sum(p.numel() for p in architecture.build().parameters())
-    assert counted == parameters and round(counted / 1e9, 1) == billions
-    assert (architecture.text_tokens, architecture.default_steps) == (512, steps)
-    report = macs_cli(name, 28)
-    assert report["class"] == "Flux2Transformer2DModel" and report["rows"] == 1
-    assert (report["image_tokens"], report["text_tokens"]) == (4096, 512)
-    assert 0.5 < report["ratio"] < 0.6
+    assert round(parameters / 1e9, 1) == billions
+    assert_published_architecture(
+        name, "Flux2Transformer2DModel", parameters, 512, steps, cli_steps=28, rows=1, image_tokens=4096,
+        ratio=(0.5, 0.6),
+    )  # fmt: skip
 
 
 @pytest.mark.slow

@@ -18,10 +18,11 @@ from conftest import (
     TEXT_DIM,
     TEXT_TOKENS,
     assert_compiles_once,
+    assert_formula_agrees_with_counted_macs,
     assert_keep_ratio_one_is_unpatched,
     assert_passes_share_selections,
+    assert_published_architecture,
     assert_unpatched_until_start_and_removed,
-    macs_cli,
     one_prompt,
     qwen_pipeline,
     record_calls,
@@ -32,9 +33,8 @@ from diffusers import AutoencoderKLQwenImage, QwenImageEditPipeline, QwenImagePi
 from PIL import Image
 
 from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
-from catprune.architectures import ARCHITECTURES, Architecture
+from catprune.architectures import Architecture
 from catprune.engine import StepMode
-from catprune.measure import count_macs
 
 STEPS = 6
 START = 3
@@ -178,23 +178,16 @@ def test_counted_macs_of_a_pruned_step_agree_with_the_adapter_formula() -> None:
     architecture = Architecture(
         "tiny-qwen", "qwen-image", dict(model.config), text_tokens=TEXT_TOKENS, default_steps=4
     )
-    report = count_macs(architecture, resolution=256, steps=10, start_step=4)
-    assert report.rows == 1
-    assert report.image_tokens == 256 and report.kept_tokens == round(0.3 * 256)
-    assert report.pruned_step.macs == pytest.approx(report.analytic_pruned_step, rel=0.05)
-    assert report.full_step.macs == pytest.approx(report.analytic_full_step, rel=0.05)
+    assert_formula_agrees_with_counted_macs(architecture, rows=1, image_tokens=256)
 
 
 @pytest.mark.slow
 def test_the_qwen_image_architecture_has_the_published_size_and_macs_cli_ratio() -> None:
     """Qwen-Image's transformer: 20.43B parameters (the model card's "20B MMDiT"), 60 blocks."""
-    architecture = ARCHITECTURES["qwen-image"]
-    assert sum(p.numel() for p in architecture.build().parameters()) == 20_430_401_088
-    assert (architecture.text_tokens, architecture.default_steps) == (128, 50)
-    report = macs_cli("qwen-image", 50)
-    assert report["class"] == "QwenImageTransformer2DModel" and report["rows"] == 1
-    assert (report["image_tokens"], report["text_tokens"]) == (4096, 128)
-    assert 0.4 < report["ratio"] < 0.5
+    assert_published_architecture(
+        "qwen-image", "QwenImageTransformer2DModel", 20_430_401_088, 128, 50, cli_steps=50, rows=1,
+        image_tokens=4096, ratio=(0.4, 0.5),
+    )  # fmt: skip
 
 
 def tiny_qwen_vae() -> AutoencoderKLQwenImage:

@@ -18,10 +18,11 @@ from conftest import (
     TEXT_DIM,
     TEXT_TOKENS,
     assert_compiles_once,
+    assert_formula_agrees_with_counted_macs,
     assert_keep_ratio_one_is_unpatched,
     assert_passes_share_selections,
+    assert_published_architecture,
     assert_unpatched_until_start_and_removed,
-    macs_cli,
     one_prompt,
     record_calls,
     tiny_wan,
@@ -199,11 +200,9 @@ def test_counted_macs_of_a_pruned_step_agree_with_the_adapter_formula() -> None:
     (21 latent frames) at 32x32 pixels, CFG as two calls (one row per call)."""
     model = tiny_wan(num_layers=3)
     architecture = Architecture("tiny-wan", "wan", dict(model.config), text_tokens=512, default_steps=50)
-    report = count_macs(architecture, resolution=32, steps=50, start_step=8)
-    assert report.rows == 1
-    assert report.image_tokens == 21 * 2 * 2 and report.kept_tokens == round(0.3 * 84)
-    assert report.pruned_step.macs == pytest.approx(report.analytic_pruned_step, rel=0.05)
-    assert report.full_step.macs == pytest.approx(report.analytic_full_step, rel=0.05)
+    assert_formula_agrees_with_counted_macs(
+        architecture, rows=1, image_tokens=21 * 2 * 2, resolution=32, steps=50, start_step=8
+    )
 
 
 @pytest.mark.slow
@@ -213,14 +212,11 @@ def test_counted_macs_of_a_pruned_step_agree_with_the_adapter_formula() -> None:
 def test_the_wan_architectures_have_the_published_size_and_macs_cli_ratio(name: str, parameters: int) -> None:
     """Wan 2.1 T2V 1.3B and 14B at 480p (480x832) and 81 frames: 32,760 image tokens, 512 text tokens, 50
     steps, CFG as two calls."""
-    architecture = ARCHITECTURES[name]
-    assert sum(p.numel() for p in architecture.build().parameters()) == parameters
-    assert (architecture.text_tokens, architecture.default_steps) == (512, 50)
-    report = macs_cli(name, 50)
-    assert report["class"] == "WanTransformer3DModel" and report["rows"] == 1
-    assert (report["image_tokens"], report["text_tokens"]) == (32760, 512)
-    assert 0.3 < report["ratio"] < 0.5
-    config = architecture.config
+    report = assert_published_architecture(
+        name, "WanTransformer3DModel", parameters, 512, 50, cli_steps=50, rows=1, image_tokens=32760,
+        ratio=(0.3, 0.5),
+    )  # fmt: skip
+    config = ARCHITECTURES[name].config
     width = config["num_attention_heads"] * config["attention_head_dim"]
     per_pass = config["num_layers"] * 2 * 32760 * width + 32760 * 64  # K/V of every layer, output tokens
     assert report["cache_passes"] == 2 and report["frames"] == 81

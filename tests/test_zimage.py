@@ -16,9 +16,10 @@ import torch
 from conftest import (
     TEXT_DIM,
     assert_compiles_once,
+    assert_formula_agrees_with_counted_macs,
     assert_keep_ratio_one_is_unpatched,
+    assert_published_architecture,
     assert_unpatched_until_start_and_removed,
-    macs_cli,
     record_calls,
     seeded_latents,
     tiny_zimage,
@@ -27,9 +28,8 @@ from conftest import (
 from diffusers import ZImagePipeline
 
 from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
-from catprune.architectures import ARCHITECTURES, Architecture
+from catprune.architectures import Architecture
 from catprune.engine import RowLayout, StepMode
-from catprune.measure import count_macs
 
 STEPS = 6
 START = 3
@@ -205,11 +205,7 @@ def test_counted_macs_of_a_pruned_step_agree_with_the_adapter_formula() -> None:
     architecture = Architecture(
         "tiny-z-image", "z-image", dict(model.config), text_tokens=32, default_steps=8
     )
-    report = count_macs(architecture, resolution=256, steps=10, start_step=4)
-    assert report.rows == 2  # CFG as one batch
-    assert report.image_tokens == 256 and report.kept_tokens == round(0.3 * 256)
-    assert report.pruned_step.macs == pytest.approx(report.analytic_pruned_step, rel=0.05)
-    assert report.full_step.macs == pytest.approx(report.analytic_full_step, rel=0.05)
+    assert_formula_agrees_with_counted_macs(architecture, rows=2, image_tokens=256)  # CFG as one batch
 
 
 @pytest.mark.slow
@@ -217,13 +213,10 @@ def test_counted_macs_of_a_pruned_step_agree_with_the_adapter_formula() -> None:
 def test_the_z_image_architectures_have_the_published_size_and_macs_cli_ratio(name: str, steps: int) -> None:
     """Z-Image and Z-Image-Turbo: 6B parameters (6.15B), 128 caption tokens for measurement; 50 and 8
     steps."""
-    architecture = ARCHITECTURES[name]
-    assert sum(p.numel() for p in architecture.build().parameters()) == 6_154_908_736
-    assert (architecture.text_tokens, architecture.default_steps) == (128, steps)
-    report = macs_cli(name, 28)
-    assert report["class"] == "ZImageTransformer2DModel" and report["rows"] == 2
-    assert (report["image_tokens"], report["text_tokens"]) == (4096, 128)
-    assert 0.45 < report["ratio"] < 0.6
+    assert_published_architecture(
+        name, "ZImageTransformer2DModel", 6_154_908_736, 128, steps, cli_steps=28, rows=2, image_tokens=4096,
+        ratio=(0.45, 0.6),
+    )  # fmt: skip
 
 
 @pytest.mark.slow
