@@ -418,6 +418,42 @@ def assert_compiles_once(pipe: Any, generate: Any, how: str) -> None:
     torch.testing.assert_close(first, eager, atol=1e-6, rtol=0)
 
 
+def fill_and_pruned_outputs(
+    transformer: torch.nn.Module, tokens: torch.Tensor, inputs: dict[str, Any]
+) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """A bare ``transformer`` pruned from step 2 (keep 0.3) called at timestep 0.9 (full), 0.8 (the fill
+    step), then 0.8 again with the fill step's inputs (pruned): (engine, fill output, pruned output), which
+    agree when the caches are exact after the fill step (an adapter's gather, attention and scatter at
+    once). ``tokens`` (B, ...) are the first argument, ``inputs`` the others."""
+    state = apply_cat_pruning(transformer, CATPruningConfig(keep_ratio=0.3, start_step=2))
+    state.begin_generation()
+    modes, outputs = [], []
+    with torch.no_grad():
+        for timestep in (0.9, 0.8, 0.8):
+            outputs.append(
+                transformer(tokens, timestep=torch.full(tokens.shape[:1], timestep), **inputs).sample
+            )
+            modes.append(state.mode)
+            tokens = tokens if timestep == 0.8 else tokens - 0.1 * outputs[-1]
+    assert modes == [StepMode.FULL, StepMode.FILL, StepMode.PRUNED]
+    return state, outputs[1], outputs[2]
+
+
+def last_meta_output(transformer: torch.nn.Module, tokens: torch.Tensor, inputs: dict[str, Any]) -> Any:
+    """``transformer`` and its inputs on ``meta`` (no data: a host read or a data-dependent shape fails),
+    pruned from step 2 and called for four steps: (engine, the last pruned step's output)."""
+    state = apply_cat_pruning(transformer, CATPruningConfig(start_step=2))
+    state.begin_generation()
+    modes = []
+    with torch.no_grad():
+        for step in range(4):
+            timestep = torch.full(tokens.shape[:1], 0.9 - step / 10, device="meta")
+            output = transformer(tokens, timestep=timestep, **inputs)
+            modes.append(state.mode)
+    assert modes == [StepMode.FULL, StepMode.FILL, StepMode.PRUNED, StepMode.PRUNED]
+    return state, output
+
+
 def assert_keep_ratio_one_is_unpatched(pipe: Any, generate: Any, steps: int, start: int) -> None:
     """With every token kept, a pruned generation (``generate(pipe)``) equals the unpatched one."""
     reference = generate(pipe)

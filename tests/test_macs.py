@@ -130,6 +130,8 @@ def test_named_architectures_have_the_published_sizes() -> None:
         "flux2-klein": 512,
         "z-image": 128,
         "z-image-turbo": 128,
+        "flux3": 320,
+        "flux3-distilled": 320,
         "wan2.1-t2v-1.3b": 512,
         "wan2.1-t2v-14b": 512,
     }

@@ -44,6 +44,9 @@ class Architecture:
     """A local pipeline's ``vae/config.json``; None: the family's published VAE (``adapter.vae_config``)."""
     frames: int | None = None
     """A video's frames (video families only; None: the pipeline's default)."""
+    model_cfg_calls: int | None = None
+    """Calls per step under guidance where this model's differ from its family's (``PublicModel.cfg_calls``);
+    None: the family's."""
 
     @property
     def adapter(self) -> ModelAdapter:
@@ -61,6 +64,11 @@ class Architecture:
     def cfg_batch(self) -> int:
         """Rows per prompt in a call under guidance (2: CFG as one batch; 1: guidance-distilled)."""
         return self.adapter.cfg_batch
+
+    @property
+    def cfg_calls(self) -> int:
+        """Calls per step under guidance (2: CFG as a second call, each pass with its own caches)."""
+        return self.adapter.cfg_calls if self.model_cfg_calls is None else self.model_cfg_calls
 
     @property
     def shape_config(self) -> Mapping[str, Any]:
@@ -180,7 +188,12 @@ def _random_module(
 
 ARCHITECTURES: dict[str, Architecture] = {
     name: Architecture(
-        name, adapter.family, public.config, public.text_tokens, public.default_steps or adapter.default_steps
+        name,
+        adapter.family,
+        public.config,
+        public.text_tokens,
+        public.default_steps or adapter.default_steps,
+        model_cfg_calls=public.cfg_calls,
     )
     for adapter in ADAPTERS.values()
     for name, public in adapter.public_models.items()

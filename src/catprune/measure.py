@@ -261,7 +261,7 @@ def count_macs(
         analytic_pruned_step=rows
         * adapter.step_macs(model, num_kept + fixed, num_tokens + fixed, text, True),
         cache_elements=engine_cache_elements(state),
-        passes=architecture.adapter.cfg_calls if cfg else 1,
+        passes=architecture.cfg_calls if cfg else 1,
     )
 
 
@@ -293,8 +293,8 @@ def count_selection(
     adapter = architecture.adapter
     height, width = adapter.image_grid(architecture.shape_config, resolution)
     output_channels = model.get_submodule(adapter.scatter_point).out_features  # p*p*C_out per token
-    out_channels = model.config.get("out_channels") or model.out_channels
-    shape = (batch, height * width, output_channels * adapter.noise_channels(model) // out_channels)
+    noise = adapter.noise_tokens(model, torch.empty(1, 1, output_channels, device="meta"))  # (1, 1, p*p*C)
+    shape = (batch, height * width, noise.shape[-1])
     generator = torch.Generator().manual_seed(0)
     reference = torch.randn(shape, generator=generator)
     selector = TokenSelector(config)

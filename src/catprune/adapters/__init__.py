@@ -9,6 +9,7 @@ from .base import Catalogue, CostModel, ModelAdapter, PruningAdapter, PublicMode
 from .chroma import ChromaAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
+from .flux3 import Flux3Adapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
@@ -50,6 +51,7 @@ for _adapter_class in (
     QwenImageAdapter,
     Flux2Adapter,
     ZImageAdapter,
+    Flux3Adapter,
     WanAdapter,
 ):
     register_adapter(_adapter_class)
@@ -85,6 +87,7 @@ __all__ = [
     "ChromaAdapter",
     "CostModel",
     "Flux2Adapter",
+    "Flux3Adapter",
     "FluxAdapter",
     "ModelAdapter",
     "PixArtAdapter",

@@ -101,11 +101,16 @@ the query layer's name): one matrix product instead of three where the model was
 
 
 def projections(
-    attn: Any, tokens: Tensor, names: tuple[str, str, str, str, str], rotary: Rotary | None = None
+    attn: Any,
+    tokens: Tensor,
+    names: tuple[str, str, str, str, str],
+    rotary: Rotary | None = None,
+    upcast: bool = False,
 ) -> Projections:
     """Q, K, V of ``tokens`` (B, n, D) through the layers named ``names`` (see :data:`IMAGE_PROJECTIONS`),
     or their fused layer where the model's projections were fused, q/k-normalised as the layer does, then
-    q/k rotated by ``rotary`` (n rows) if given."""
+    q/k rotated by ``rotary`` (n rows) if given; with ``upcast`` q/k are normalised and rotated in float32
+    and cast back to V's dtype (FLUX.3's processor, whose q/k norms stay in float32)."""
     to_q, to_k, to_v, norm_q, norm_k = (getattr(attn, name) for name in names)
     fused = (
         getattr(attn, FUSED_PROJECTIONS[names[0]], None)
@@ -119,13 +124,35 @@ def projections(
     query = split_heads(query, attn.heads)  # (B, n, h, d)
     key = split_heads(key, attn.heads)  # (B, n, h, d)
     value = split_heads(value, attn.heads)  # (B, n, h, d)
+    if upcast:
+        query, key = query.float(), key.float()
     if norm_q is not None:
         query = norm_q(query)
     if norm_k is not None:
         key = norm_k(key)
     if rotary is not None:
         query, key = rotate(query, rotary), rotate(key, rotary)
+    if upcast:
+        query, key = query.to(value.dtype), key.to(value.dtype)
     return query, key, value
+
+
+class PositionalRotaryCall:
+    """Mixin for the caching processor of an attention layer that calls its processor as ``(attn,
+    hidden_states, attention_mask, image_rotary_emb)`` positionally (FLUX.2's parallel self-attention,
+    FLUX.3's attention): it names them, as ``CachingProcessor`` reads positional inputs in the order of
+    diffusers' ``Attention`` (``encoder_hidden_states`` first)."""
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None = None,
+        image_rotary_emb: Rotary | None = None,
+    ) -> Any:
+        return super().__call__(  # type: ignore[misc]
+            attn, hidden_states, attention_mask=attention_mask, image_rotary_emb=image_rotary_emb
+        )
 
 
 class CachedSelfAttentionProcessor(CachingProcessor):
@@ -141,6 +168,8 @@ class CachedSelfAttentionProcessor(CachingProcessor):
     """
 
     capture_attention = False
+    upcast_qk = False
+    """Whether q/k are normalised and rotated in float32 (see :func:`projections`)."""
 
     def __init__(self, attention: torch.nn.Module, slot: StepSlot, extra_first: bool = False) -> None:
         super().__init__(attention, slot, extra_first)
@@ -176,7 +205,9 @@ class CachedSelfAttentionProcessor(CachingProcessor):
     ) -> Any:
         # A rotary embedding's rows: [text, image] (Flux's order); at a pruned step the selected image rows.
         text_rotary, image_rotary = split_rotary(rotary, 0 if context is None else context.shape[1])
-        query, key, value = projections(attn, tokens, IMAGE_PROJECTIONS, image_rotary)  # (B, n + R, h, d)
+        query, key, value = projections(
+            attn, tokens, IMAGE_PROJECTIONS, image_rotary, self.upcast_qk
+        )  # (B, n + R, h, d) each
         extra = self.extra_projections(attn, context, text_rotary)  # (B, T, h, d) each, or None
         extra_kv = None if extra is None else (extra[1], extra[2])
         if self.extra_first:

@@ -23,7 +23,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor, nn
 
-from ..engine import CachingProcessor, Grid, StepSlot, TokenLayout
+from ..engine import CachingProcessor, Grid, StepMode, StepSlot, TokenLayout
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,9 @@ class PublicModel:
     text_tokens: int
     default_steps: int | None = None
     """Steps its pipeline runs by default, where they differ from the family's (FLUX.1-schnell's 4)."""
+    cfg_calls: int | None = None
+    """Calls per step under guidance, where they differ from the family's ``Catalogue.cfg_calls`` (FLUX.3's
+    step-distilled flow map: 1, it runs without guidance)."""
 
 
 KL_AUTOENCODER: Mapping[str, Any] = {
@@ -91,6 +94,27 @@ def gather_input_hook(slot: StepSlot) -> Callable[..., Any]:
         return context.gather(args[0]), *args[1:]  # (B, L, D) -> (B, K + R, D)
 
     return gather_input
+
+
+def gather_rotary_hook(slot: StepSlot, text_first: bool) -> Callable[..., Any]:
+    """A forward pre-hook (``with_kwargs=True``) for a block that takes the model's rotary table (cos, sin),
+    shared by all rows, as ``image_rotary_emb`` or as its last positional argument: at a pruned step each
+    row's table over the block's sequence, [text T (``text_first``), image N, fixed R] -> (B, T + K + R, d).
+    For models that concatenate the table inside ``forward`` from several ``pos_embed`` calls, where no
+    module's output is the block's table (FLUX.2, FLUX.3)."""
+
+    def gather_rotary(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        context = slot.context
+        if context is None or context.mode is not StepMode.PRUNED:
+            return None
+        lead = context.text_tokens if text_first else 0
+        if "image_rotary_emb" in kwargs:
+            table = tuple(context.gather_table(part, lead) for part in kwargs["image_rotary_emb"])
+            return args, {**kwargs, "image_rotary_emb": table}
+        *rest, rotary = args
+        return (*rest, tuple(context.gather_table(part, lead) for part in rotary)), kwargs
+
+    return gather_rotary
 
 
 class PruningAdapter(ABC):

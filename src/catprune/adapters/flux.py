@@ -86,14 +86,16 @@ class SingleStreamAttentionProcessor(CachingProcessor):
 
 
 def token_layout_of(ids: Tensor) -> TokenLayout:
-    """The token layout that image ids (N + R, 3) describe (one host read): the generated image's tokens
-    first, a raster grid sharing the first id's index, then any others (a reference image's) as fixed
-    tokens."""
+    """The token layout that image ids (N + R, 3 or 4) describe (one host read): the generated image's
+    tokens first, a raster grid sharing the first id's index (its rows and columns told by their distinct
+    coordinates, at any spacing: FLUX.3's pipelines scale them by 0.5), then any others (a reference
+    image's) as fixed tokens."""
     rows = ids.tolist()
     generated = next((i for i, row in enumerate(rows) if row[0] != rows[0][0]), len(rows))
-    first, last = rows[0], rows[generated - 1]
-    grid = Grid(int(last[1] - first[1]) + 1, int(last[2] - first[2]) + 1)
-    if grid.num_tokens != generated:
+    image = rows[:generated]
+    grid = Grid(len({row[1] for row in image}), len({row[2] for row in image}))
+    raster = all(row[1] == image[0][1] for row in image[: grid.width])
+    if grid.num_tokens != generated or not raster:
         raise ValueError(
             f"CAT pruning: the Flux transformer's first {generated} image tokens do not form a raster grid "
             f"(their ids span {grid.height}x{grid.width}); pruning needs the generated image's tokens first, "

@@ -36,8 +36,8 @@ from diffusers.models.transformers.transformer_flux2 import Flux2SingleTransform
 from torch import Tensor, nn
 
 from ..engine import StepSlot, TokenLayout
-from .attention import Rotary, rotate, split_heads
-from .base import KL_AUTOENCODER, PublicModel
+from .attention import PositionalRotaryCall, Rotary, rotate, split_heads
+from .base import KL_AUTOENCODER, PublicModel, gather_rotary_hook
 from .flux import FluxAdapter, SingleStreamAttentionProcessor
 
 _FLUX2_DEV = {
@@ -70,22 +70,11 @@ states of three layers (3 x 2560) as the text input, no guidance embedding (dist
 FLUX2_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline")
 
 
-class Flux2SingleStreamProcessor(SingleStreamAttentionProcessor):
+class Flux2SingleStreamProcessor(PositionalRotaryCall, SingleStreamAttentionProcessor):
     """The attention of a FLUX.2 single-stream block with the MLP fused into it: one projection of
     [text, image (+ fixed)] gives Q, K, V and the MLP's input; the attention output and the MLP's output go
     through one output projection. diffusers' ``Flux2ParallelSelfAttention`` passes its processor
     ``(hidden_states, attention_mask, image_rotary_emb)`` positionally."""
-
-    def __call__(  # type: ignore[override]
-        self,
-        attn: Any,
-        hidden_states: Tensor,
-        attention_mask: Tensor | None = None,
-        image_rotary_emb: Rotary | None = None,
-    ) -> Tensor:
-        return super().__call__(
-            attn, hidden_states, attention_mask=attention_mask, image_rotary_emb=image_rotary_emb
-        )
 
     def attend(
         self, attn: Any, tokens: Tensor, context: Tensor | None, mask: Tensor | None, rotary: Rotary | None
@@ -138,14 +127,7 @@ class Flux2Adapter(FluxAdapter):
         """At a pruned step every block gets each row's rotary table over its text, selected image and
         fixed tokens (B, T+K+R, d), gathered from the model's [text, image] table."""
 
-        def gather_rotary(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> Any:
-            context, rotary = slot.context, kwargs.get("image_rotary_emb")
-            if context is None or rotary is None:
-                return None
-            text = context.text_tokens
-            table = tuple(context.gather_table(part, lead=text) for part in rotary)
-            return args, {**kwargs, "image_rotary_emb": table}
-
+        gather_rotary = gather_rotary_hook(slot, text_first=True)
         return [
             block.register_forward_pre_hook(gather_rotary, with_kwargs=True)
             for blocks in (model.transformer_blocks, model.single_transformer_blocks)

@@ -27,10 +27,6 @@ REASONS: dict[str, str] = {
     "Transformer2DModel": "a block inside UNet pipelines (and the legacy DiT/PixArt class): not a model",
     "DualTransformer2DModel": "a block inside UNet pipelines (Versatile Diffusion): not a whole model",
     "TransformerTemporalModel": "temporal layers inside video UNets: not a whole model",
-    # The models of issue 25 not done yet.
-    "Flux3Transformer2DModel": (
-        "no adapter yet (issue 25): per-mode blocks for image, reference and text, per-token modulation"
-    ),
 }
 """Reasons by class name, where the class's kind does not say it."""
 

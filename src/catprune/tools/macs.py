@@ -174,7 +174,7 @@ def _step_line(name: str, step: StepMacs, analytic: int | None = None) -> str:
 
 def report_lines(report: MacsReport, fields: dict[str, Any]) -> list[str]:
     architecture, kinds, paper = report.architecture, fields["steps_by_kind"], fields["paper"]
-    cfg = guidance_label(report.cfg, architecture.cfg_batch, architecture.adapter.cfg_calls)
+    cfg = guidance_label(report.cfg, architecture.cfg_batch, architecture.cfg_calls)
     paper_ratio = f"   (paper {paper['ratio']:.3f})" if paper else ""
     bare = fields["without_attention"]
     bare_line = (

@@ -32,6 +32,7 @@ TESTED_PIPELINES: dict[str, tuple[str, ...]] = {
     "qwen-image": ("QwenImagePipeline", "QwenImageEditPipeline"),
     "flux2": ("Flux2Pipeline", "Flux2KleinPipeline"),
     "z-image": ("ZImagePipeline",),
+    "flux3": ("Flux3ModularPipeline", "Flux3DistilledModularPipeline"),
     "wan": ("WanPipeline",),
 }
 """The diffusers pipelines each family's tests build from tiny components and run pruned (the test of the
