@@ -31,8 +31,8 @@ blocks over [text, image, reference]; only the image tokens reach the output lay
   ``flow_map=True``) runs 16 steps, one call each, without guidance.
 - **Cost.** The formula counts a reference image's tokens with the image's layers (the same shapes): exact
   for text-to-image; with a reference, its per-mode attention is counted over the image and reference keys
-  and its rows in the output layer, which the model skips (about 2% of a 1024x1024 step with a 1024x1024
-  reference).
+  and its rows in the output layer, which the model skips (2.3% above the counted 1024x1024 step with a
+  1024x1024 reference).
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ layers of 2560 (20480)."""
 TEXT_TOKENS = 320
 """Text tokens for measurement: the pipeline encodes the prompt in Qwen3-VL's chat template, right-padded
 to a multiple of 80; its prompt upsampler (on by default) writes captions of "typically 100 to 350 words",
-about 300 tokens: 320. The unconditional pass's empty negative prompt is 80 tokens (the tools count both
-passes at 320: text is recomputed at every step, so the ratio barely moves)."""
+about 300 tokens: 320. The unconditional pass's empty negative prompt is 80 tokens; the tools count both
+passes at 320 (with 80 the ratio at 28 steps is 0.523 instead of 0.536: docs/measurement.md, "FLUX.3")."""
 
 FLUX3_PIPELINES = ("Flux3ModularPipeline", "Flux3DistilledModularPipeline")
 
@@ -174,7 +174,8 @@ class Flux3Adapter(FluxAdapter):
             return tokens[:, : context.num_kept], context.gather(conditioning)  # (B, K, D) each
 
         modulation = gather_input_hook(slot)
-        mode_rotary, single_rotary = gather_rotary_hook(slot, False), gather_rotary_hook(slot, True)
+        mode_rotary = gather_rotary_hook(slot, text_first=False)  # image tokens only
+        single_rotary = gather_rotary_hook(slot, text_first=True)  # [text, image, reference]
         return [
             *(
                 block.register_forward_pre_hook(mode_rotary, with_kwargs=True)
