@@ -9,6 +9,7 @@ from .base import Catalogue, CostModel, ModelAdapter, PruningAdapter, PublicMode
 from .chroma import ChromaAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
+from .hunyuanvideo15 import HunyuanVideo15Adapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
@@ -51,6 +52,7 @@ for _adapter_class in (
     Flux2Adapter,
     ZImageAdapter,
     WanAdapter,
+    HunyuanVideo15Adapter,
 ):
     register_adapter(_adapter_class)
 
@@ -86,6 +88,7 @@ __all__ = [
     "CostModel",
     "Flux2Adapter",
     "FluxAdapter",
+    "HunyuanVideo15Adapter",
     "ModelAdapter",
     "PixArtAdapter",
     "PruningAdapter",

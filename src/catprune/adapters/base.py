@@ -228,6 +228,11 @@ class CostModel(ABC):
     ) -> int:
         """MACs of one block per sample (see :meth:`step_macs`)."""
 
+    def text_macs(self, model: nn.Module, text_tokens: int) -> int:
+        """MACs per sample of projecting the text: ``text_embedder`` over every text token, unless the
+        model embeds several text sources each over its own tokens (HunyuanVideo 1.5)."""
+        return text_tokens * linear_macs(model.get_submodule(self.text_embedder))
+
     def step_macs(
         self, model: nn.Module, image_queries: int, image_tokens: int, text_tokens: int, pruned: bool
     ) -> int:
@@ -236,7 +241,7 @@ class CostModel(ABC):
         tiny, are left out."""
         total = image_tokens * self.embedder_macs(model)
         total += image_queries * linear_macs(model.get_submodule(self.scatter_point))  # type: ignore[attr-defined]
-        total += text_tokens * linear_macs(model.get_submodule(self.text_embedder))
+        total += self.text_macs(model, text_tokens)
         for blocks in self.blocks:
             for block in model.get_submodule(blocks):
                 total += self.block_macs(block, image_queries, image_tokens, text_tokens, pruned)
