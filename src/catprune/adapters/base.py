@@ -291,6 +291,10 @@ class Catalogue(ABC):
     """Calls per step under classifier-free guidance: 2 where the pipeline runs CFG as a second call (Wan:
     two passes, each with its own caches), 1 otherwise."""
 
+    def video_size(self, config: Mapping[str, Any], resolution: int) -> tuple[int, int, int]:
+        """A video family's (frames, height, width) in pixels at ``resolution`` (the video's height)."""
+        raise NotImplementedError(f"{type(self).__name__} generates images")
+
     @abstractmethod
     def latent_shape(self, config: Mapping[str, Any], batch: int, resolution: int) -> tuple[int, ...]:
         """The latents of ``batch`` square images of ``resolution`` pixels, as the pipeline makes them."""
