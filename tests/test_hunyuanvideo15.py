@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -26,14 +27,17 @@ from conftest import (
 from diffusers import (
     AutoencoderKLHunyuanVideo15,
     FlowMatchEulerDiscreteScheduler,
+    HunyuanVideo15ImageToVideoPipeline,
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
 )
 from diffusers.guiders import ClassifierFreeGuidance
+from PIL import Image
+from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
 
 from catprune import CATPruningConfig, apply_cat_pruning
 from catprune.architectures import ARCHITECTURES, Architecture
-from catprune.engine import StepMode
+from catprune.engine import StepMode, attached_engine
 from catprune.measure import KnownMetaValues
 from catprune.selection import Grid
 
@@ -87,6 +91,24 @@ def hunyuan_pipeline(transformer: HunyuanVideo15Transformer3DModel, cfg: bool = 
         text_encoder_2=None,
         tokenizer_2=None,
         guider=ClassifierFreeGuidance(guidance_scale=6.0 if cfg else 1.0),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def image_to_video_pipeline(transformer: HunyuanVideo15Transformer3DModel) -> Any:
+    """A real ``HunyuanVideo15ImageToVideoPipeline``: the text-to-video pipeline's components and a toy
+    SigLIP (width 16, one layer, 8x8 patches of a 32x32 resize: 16 image-embedding tokens)."""
+    components = dict(hunyuan_pipeline(transformer).components)
+    torch.manual_seed(0)
+    vision = SiglipVisionConfig(
+        hidden_size=IMAGE_DIM, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        image_size=32, patch_size=8,
+    )  # fmt: skip
+    pipe = HunyuanVideo15ImageToVideoPipeline(
+        **components,
+        image_encoder=SiglipVisionModel(vision).eval(),
+        feature_extractor=SiglipImageProcessorPil(size={"height": 32, "width": 32}),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -164,6 +186,22 @@ def test_keep_ratio_one_equals_the_unpatched_pipeline(cfg: bool) -> None:
     assert_keep_ratio_one_is_unpatched(pipe, run, STEPS, START)
 
 
+def test_image_to_video_keeps_the_image_in_the_channels_and_at_keep_ratio_one_is_unpatched() -> None:
+    """``HunyuanVideo15ImageToVideoPipeline``: the condition image enters through the channels (its
+    latents and mask on the first frame) and through its SigLIP tokens on the text side, so the token
+    layout has no fixed segment; at keep ratio 1.0 the pipeline's output is the unpatched one."""
+    pipe = image_to_video_pipeline(tiny_hunyuan())
+    image = Image.fromarray((np.random.default_rng(0).random((SIZE, SIZE, 3)) * 255).astype(np.uint8))
+    prompts = hunyuan_prompts(2)
+    run = lambda pipe: pipe(  # noqa: E731
+        image=image, num_frames=FRAMES, num_inference_steps=STEPS, latents=latents(2), output_type="latent",
+        **prompts,
+    ).frames  # fmt: skip
+    assert_keep_ratio_one_is_unpatched(pipe, run, STEPS, START)
+    context = attached_engine(pipe.transformer).context
+    assert (context.grid, context.fixed_tokens, context.text_tokens) == (Grid(4, 4, 3), 0, 6 + 5 + 16)
+
+
 def test_pruned_step_fed_the_fill_steps_inputs_returns_its_output() -> None:
     """Two rows, three latent frames, two blocks, padded text in the second row: exact caches after the
     fill step, so this checks the gather after the embedder, the per-row rotary rows, the joint attention
@@ -207,7 +245,9 @@ def test_cfg_is_two_calls_per_step_sharing_the_selection(pipe: Any) -> None:
     assert [(step, key) for step, key, _ in calls] == expected
     assert_passes_share_selections(calls)
     assert (state.stats.steps, state.stats.pruned_steps) == (STEPS, STEPS - START)
-    assert all(set(processor.caches) == {("pred_cond", 0), ("pred_uncond", 0)} for processor in state.processors)
+    assert all(
+        set(processor.caches) == {("pred_cond", 0), ("pred_uncond", 0)} for processor in state.processors
+    )
 
 
 def test_3d_selection_keeps_k_tokens_per_prompt_on_the_meta_device() -> None:
@@ -231,7 +271,8 @@ def test_3d_selection_keeps_k_tokens_per_prompt_on_the_meta_device() -> None:
                 modes.append(state.mode)
     assert modes == [StepMode.FULL, StepMode.FILL, StepMode.PRUNED, StepMode.PRUNED]
     assert state.context.grid == Grid(4, 4, 3)
-    assert output.sample.shape == (2, LATENT_CHANNELS, 3, 4, 4) and state.indices.shape == (2, round(0.3 * 48))
+    assert output.sample.shape == (2, LATENT_CHANNELS, 3, 4, 4)
+    assert state.indices.shape == (2, round(0.3 * 48))
     assert unpatched_reads > 0 and known.reads == 4 * unpatched_reads
 
 

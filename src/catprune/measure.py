@@ -80,10 +80,12 @@ class KnownMetaValues(TorchDispatchMode):
     answered ones."""
 
     CARRIED = frozenset(
-        ("_to_copy", "clone", "alias", "detach", "lift_fresh", "view", "_unsafe_view", "reshape", "expand")
-        + ("unsqueeze", "squeeze", "slice", "select", "unbind", "split", "index", "repeat", "t", "permute")
-        + ("transpose",)
-    )
+        (
+            "_to_copy", "clone", "alias", "detach", "lift_fresh", "view", "_unsafe_view", "reshape", "expand",
+            "unsqueeze", "squeeze", "slice", "select", "unbind", "split", "index", "repeat", "t", "permute",
+            "transpose",
+        )
+    )  # fmt: skip
     """Ops whose output holds the values of their first input."""
 
     def __init__(self) -> None:

@@ -33,6 +33,7 @@ TESTED_PIPELINES: dict[str, tuple[str, ...]] = {
     "flux2": ("Flux2Pipeline", "Flux2KleinPipeline"),
     "z-image": ("ZImagePipeline",),
     "wan": ("WanPipeline",),
+    "hunyuanvideo-1.5": ("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"),
 }
 """The diffusers pipelines each family's tests build from tiny components and run pruned (the test of the
 matrix checks that each is named in the tests)."""
