@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .architectures import Architecture
 from .config import CATPruningConfig
@@ -67,6 +68,74 @@ class StepMacs:
     @property
     def without_attention(self) -> int:
         return self.macs - self.attention_macs
+
+
+class KnownMetaValues(TorchDispatchMode):
+    """Meta tensors filled with one known value (made by ``full``, ``zeros``, ``ones``... and carried
+    through copies, views, comparisons with a number, negations, ``all`` and ``any``), so that a model's
+    own host reads of such tensors have an answer on ``meta``: ``item()`` (``if torch.all(x == 0)``) gives
+    the value, a boolean mask that is all true or all false selects every row or none. HunyuanVideo 1.5
+    reads both in ``forward`` (whether the image embeddings are zero; the text masks joining its text
+    sequences). A read of any other meta tensor still fails, as on plain ``meta``; :attr:`reads` counts the
+    answered ones."""
+
+    CARRIED = frozenset(
+        (
+            "_to_copy", "clone", "alias", "detach", "lift_fresh", "view", "_unsafe_view", "reshape", "expand",
+            "unsqueeze", "squeeze", "slice", "select", "unbind", "split", "index", "repeat", "t", "permute",
+            "transpose",
+        )
+    )  # fmt: skip
+    """Ops whose output holds the values of their first input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values = WeakTensorKeyDictionary()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name == "_local_scalar_dense" and args[0] in self.values:
+            self.reads += 1
+            return self.values[args[0]]
+        if name == "index" and args[0].is_meta:
+            args = (args[0], [self._mask_rows(index) for index in args[1]])
+        out = func(*args, **kwargs)
+        value = self._value(name, args, kwargs)
+        if value is not None:
+            for tensor in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                    self.values[tensor] = value
+        return out
+
+    def _mask_rows(self, index: torch.Tensor | None) -> torch.Tensor | None:
+        """A known boolean mask (S,) as the rows it selects: all S or none."""
+        if index is None or index.dtype != torch.bool or index not in self.values:
+            return index
+        self.reads += 1
+        return torch.arange(index.numel() if self.values[index] else 0, device=index.device)
+
+    def _value(self, name: str, args: tuple, kwargs: dict) -> Any:
+        """The one value of an op's output, where its inputs make it known."""
+        if name in ("full", "full_like", "fill"):
+            return args[1]
+        if name in ("zeros", "zeros_like", "new_zeros"):
+            return 0
+        if name in ("ones", "ones_like", "new_ones"):
+            return 1
+        known = self.values.get(args[0]) if args and isinstance(args[0], torch.Tensor) else None
+        if known is None:
+            return None
+        if name in self.CARRIED:
+            return known
+        if name in ("all", "any"):
+            return bool(known)
+        if name in ("bitwise_not", "logical_not"):
+            return not known
+        if name in ("eq", "ne") and not isinstance(args[1], torch.Tensor):
+            return (known == args[1]) == (name == "eq")
+        return None
 
 
 def count_call(model: torch.nn.Module, **inputs: Any) -> StepMacs:
@@ -229,13 +298,13 @@ def count_macs(
     num_kept = config.num_kept(num_tokens)
     state.force_indices(torch.arange(num_kept, device="meta").expand(rows, num_kept))
 
-    with torch.device("meta"):
+    with torch.device("meta"), KnownMetaValues():  # the model's own reads of its inputs' values
         latents = torch.zeros(architecture.latent_shape(rows, resolution))
         inputs = {
             **architecture.adapter.call_inputs(latents, torch.full((rows,), 500.0)),
             **architecture.conditioning(model, rows, resolution),
         }
-    full, fill, pruned = (count_call(model, **inputs) for _ in range(3))
+        full, fill, pruned = (count_call(model, **inputs) for _ in range(3))
     text = architecture.text_tokens
     adapter = state.adapter
     fixed = state.context.fixed_tokens if state.context is not None else 0

@@ -10,6 +10,7 @@ from .chroma import ChromaAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
 from .flux3 import Flux3Adapter
+from .hunyuanvideo15 import HunyuanVideo15Adapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
@@ -53,6 +54,7 @@ for _adapter_class in (
     ZImageAdapter,
     Flux3Adapter,
     WanAdapter,
+    HunyuanVideo15Adapter,
 ):
     register_adapter(_adapter_class)
 
@@ -89,6 +91,7 @@ __all__ = [
     "Flux2Adapter",
     "Flux3Adapter",
     "FluxAdapter",
+    "HunyuanVideo15Adapter",
     "ModelAdapter",
     "PixArtAdapter",
     "PruningAdapter",

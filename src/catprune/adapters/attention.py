@@ -170,6 +170,10 @@ class CachedSelfAttentionProcessor(CachingProcessor):
     capture_attention = False
     upcast_qk = False
     """Whether q/k are normalised and rotated in float32 (see :func:`projections`)."""
+    extra_rotary = True
+    """Whether the model's rotary table has rows for the extra (text) tokens before the image's (Flux's
+    [text, image]); False where it covers the image tokens only and the text is not rotated (HunyuanVideo
+    1.5)."""
 
     def __init__(self, attention: torch.nn.Module, slot: StepSlot, extra_first: bool = False) -> None:
         super().__init__(attention, slot, extra_first)
@@ -204,7 +208,10 @@ class CachedSelfAttentionProcessor(CachingProcessor):
         self, attn: Any, tokens: Tensor, context: Tensor | None, mask: Tensor | None, rotary: Rotary | None
     ) -> Any:
         # A rotary embedding's rows: [text, image] (Flux's order); at a pruned step the selected image rows.
-        text_rotary, image_rotary = split_rotary(rotary, 0 if context is None else context.shape[1])
+        if self.extra_rotary:
+            text_rotary, image_rotary = split_rotary(rotary, 0 if context is None else context.shape[1])
+        else:
+            text_rotary, image_rotary = None, rotary
         query, key, value = projections(
             attn, tokens, IMAGE_PROJECTIONS, image_rotary, self.upcast_qk
         )  # (B, n + R, h, d) each

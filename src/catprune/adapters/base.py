@@ -252,6 +252,11 @@ class CostModel(ABC):
     ) -> int:
         """MACs of one block per sample (see :meth:`step_macs`)."""
 
+    def text_macs(self, model: nn.Module, text_tokens: int) -> int:
+        """MACs per sample of projecting the text: ``text_embedder`` over every text token, unless the
+        model embeds several text sources each over its own tokens (HunyuanVideo 1.5)."""
+        return text_tokens * linear_macs(model.get_submodule(self.text_embedder))
+
     def step_macs(
         self, model: nn.Module, image_queries: int, image_tokens: int, text_tokens: int, pruned: bool
     ) -> int:
@@ -260,7 +265,7 @@ class CostModel(ABC):
         tiny, are left out."""
         total = image_tokens * self.embedder_macs(model)
         total += image_queries * linear_macs(model.get_submodule(self.scatter_point))  # type: ignore[attr-defined]
-        total += text_tokens * linear_macs(model.get_submodule(self.text_embedder))
+        total += self.text_macs(model, text_tokens)
         for blocks in self.blocks:
             for block in model.get_submodule(blocks):
                 total += self.block_macs(block, image_queries, image_tokens, text_tokens, pruned)
@@ -309,6 +314,10 @@ class Catalogue(ABC):
     cfg_calls: ClassVar[int] = 1
     """Calls per step under classifier-free guidance: 2 where the pipeline runs CFG as a second call (Wan:
     two passes, each with its own caches), 1 otherwise."""
+
+    def video_size(self, config: Mapping[str, Any], resolution: int) -> tuple[int, int, int]:
+        """A video family's (frames, height, width) in pixels at ``resolution`` (the video's height)."""
+        raise NotImplementedError(f"{type(self).__name__} generates images")
 
     @abstractmethod
     def latent_shape(self, config: Mapping[str, Any], batch: int, resolution: int) -> tuple[int, ...]:

@@ -219,11 +219,10 @@ def report_lines(report: MacsReport, fields: dict[str, Any]) -> list[str]:
 def size_label(report: MacsReport) -> str:
     """The image's size in pixels, or a video's size and frames."""
     architecture = report.architecture
-    shape = architecture.latent_shape(1, report.resolution)
     if architecture.adapter.default_frames is None:
         return f"{report.resolution}x{report.resolution}"
-    frames = architecture.frames or architecture.adapter.default_frames
-    return f"{shape[-2] * 8}x{shape[-1] * 8}, {frames} frames"
+    frames, height, width = architecture.adapter.video_size(architecture.shape_config, report.resolution)
+    return f"{height}x{width}, {frames} frames"
 
 
 def cache_line(report: MacsReport) -> str:

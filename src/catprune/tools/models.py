@@ -34,6 +34,7 @@ TESTED_PIPELINES: dict[str, tuple[str, ...]] = {
     "z-image": ("ZImagePipeline",),
     "flux3": ("Flux3ModularPipeline", "Flux3DistilledModularPipeline"),
     "wan": ("WanPipeline",),
+    "hunyuanvideo-1.5": ("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"),
 }
 """The diffusers pipelines each family's tests build from tiny components and run pruned (the test of the
 matrix checks that each is named in the tests)."""
