@@ -106,6 +106,8 @@ class PruningEngine:
         self._observers: list[Observer] = []
         self._warned: set[str] = set()
         self._signature = inspect.signature(model.forward)
+        self.cache_dtype = getattr(torch, config.cache_dtype) if config.cache_dtype else None
+        """The K/V caches' storage dtype (``config.cache_dtype``; None: the model's)."""
 
     # --- the public controls
 
@@ -291,9 +293,12 @@ class PruningEngine:
 
     def _cache_bytes(self, rows: int, layout: TokenLayout) -> int:
         """One pass's K/V caches in bytes: keys and values of every image (and fixed) token in every
-        caching layer, at the model's dtype (the rows every step recomputes, such as text, left out)."""
+        caching layer, in ``cache_dtype`` or the model's dtype (the rows every step recomputes, such as
+        text, left out, and float8's per-token scales: one number per head width, 0.08% at width 5120)."""
         parameter = next(self.model.parameters(), None)
         size = parameter.element_size() if parameter is not None else 4
+        if self.cache_dtype is not None:
+            size = self.cache_dtype.itemsize
         tokens = layout.grid.num_tokens + layout.fixed_tokens
         widths = sum(_attention_width(processor.attention) for processor in self.processors)
         return 2 * rows * tokens * widths * size
@@ -419,6 +424,7 @@ def attach(model: torch.nn.Module, adapter: PruningFacts, config: CATPruningConf
     engine.processors = list(adapter.processors(model, engine.slot, engine.selector.needs_attention))
     for processor in engine.processors:
         processor.extrapolate = EXTRAPOLATION_ORDERS[config.kv_extrapolation]
+        processor.cache_dtype = engine.cache_dtype
     # PyTorch's own module hooks, not a replaced ``forward``: accelerate's offload hooks and diffusers'
     # hook registry replace and restore ``forward`` on their own schedule, which would drop or revive ours.
     # The model's own hooks plan and account for each call in Python, outside ``torch.compile``: compiled
