@@ -156,6 +156,9 @@ class KVCache:
         they are kept in float8 (a stored row times its scale is the computed row)."""
         self.compute_dtype: torch.dtype | None = None
         """The dtype K/V are computed in (read back in it)."""
+        self.working: tuple[Tensor, Tensor] | None = None
+        """Kept in another dtype: the K and V (B, L, h, d) the current call attends over, in the computed
+        dtype (set by :meth:`fill` and :meth:`update`, taken by :meth:`attention_inputs`)."""
 
     def image_rows(self, tensor: Tensor) -> Tensor:
         """The image tokens' rows (B, N, h, d) of a tensor in this layout (a view)."""
@@ -199,7 +202,10 @@ class KVCache:
             for history, cached, new in pairs:
                 previous = self.image_rows(cached) if refresh else None
                 history.record_all(previous, time, self.image_rows(new))
+        self.working = None
         self.write(0, key, value)
+        if self.key.dtype != key.dtype:
+            self.working = (key, value)  # the fill step attends over K/V as computed
 
     def update(self, indices: Tensor, key: Tensor, value: Tensor, time: Tensor | None = None) -> None:
         """The recomputed image tokens' K/V (B, K, h, d) at ``time`` (B,), written at their positions
@@ -209,20 +215,27 @@ class KVCache:
             assert time is not None
             for history, cached in zip(self.histories, (self.key, self.value), strict=True):
                 history.record(self.image_rows(cached), indices, time)
-        for cached, scale, new in self._stored_pairs(key, value):
+        if self.key.dtype != self.compute_dtype:
+            self.working = self._read_back()
+            for working, new in zip(self.working, (key, value), strict=True):
+                self.image_rows(working).scatter_(1, index, new)
+        for cached, scale, (stored, stored_scale) in self._stored_pairs(key, value):
             if scale is not None:  # float8 as its bytes: CPU scatter has no float8 kernel
-                cached, new = cached.view(torch.uint8), (new[0].view(torch.uint8), new[1])
-            self.image_rows(cached).scatter_(1, index, new[0])
+                cached, stored = cached.view(torch.uint8), stored.view(torch.uint8)
+            self.image_rows(cached).scatter_(1, index, stored)
             if scale is not None:
-                self.image_rows(scale).scatter_(1, index[..., :1, :1], new[1])
+                self.image_rows(scale).scatter_(1, index[..., :1, :1], stored_scale)
 
     def write(self, start: int, key: Tensor, value: Tensor) -> None:
         """Rows recomputed at every step (B, r, h, d), from row ``start`` on."""
         end = start + key.shape[1]
-        for cached, scale, new in self._stored_pairs(key, value):
-            cached[:, start:end].copy_(new[0])
+        if self.working is not None:  # this step attends over the rows as computed
+            for working, new in zip(self.working, (key, value), strict=True):
+                working[:, start:end].copy_(new)
+        for cached, scale, (stored, stored_scale) in self._stored_pairs(key, value):
+            cached[:, start:end].copy_(stored)
             if scale is not None:
-                scale[:, start:end].copy_(new[1])
+                scale[:, start:end].copy_(stored_scale)
 
     def _stored_pairs(
         self, key: Tensor, value: Tensor
@@ -246,21 +259,26 @@ class KVCache:
         scale = rows.abs().amax(dim=(2, 3), keepdim=True).clamp_min(1e-12) / largest  # (B, r, 1, 1)
         return (rows / scale).to(self.key.dtype), scale
 
-    def _read(self, cached: Tensor, scale: Tensor | None) -> Tensor:
-        """A cached tensor (B, L, h, d) in the computed dtype."""
-        if self.storage_dtype is None:
-            return cached
-        if scale is not None:
-            return cached.to(self.compute_dtype) * scale  # (B, L, h, d)
-        return cached.to(self.compute_dtype)
+    def _read_back(self) -> tuple[Tensor, Tensor]:
+        """The cached K and V (B, L, h, d) each, in the computed dtype (new tensors)."""
+        assert self.key is not None and self.value is not None
+        if self.scales is None:
+            return self.key.to(self.compute_dtype), self.value.to(self.compute_dtype)
+        return (
+            self.key.to(self.compute_dtype) * self.scales[0],
+            self.value.to(self.compute_dtype) * self.scales[1],
+        )
 
     def attention_inputs(self, time: Tensor | None) -> tuple[Tensor, Tensor]:
-        """The K and V to attend over: the cache (read back in the computed dtype when it is kept in
-        another), with the image tokens extrapolated to ``time`` when the cache keeps histories (new
-        tensors then; the cache itself keeps the computed values)."""
+        """The K and V to attend over: the cache; kept in another dtype, the cache read back with the rows
+        written in this step as computed (a recomputed token attends with its exact K/V, so keep 1.0 reads
+        nothing rounded); with the image tokens extrapolated to ``time`` when the cache keeps histories
+        (new tensors then; the cache itself keeps the computed values)."""
         if self.histories is None:
-            scales = self.scales or (None, None)
-            return self._read(self.key, scales[0]), self._read(self.value, scales[1])
+            if self.working is None:
+                return self.key, self.value
+            working, self.working = self.working, None
+            return working
         assert time is not None
         moved = []
         for history, cached in zip(self.histories, (self.key, self.value), strict=True):
@@ -288,7 +306,7 @@ class KVCache:
         return self.key is None
 
     def release(self) -> None:
-        self.key = self.value = self.scales = None
+        self.key = self.value = self.scales = self.working = None
         for history in self.histories or ():
             history.release()
 
