@@ -30,7 +30,7 @@ from conftest import (
 )
 from diffusers import WanPipeline
 
-from catprune import CATPruningConfig, apply_cat_pruning
+from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
 from catprune.architectures import ARCHITECTURES, Architecture
 from catprune.engine import StepMode, caches
 from catprune.errors import CacheMemoryError
@@ -188,11 +188,75 @@ def test_wan22_ti2v_pipeline_at_keep_ratio_one_equals_the_unpatched_one() -> Non
     assert_keep_ratio_one_is_unpatched(pipe, run, STEPS, START)
 
 
-def test_wan22_a14b_two_experts_are_refused_with_the_reason() -> None:
-    pipe = wan_pipeline(tiny_wan(num_layers=1), transformer_2=tiny_wan(num_layers=1), boundary_ratio=0.875)
-    with pytest.raises(ValueError, match="two experts"):
-        apply_cat_pruning(pipe, CONFIG)
-    assert all(type(p).__name__ == "WanAttnProcessor" for p in pipe.transformer.attn_processors.values())
+A14B_STEPS = 8
+A14B_SWITCH = 5
+"""With 8 flow-matching steps (shift 3) the timesteps are 1000, 948, 883, 801, 694, 548, 338, 9: at
+``boundary_ratio`` 0.6 the low-noise expert takes over at step 5, after two pruned steps of the first."""
+
+
+def a14b_pipeline() -> WanPipeline:
+    """Wan 2.2 A14B at toy size: two experts of one class with different weights."""
+    experts = {"transformer_2": tiny_wan(seed=1), "boundary_ratio": 0.6}
+    return wan_pipeline(tiny_wan(), **experts)
+
+
+def generate_a14b(pipe: WanPipeline) -> torch.Tensor:
+    return pipe(
+        height=SIZE,
+        width=SIZE,
+        num_frames=FRAMES,
+        num_inference_steps=A14B_STEPS,
+        latents=latents(2),
+        output_type="latent",
+        **wan_prompts(2),
+    ).frames
+
+
+def test_wan22_a14b_is_one_generation_whose_second_expert_fills_its_caches_at_the_switch() -> None:
+    """One engine prunes both experts: one generation of 8 steps (two passes each), one selection history;
+    the first expert's caches are freed at the switch, where every pass of the step is a fill step."""
+    pipe = a14b_pipeline()
+    state = apply_cat_pruning(pipe, CONFIG)
+    calls: list[tuple[str, int, StepMode]] = []
+    for name in ("transformer", "transformer_2"):
+        hook = lambda module, args, output, name=name: calls.append(  # noqa: E731
+            (name, state.context.step, state.context.mode)
+        )
+        getattr(pipe, name).register_forward_hook(hook)
+    generate_a14b(pipe)
+    experts = ["transformer"] * 2 * A14B_SWITCH + ["transformer_2"] * 2 * (A14B_STEPS - A14B_SWITCH)
+    modes = [StepMode.FULL] * 2 * (START - 1) + [StepMode.FILL] * 2 + [StepMode.PRUNED] * 4
+    modes += [StepMode.FILL] * 2 + [StepMode.PRUNED] * 4
+    assert calls == [
+        (name, call // 2, mode) for call, (name, mode) in enumerate(zip(experts, modes, strict=True))
+    ]
+    assert (state.stats.steps, state.stats.pruned_steps) == (A14B_STEPS, A14B_STEPS - START - 1)
+    assert state.model is pipe.transformer_2
+    first, second = (state.experts[expert] for expert in (pipe.transformer, pipe.transformer_2))
+    assert all(not processor.caches for processor in first)
+    assert all(processor.cache is not None and not processor.cache.empty for processor in second)
+
+
+def test_wan22_a14b_at_keep_ratio_one_equals_the_unpatched_pipeline() -> None:
+    pipe = a14b_pipeline()
+    reference = generate_a14b(pipe)
+    state = apply_cat_pruning(pipe, CATPruningConfig(keep_ratio=1.0, start_step=START))
+    torch.testing.assert_close(generate_a14b(pipe), reference, atol=1e-5, rtol=0)
+    assert (state.stats.steps, state.stats.pruned_steps) == (A14B_STEPS, A14B_STEPS - START - 1)
+
+
+def test_wan22_a14b_remove_restores_both_experts_bit_for_bit() -> None:
+    pipe = a14b_pipeline()
+    reference = generate_a14b(pipe)
+    state = apply_cat_pruning(pipe, CONFIG)
+    assert not torch.equal(generate_a14b(pipe), reference)
+    remove_cat_pruning(pipe)
+    assert torch.equal(generate_a14b(pipe), reference)
+    for expert in (pipe.transformer, pipe.transformer_2):
+        assert all(type(p).__name__ == "WanAttnProcessor" for p in expert.attn_processors.values())
+        assert not hasattr(expert, "_catprune_engine") and "cache_context" not in vars(expert)
+    assert state.stats.steps == A14B_STEPS
+    apply_cat_pruning(pipe, CONFIG)  # and can be applied again
 
 
 def test_counted_macs_of_a_pruned_step_agree_with_the_adapter_formula() -> None:
