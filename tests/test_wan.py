@@ -9,6 +9,7 @@ own cross-attention to the text on the selected tokens, and CFG as two calls per
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -271,7 +272,8 @@ def test_counted_macs_of_a_pruned_step_agree_with_the_adapter_formula() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "parameters"), [("wan2.1-t2v-1.3b", 1_418_996_800), ("wan2.1-t2v-14b", 14_288_491_584)]
+    ("name", "parameters"),
+    [("wan2.1-t2v-1.3b", 1_418_996_800), ("wan2.1-t2v-14b", 14_288_491_584), ("wan2.2-a14b", 14_288_491_584)],
 )
 def test_the_wan_architectures_have_the_published_size_and_macs_cli_ratio(name: str, parameters: int) -> None:
     """Wan 2.1 T2V 1.3B and 14B at 480p (480x832) and 81 frames: 32,760 image tokens, 512 text tokens, 50
@@ -308,6 +310,22 @@ def test_macs_report_the_caches_of_both_cfg_passes_by_dtype() -> None:
     assert report.passes == 2 and report.image_tokens == tokens
     assert report.cache_bytes() == {"float32": 8 * per_pass, "bfloat16": 4 * per_pass, "float8": 2 * per_pass}
     assert count_macs(architecture, resolution=32, steps=50, cfg=False).passes == 1
+
+
+def test_macs_of_wan22_a14b_count_a_fill_step_where_the_second_expert_takes_over() -> None:
+    """Flow shift 12, boundary 0.875, 50 UniPC steps: the low-noise expert takes over at step 32, whose
+    fill step of its caches replaces a pruned step; one expert's caches at a time (the first's are freed)."""
+    model = tiny_wan(num_layers=3)
+    one = Architecture("tiny-wan", "wan", dict(model.config), text_tokens=512, default_steps=50)
+    two = dataclasses.replace(one, scheduler_config={"flow_shift": 12.0}, boundary_ratio=0.875)
+    single, experts = (count_macs(a, resolution=32, steps=50, start_step=8) for a in (one, two))
+    assert (single.switch_step, experts.switch_step) == (None, 32)
+    assert (single.step_counts, experts.step_counts) == ((7, 1, 42), (7, 2, 41))
+    extra = 2 * (experts.fill_step.macs - experts.pruned_step.macs)  # one more fill step, two passes
+    assert experts.cat_macs == single.cat_macs + extra
+    assert experts.cache_bytes() == single.cache_bytes()
+    late = count_macs(two, resolution=32, steps=50, start_step=40)
+    assert late.step_counts == (39, 1, 10)  # the switch at step 32 is a full step anyway
 
 
 def test_the_cache_size_is_logged_once_before_the_first_fill_step(

@@ -44,6 +44,9 @@ class Architecture:
     """A local pipeline's ``vae/config.json``; None: the family's published VAE (``adapter.vae_config``)."""
     frames: int | None = None
     """A video's frames (video families only; None: the pipeline's default)."""
+    boundary_ratio: float | None = None
+    """Two experts that take turns (Wan 2.2 A14B): the first runs the timesteps >= ``boundary_ratio`` x
+    the scheduler's training timesteps; None: one transformer."""
 
     @property
     def adapter(self) -> ModelAdapter:
@@ -129,6 +132,17 @@ class Architecture:
         adapter = self.adapter
         return adapter.scheduler_class.from_config({**adapter.scheduler_config, **self.scheduler_config})
 
+    def expert_switch_step(self, steps: int) -> int | None:
+        """The step at which the second expert takes over in a generation of ``steps`` (the first whose
+        timestep is below the boundary, as diffusers' ``WanPipeline`` switches); None for one transformer
+        or a switch after the last step."""
+        if self.boundary_ratio is None:
+            return None
+        scheduler = self.make_scheduler()
+        scheduler.set_timesteps(steps)
+        boundary = self.boundary_ratio * scheduler.config.num_train_timesteps
+        return next((step for step, t in enumerate(scheduler.timesteps) if t < boundary), None)
+
     def latent_shape(self, batch: int, resolution: int) -> tuple[int, ...]:
         """The latents of ``batch`` square images of ``resolution`` pixels, as the pipeline makes them."""
         try:
@@ -180,7 +194,13 @@ def _random_module(
 
 ARCHITECTURES: dict[str, Architecture] = {
     name: Architecture(
-        name, adapter.family, public.config, public.text_tokens, public.default_steps or adapter.default_steps
+        name,
+        adapter.family,
+        public.config,
+        public.text_tokens,
+        public.default_steps or adapter.default_steps,
+        scheduler_config=public.scheduler_config,
+        boundary_ratio=public.boundary_ratio,
     )
     for adapter in ADAPTERS.values()
     for name, public in adapter.public_models.items()

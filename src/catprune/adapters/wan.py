@@ -67,7 +67,9 @@ _WAN21_1_3B = {
 """``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``, ``transformer/config.json``: 1.42B parameters, width 1536."""
 
 _WAN21_14B = {**_WAN21_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
-"""``Wan-AI/Wan2.1-T2V-14B-Diffusers``, ``transformer/config.json``: 14.3B parameters, width 5120."""
+"""``Wan-AI/Wan2.1-T2V-14B-Diffusers``, ``transformer/config.json``: 14.3B parameters, width 5120. Wan
+2.2 T2V A14B's two experts have this architecture each (the Wan team's ``t2v_A14B`` config: dim 5120, ffn
+13824, 40 heads, 40 layers), with flow shift 12 and ``boundary_ratio`` 0.875."""
 
 TEXT_TOKENS = 512
 """umT5 tokens: ``WanPipeline`` pads every prompt to ``max_sequence_length=512``."""
@@ -138,6 +140,9 @@ class WanAdapter(ModelAdapter):
     public_models: ClassVar[Mapping[str, PublicModel]] = {
         "wan2.1-t2v-1.3b": PublicModel(_WAN21_1_3B, TEXT_TOKENS),
         "wan2.1-t2v-14b": PublicModel(_WAN21_14B, TEXT_TOKENS),
+        "wan2.2-a14b": PublicModel(
+            _WAN21_14B, TEXT_TOKENS, scheduler_config={"flow_shift": 12.0}, boundary_ratio=0.875
+        ),
     }
 
     # --- the call
