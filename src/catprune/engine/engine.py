@@ -326,6 +326,9 @@ class PruningEngine:
         device = parameter.device if parameter is not None else torch.device("cpu")
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
+            # Caches freed earlier (a previous generation's, or the previous expert's at a switch) stay
+            # reserved by PyTorch's allocator, which reuses them: free for this allocation too.
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
             if required > free:
                 raise CacheMemoryError(cache_memory_message(required, device, free))
 
