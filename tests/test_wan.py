@@ -9,6 +9,7 @@ own cross-attention to the text on the selected tokens, and CFG as two calls per
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -30,7 +31,7 @@ from conftest import (
 )
 from diffusers import WanPipeline
 
-from catprune import CATPruningConfig, apply_cat_pruning
+from catprune import CATPruningConfig, apply_cat_pruning, remove_cat_pruning
 from catprune.architectures import ARCHITECTURES, Architecture
 from catprune.engine import StepMode, caches
 from catprune.errors import CacheMemoryError
@@ -188,11 +189,75 @@ def test_wan22_ti2v_pipeline_at_keep_ratio_one_equals_the_unpatched_one() -> Non
     assert_keep_ratio_one_is_unpatched(pipe, run, STEPS, START)
 
 
-def test_wan22_a14b_two_experts_are_refused_with_the_reason() -> None:
-    pipe = wan_pipeline(tiny_wan(num_layers=1), transformer_2=tiny_wan(num_layers=1), boundary_ratio=0.875)
-    with pytest.raises(ValueError, match="two experts"):
-        apply_cat_pruning(pipe, CONFIG)
-    assert all(type(p).__name__ == "WanAttnProcessor" for p in pipe.transformer.attn_processors.values())
+A14B_STEPS = 8
+A14B_SWITCH = 5
+"""With 8 flow-matching steps (shift 3) the timesteps are 1000, 948, 883, 801, 694, 548, 338, 9: at
+``boundary_ratio`` 0.6 the low-noise expert takes over at step 5, after two pruned steps of the first."""
+
+
+def a14b_pipeline() -> WanPipeline:
+    """Wan 2.2 A14B at toy size: two experts of one class with different weights."""
+    experts = {"transformer_2": tiny_wan(seed=1), "boundary_ratio": 0.6}
+    return wan_pipeline(tiny_wan(), **experts)
+
+
+def generate_a14b(pipe: WanPipeline) -> torch.Tensor:
+    return pipe(
+        height=SIZE,
+        width=SIZE,
+        num_frames=FRAMES,
+        num_inference_steps=A14B_STEPS,
+        latents=latents(2),
+        output_type="latent",
+        **wan_prompts(2),
+    ).frames
+
+
+def test_wan22_a14b_is_one_generation_whose_second_expert_fills_its_caches_at_the_switch() -> None:
+    """One engine prunes both experts: one generation of 8 steps (two passes each), one selection history;
+    the first expert's caches are freed at the switch, where every pass of the step is a fill step."""
+    pipe = a14b_pipeline()
+    state = apply_cat_pruning(pipe, CONFIG)
+    calls: list[tuple[str, int, StepMode]] = []
+    for name in ("transformer", "transformer_2"):
+        hook = lambda module, args, output, name=name: calls.append(  # noqa: E731
+            (name, state.context.step, state.context.mode)
+        )
+        getattr(pipe, name).register_forward_hook(hook)
+    generate_a14b(pipe)
+    experts = ["transformer"] * 2 * A14B_SWITCH + ["transformer_2"] * 2 * (A14B_STEPS - A14B_SWITCH)
+    modes = [StepMode.FULL] * 2 * (START - 1) + [StepMode.FILL] * 2 + [StepMode.PRUNED] * 4
+    modes += [StepMode.FILL] * 2 + [StepMode.PRUNED] * 4
+    assert calls == [
+        (name, call // 2, mode) for call, (name, mode) in enumerate(zip(experts, modes, strict=True))
+    ]
+    assert (state.stats.steps, state.stats.pruned_steps) == (A14B_STEPS, A14B_STEPS - START - 1)
+    assert state.model is pipe.transformer_2
+    first, second = (state.experts[expert] for expert in (pipe.transformer, pipe.transformer_2))
+    assert all(not processor.caches for processor in first)
+    assert all(processor.cache is not None and not processor.cache.empty for processor in second)
+
+
+def test_wan22_a14b_at_keep_ratio_one_equals_the_unpatched_pipeline() -> None:
+    pipe = a14b_pipeline()
+    reference = generate_a14b(pipe)
+    state = apply_cat_pruning(pipe, CATPruningConfig(keep_ratio=1.0, start_step=START))
+    torch.testing.assert_close(generate_a14b(pipe), reference, atol=1e-5, rtol=0)
+    assert (state.stats.steps, state.stats.pruned_steps) == (A14B_STEPS, A14B_STEPS - START - 1)
+
+
+def test_wan22_a14b_remove_restores_both_experts_bit_for_bit() -> None:
+    pipe = a14b_pipeline()
+    reference = generate_a14b(pipe)
+    state = apply_cat_pruning(pipe, CONFIG)
+    assert not torch.equal(generate_a14b(pipe), reference)
+    remove_cat_pruning(pipe)
+    assert torch.equal(generate_a14b(pipe), reference)
+    for expert in (pipe.transformer, pipe.transformer_2):
+        assert all(type(p).__name__ == "WanAttnProcessor" for p in expert.attn_processors.values())
+        assert not hasattr(expert, "_catprune_engine") and "cache_context" not in vars(expert)
+    assert state.stats.steps == A14B_STEPS
+    apply_cat_pruning(pipe, CONFIG)  # and can be applied again
 
 
 def test_counted_macs_of_a_pruned_step_agree_with_the_adapter_formula() -> None:
@@ -207,7 +272,8 @@ def test_counted_macs_of_a_pruned_step_agree_with_the_adapter_formula() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "parameters"), [("wan2.1-t2v-1.3b", 1_418_996_800), ("wan2.1-t2v-14b", 14_288_491_584)]
+    ("name", "parameters"),
+    [("wan2.1-t2v-1.3b", 1_418_996_800), ("wan2.1-t2v-14b", 14_288_491_584), ("wan2.2-a14b", 14_288_491_584)],
 )
 def test_the_wan_architectures_have_the_published_size_and_macs_cli_ratio(name: str, parameters: int) -> None:
     """Wan 2.1 T2V 1.3B and 14B at 480p (480x832) and 81 frames: 32,760 image tokens, 512 text tokens, 50
@@ -244,6 +310,22 @@ def test_macs_report_the_caches_of_both_cfg_passes_by_dtype() -> None:
     assert report.passes == 2 and report.image_tokens == tokens
     assert report.cache_bytes() == {"float32": 8 * per_pass, "bfloat16": 4 * per_pass, "float8": 2 * per_pass}
     assert count_macs(architecture, resolution=32, steps=50, cfg=False).passes == 1
+
+
+def test_macs_of_wan22_a14b_count_a_fill_step_where_the_second_expert_takes_over() -> None:
+    """Flow shift 12, boundary 0.875, 50 UniPC steps: the low-noise expert takes over at step 32, whose
+    fill step of its caches replaces a pruned step; one expert's caches at a time (the first's are freed)."""
+    model = tiny_wan(num_layers=3)
+    one = Architecture("tiny-wan", "wan", dict(model.config), text_tokens=512, default_steps=50)
+    two = dataclasses.replace(one, scheduler_config={"flow_shift": 12.0}, boundary_ratio=0.875)
+    single, experts = (count_macs(a, resolution=32, steps=50, start_step=8) for a in (one, two))
+    assert (single.switch_step, experts.switch_step) == (None, 32)
+    assert (single.step_counts, experts.step_counts) == ((7, 1, 42), (7, 2, 41))
+    extra = 2 * (experts.fill_step.macs - experts.pruned_step.macs)  # one more fill step, two passes
+    assert experts.cat_macs == single.cat_macs + extra
+    assert experts.cache_bytes() == single.cache_bytes()
+    late = count_macs(two, resolution=32, steps=50, start_step=40)
+    assert late.step_counts == (39, 1, 10)  # the switch at step 32 is a full step anyway
 
 
 def test_the_cache_size_is_logged_once_before_the_first_fill_step(

@@ -47,6 +47,9 @@ class Architecture:
     model_cfg_calls: int | None = None
     """Calls per step under guidance where this model's differ from its family's (``PublicModel.cfg_calls``);
     None: the family's."""
+    boundary_ratio: float | None = None
+    """Two experts that take turns (Wan 2.2 A14B): the first runs the timesteps >= ``boundary_ratio`` x
+    the scheduler's training timesteps; None: one transformer."""
 
     @property
     def adapter(self) -> ModelAdapter:
@@ -137,6 +140,17 @@ class Architecture:
         adapter = self.adapter
         return adapter.scheduler_class.from_config({**adapter.scheduler_config, **self.scheduler_config})
 
+    def expert_switch_step(self, steps: int) -> int | None:
+        """The step at which the second expert takes over in a generation of ``steps`` (the first whose
+        timestep is below the boundary, as diffusers' ``WanPipeline`` switches); None for one transformer
+        or a switch after the last step."""
+        if self.boundary_ratio is None:
+            return None
+        scheduler = self.make_scheduler()
+        scheduler.set_timesteps(steps)
+        boundary = self.boundary_ratio * scheduler.config.num_train_timesteps
+        return next((step for step, t in enumerate(scheduler.timesteps) if t < boundary), None)
+
     def latent_shape(self, batch: int, resolution: int) -> tuple[int, ...]:
         """The latents of ``batch`` square images of ``resolution`` pixels, as the pipeline makes them."""
         try:
@@ -194,6 +208,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         public.text_tokens,
         public.default_steps or adapter.default_steps,
         model_cfg_calls=public.cfg_calls,
+        scheduler_config=public.scheduler_config,
+        boundary_ratio=public.boundary_ratio,
     )
     for adapter in ADAPTERS.values()
     for name, public in adapter.public_models.items()

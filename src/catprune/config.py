@@ -11,6 +11,8 @@ RowPairing = Literal["none", "cfg", "cfg-cond-first"]
 Extrapolation = Literal["none", "linear", "quadratic"]
 EXTRAPOLATION_ORDERS: dict[str, int] = {"none": 0, "linear": 1, "quadratic": 2}
 """The order in time of each extrapolation option (0: the values as last computed)."""
+CACHE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "float8_e4m3fn")
+"""The storage dtypes ``cache_dtype`` takes (torch's names; the engine looks them up in torch)."""
 
 
 class ConfigTypeError(TypeError, ValueError):
@@ -103,6 +105,11 @@ class CATPruningConfig:
         refresh_steps: steps after ``start_step`` that run in full, refreshing every cache and output
             (0-based; negative ones count from the end, where the caller says how many steps the generation
             has: a pipeline does). ``(-1,)``: the last step runs in full.
+        cache_dtype: the dtype the K/V caches are stored in, computed in the model's dtype (cast on write,
+            cast back on read): ``"bfloat16"`` or ``"float16"`` halve an fp32 model's caches,
+            ``"float8_e4m3fn"`` quarters them (stored with one scale per token, so that small values keep
+            their precision). None: the model's dtype, as computed. Their cost in PSNR on the shipped models
+            is in ``docs/measurement.md`` ("Cache dtype"). Not combined with ``kv_extrapolation``.
     """
 
     keep_ratio: float = 0.3
@@ -120,6 +127,7 @@ class CATPruningConfig:
     output_extrapolation: Extrapolation = "none"
     refresh_steps: tuple[int, ...] = ()
     kept_multiple: int = 1
+    cache_dtype: str | None = None
 
     @classmethod
     def extrapolated(cls) -> CATPruningConfig:
@@ -202,6 +210,17 @@ class CATPruningConfig:
         require(
             self.kept_multiple >= 1,
             f"kept_multiple must be a positive integer, got {self.kept_multiple!r}",
+        )
+        require(
+            self.cache_dtype is None or self.cache_dtype in CACHE_DTYPES,
+            f"cache_dtype must be None (the model's dtype) or one of {', '.join(map(repr, CACHE_DTYPES))}, "
+            f"got {self.cache_dtype!r}",
+        )
+        require(
+            self.cache_dtype is None or self.kv_extrapolation == "none",
+            f"cache_dtype {self.cache_dtype!r} cannot be combined with kv_extrapolation "
+            f"{self.kv_extrapolation!r} (the extrapolation's K/V histories are kept in the model's dtype); "
+            "leave one of them at its default",
         )
         if isinstance(self.refresh_steps, (str, bytes)) or not hasattr(self.refresh_steps, "__iter__"):
             raise ConfigTypeError(

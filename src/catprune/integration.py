@@ -12,7 +12,7 @@ from torch import nn
 from .adapters import adapter_for
 from .compatibility import check_before_apply, check_not_compiled_whole, generation_checks
 from .config import CATPruningConfig
-from .engine import PruningEngine, attach, attached_engine, detach
+from .engine import PruningEngine, attach, attach_expert, attached_engine, detach
 
 
 def _split_target(target: Any) -> tuple[Any | None, nn.Module]:
@@ -57,10 +57,14 @@ def apply_cat_pruning(target: Any, config: CATPruningConfig | None = None) -> Pr
             "call remove_cat_pruning first to change its settings"
         )
     check_before_apply(transformer, adapter, config)
+    experts = _experts(pipeline, adapter, config)
     if pipeline is not None:
         adapter.check_pipeline(pipeline)
     engine = attach(transformer, adapter, config)
     engine.checks.extend(generation_checks(transformer, engine))
+    for expert in experts:
+        attach_expert(engine, expert)
+        engine.checks.extend(generation_checks(expert, engine))
     if pipeline is not None and hasattr(pipeline, "scheduler"):
         pipeline_ref = weakref.ref(pipeline)
         engine.tracker.scheduler = lambda: getattr(pipeline_ref(), "scheduler", None)
@@ -68,8 +72,31 @@ def apply_cat_pruning(target: Any, config: CATPruningConfig | None = None) -> Pr
     return engine
 
 
+def _experts(pipeline: Any | None, adapter: Any, config: CATPruningConfig) -> list[nn.Module]:
+    """A pipeline's second expert (``transformer_2``: Wan 2.2 A14B's low-noise transformer, which takes
+    over from ``transformer`` partway through the schedule), checked as the first one is; pruned by the
+    same engine, so that a generation has one step count and one selection history."""
+    expert = getattr(pipeline, "transformer_2", None) if pipeline is not None else None
+    if not isinstance(expert, nn.Module):
+        return []
+    check_not_compiled_whole(expert)
+    if type(adapter_for(expert)) is not type(adapter):
+        raise TypeError(
+            f"CAT pruning: the pipeline's two transformers differ ({type(pipeline.transformer).__name__}, "
+            f"{type(expert).__name__}); one engine prunes experts of one class"
+        )
+    if attached_engine(expert) is not None:
+        raise RuntimeError(
+            f"CAT pruning is already applied to this pipeline's transformer_2 ({type(expert).__name__}); "
+            "call remove_cat_pruning first to change its settings"
+        )
+    check_before_apply(expert, adapter, config)
+    return [expert]
+
+
 def remove_cat_pruning(target: Any) -> None:
-    """Turn CAT pruning off: the model computes exactly as before ``apply_cat_pruning``.
+    """Turn CAT pruning off: the model (and a pipeline's second expert) computes exactly as before
+    ``apply_cat_pruning``.
 
     On a model without pruning it changes nothing and warns, as diffusers' ``disable_cache`` does: unlike
     applying twice (which raises, because the second settings would silently replace the first), nothing

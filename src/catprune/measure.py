@@ -217,6 +217,8 @@ class MacsReport:
     :attr:`rows` rows: read from the caches the counted fill step allocated (meta tensors)."""
     passes: int = 1
     """Passes per step, each with its own caches: 2 where CFG is a second call (Wan)."""
+    switch_step: int | None = None
+    """Where a second expert takes over (Wan 2.2 A14B): a pruned step there is a fill step of its caches."""
 
     def cache_bytes(self) -> dict[str, int]:
         """The caches of a generation (all its passes) in bytes, by storage dtype."""
@@ -228,6 +230,8 @@ class MacsReport:
         """(full, fill, pruned) steps of a CAT generation."""
         full = min(self.steps, self.start_step - 1)
         fill = int(self.steps >= self.start_step)
+        if self.switch_step is not None and self.start_step <= self.switch_step < self.steps:
+            fill += 1  # the second expert fills its own caches
         return full, fill, self.steps - full - fill
 
     def _generation(self, macs: Callable[[StepMacs], int]) -> tuple[int, int]:
@@ -331,6 +335,7 @@ def count_macs(
         * adapter.step_macs(model, num_kept + fixed, num_tokens + fixed, text, True),
         cache_elements=engine_cache_elements(state),
         passes=architecture.cfg_calls if cfg else 1,
+        switch_step=architecture.expert_switch_step(steps),
     )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -52,6 +52,11 @@ class PublicModel:
     cfg_calls: int | None = None
     """Calls per step under guidance, where they differ from the family's ``Catalogue.cfg_calls`` (FLUX.3's
     step-distilled flow map: 1, it runs without guidance)."""
+    scheduler_config: Mapping[str, Any] = field(default_factory=dict)
+    """Where its scheduler differs from the family's (Wan 2.2 A14B's flow shift 12)."""
+    boundary_ratio: float | None = None
+    """A pipeline of two experts (Wan 2.2 A14B): the first runs the timesteps >= ``boundary_ratio`` x
+    1000, the second (the same architecture, other weights) the rest."""
 
 
 KL_AUTOENCODER: Mapping[str, Any] = {

@@ -26,10 +26,14 @@ per sample. A final norm and ``proj_out`` give each token its 1x2x2 patch of C c
   the conditioning frame's tokens 0, the others the step's. A pre-hook on the model gathers it like the
   tokens at a pruned step, so the per-token modulation (B, K, 6, D) and the final norm follow the selected
   tokens; steps are told by each row's largest timestep.
-- **Not supported yet:** Wan 2.2 A14B's two experts (``transformer_2`` with ``boundary_ratio``): one
-  generation would have to span both models with one selection history, and the second expert's K/V
-  caches start empty at the switch (its weights differ, so it needs a fill step). ``apply_cat_pruning``
-  refuses such a pipeline with that reason.
+- **Wan 2.2 A14B** (``transformer_2``, ``boundary_ratio``): the high-noise expert runs the steps at
+  timesteps >= ``boundary_ratio * 1000``, the low-noise one the rest. ``apply_cat_pruning(pipe)`` has one
+  engine prune both: one generation, one step count, one selection history (the reference noise n_t0 and
+  each token's staleness carry over: both experts predict the same flow). The first expert's K/V caches
+  are not valid for the second (other weights), so at the switch they are freed and the second expert's
+  first step is a fill step (one more full-cost step per generation: ``catprune macs --model
+  wan2.2-a14b``); keeping both experts' caches would double the memory for nothing, since the first never
+  runs again in the generation.
 """
 
 from __future__ import annotations
@@ -63,7 +67,9 @@ _WAN21_1_3B = {
 """``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``, ``transformer/config.json``: 1.42B parameters, width 1536."""
 
 _WAN21_14B = {**_WAN21_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
-"""``Wan-AI/Wan2.1-T2V-14B-Diffusers``, ``transformer/config.json``: 14.3B parameters, width 5120."""
+"""``Wan-AI/Wan2.1-T2V-14B-Diffusers``, ``transformer/config.json``: 14.3B parameters, width 5120. Wan
+2.2 T2V A14B's two experts have this architecture each (the Wan team's ``t2v_A14B`` config: dim 5120, ffn
+13824, 40 heads, 40 layers), with flow shift 12 and ``boundary_ratio`` 0.875."""
 
 TEXT_TOKENS = 512
 """umT5 tokens: ``WanPipeline`` pads every prompt to ``max_sequence_length=512``."""
@@ -134,6 +140,9 @@ class WanAdapter(ModelAdapter):
     public_models: ClassVar[Mapping[str, PublicModel]] = {
         "wan2.1-t2v-1.3b": PublicModel(_WAN21_1_3B, TEXT_TOKENS),
         "wan2.1-t2v-14b": PublicModel(_WAN21_14B, TEXT_TOKENS),
+        "wan2.2-a14b": PublicModel(
+            _WAN21_14B, TEXT_TOKENS, scheduler_config={"flow_shift": 12.0}, boundary_ratio=0.875
+        ),
     }
 
     # --- the call
@@ -150,14 +159,6 @@ class WanAdapter(ModelAdapter):
         if isinstance(timestep, Tensor) and timestep.ndim == 2:
             return timestep.amax(dim=1)  # (B,)
         return timestep
-
-    def check_pipeline(self, pipeline: Any) -> None:
-        if getattr(pipeline, "transformer_2", None) is not None:
-            raise ValueError(
-                "CAT pruning: Wan 2.2 A14B's two experts (transformer_2, boundary_ratio) are not supported: "
-                "one generation would span two models with one selection history, the second filling its "
-                "own caches at the switch; pipelines with one transformer (Wan 2.1, Wan 2.2 TI2V) are"
-            )
 
     def text_tokens(self, arguments: dict[str, Any]) -> int:
         return arguments["encoder_hidden_states"].shape[1]

@@ -8,7 +8,7 @@ base; ``records``: statistics and observers' step records; ``engine``: the engin
 from ..selection import Grid
 from .caches import CachingProcessor, KVCache, OutputCache, PassKey, TokenHistory
 from .context import AttentionCapture, RowLayout, StepContext, StepMode, StepSlot, TokenLayout
-from .engine import PruningEngine, PruningFacts, attach, attached_engine, detach
+from .engine import PruningEngine, PruningFacts, attach, attach_expert, attached_engine, detach
 from .records import GenerationStats, MacCounter, Observer, StepRecord
 from .tracker import CallKind, NamedContext, StepTracker
 
@@ -35,6 +35,7 @@ __all__ = [
     "TokenHistory",
     "TokenLayout",
     "attach",
+    "attach_expert",
     "attached_engine",
     "detach",
 ]

@@ -142,13 +142,23 @@ class KVCache:
     :meth:`attention_inputs` moves the ones not recomputed to the current time.
     """
 
-    def __init__(self, extrapolate: int = 0) -> None:
+    def __init__(self, extrapolate: int = 0, storage_dtype: torch.dtype | None = None) -> None:
         self.key: Tensor | None = None
         self.value: Tensor | None = None
         self.image_start = 0
         self.num_image = 0
         self.histories = (TokenHistory(extrapolate), TokenHistory(extrapolate)) if extrapolate else None
         """Histories of the image tokens' keys and values, with ``extrapolate``."""
+        self.storage_dtype = storage_dtype
+        """The dtype ``key`` and ``value`` are kept in (``cache_dtype``; None: as computed)."""
+        self.scales: tuple[Tensor, Tensor] | None = None
+        """(B, L, 1, 1) each, in the computed dtype: the scale of every row of ``key`` and ``value`` when
+        they are kept in float8 (a stored row times its scale is the computed row)."""
+        self.compute_dtype: torch.dtype | None = None
+        """The dtype K/V are computed in (read back in it)."""
+        self.working: tuple[Tensor, Tensor] | None = None
+        """Kept in another dtype: the K and V (B, L, h, d) the current call attends over, in the computed
+        dtype (set by :meth:`fill` and :meth:`update`, taken by :meth:`attention_inputs`)."""
 
     def image_rows(self, tensor: Tensor) -> Tensor:
         """The image tokens' rows (B, N, h, d) of a tensor in this layout (a view)."""
@@ -172,13 +182,18 @@ class KVCache:
     ) -> None:
         """The whole sequence's K/V (B, L, h, d) at ``time`` (B,), at the fill step or a ``refresh`` step
         (which keeps the extrapolation history going); the image tokens are rows ``image_start`` on."""
-        if self.key is None or (self.key.shape, self.key.dtype, self.key.device) != (
+        storage = self.storage_dtype or key.dtype
+        if self.key is None or (self.key.shape, self.key.dtype, self.key.device, self.compute_dtype) != (
             key.shape,
-            key.dtype,
+            storage,
             key.device,
+            key.dtype,
         ):
-            self.key = torch.empty_like(key)  # (B, L, h, d)
-            self.value = torch.empty_like(value)  # (B, L, h, d)
+            self.key = torch.empty_like(key, dtype=storage)  # (B, L, h, d)
+            self.value = torch.empty_like(value, dtype=storage)  # (B, L, h, d)
+            if storage.itemsize == 1:
+                self.scales = (key.new_empty(*key.shape[:2], 1, 1), key.new_empty(*key.shape[:2], 1, 1))
+            self.compute_dtype = key.dtype
             refresh = False
         self.image_start, self.num_image = image_start, num_image
         if self.histories is not None:
@@ -187,8 +202,10 @@ class KVCache:
             for history, cached, new in pairs:
                 previous = self.image_rows(cached) if refresh else None
                 history.record_all(previous, time, self.image_rows(new))
-        self.key.copy_(key)
-        self.value.copy_(value)
+        self.working = None
+        self.write(0, key, value)
+        if self.key.dtype != key.dtype:
+            self.working = (key, value)  # the fill step attends over K/V as computed
 
     def update(self, indices: Tensor, key: Tensor, value: Tensor, time: Tensor | None = None) -> None:
         """The recomputed image tokens' K/V (B, K, h, d) at ``time`` (B,), written at their positions
@@ -198,19 +215,71 @@ class KVCache:
             assert time is not None
             for history, cached in zip(self.histories, (self.key, self.value), strict=True):
                 history.record(self.image_rows(cached), indices, time)
-        self.image_rows(self.key).scatter_(1, index, key)
-        self.image_rows(self.value).scatter_(1, index, value)
+        if self.key.dtype != self.compute_dtype:
+            self.working = self._read_back()
+            for working, new in zip(self.working, (key, value), strict=True):
+                self.image_rows(working).scatter_(1, index, new)
+        for cached, scale, (stored, stored_scale) in self._stored_pairs(key, value):
+            if scale is not None:  # float8 as its bytes: CPU scatter has no float8 kernel
+                cached, stored = cached.view(torch.uint8), stored.view(torch.uint8)
+            self.image_rows(cached).scatter_(1, index, stored)
+            if scale is not None:
+                self.image_rows(scale).scatter_(1, index[..., :1, :1], stored_scale)
 
     def write(self, start: int, key: Tensor, value: Tensor) -> None:
         """Rows recomputed at every step (B, r, h, d), from row ``start`` on."""
-        self.key[:, start : start + key.shape[1]].copy_(key)
-        self.value[:, start : start + value.shape[1]].copy_(value)
+        end = start + key.shape[1]
+        if self.working is not None:  # this step attends over the rows as computed
+            for working, new in zip(self.working, (key, value), strict=True):
+                working[:, start:end].copy_(new)
+        for cached, scale, (stored, stored_scale) in self._stored_pairs(key, value):
+            cached[:, start:end].copy_(stored)
+            if scale is not None:
+                scale[:, start:end].copy_(stored_scale)
+
+    def _stored_pairs(
+        self, key: Tensor, value: Tensor
+    ) -> list[tuple[Tensor, Tensor | None, tuple[Tensor, Tensor | None]]]:
+        """(cached, its scales, (new rows as stored, their scales)) for the keys and the values."""
+        assert self.key is not None and self.value is not None
+        scales = self.scales or (None, None)
+        return [
+            (self.key, scales[0], self._stored(key)),
+            (self.value, scales[1], self._stored(value)),
+        ]
+
+    def _stored(self, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Computed rows (B, r, h, d) as the cache keeps them: in its dtype, and in float8 divided by
+        their scale (B, r, 1, 1) that maps each row's largest magnitude to float8's largest, 448 (one scale
+        per token: a plain cast saturates above 448 and flushes values below 2^-10 to zero; on the shipped
+        models' caches the scaled cast's relative error is also lower, docs/measurement.md)."""
+        assert self.key is not None
+        if self.scales is None:
+            return rows.to(self.key.dtype), None  # the same tensor when kept as computed
+        largest = torch.finfo(self.key.dtype).max
+        scale = rows.abs().amax(dim=(2, 3), keepdim=True).clamp_min(1e-12) / largest  # (B, r, 1, 1)
+        return (rows / scale).to(self.key.dtype), scale
+
+    def _read_back(self) -> tuple[Tensor, Tensor]:
+        """The cached K and V (B, L, h, d) each, in the computed dtype (new tensors)."""
+        assert self.key is not None and self.value is not None
+        if self.scales is None:
+            return self.key.to(self.compute_dtype), self.value.to(self.compute_dtype)
+        return (
+            self.key.to(self.compute_dtype) * self.scales[0],
+            self.value.to(self.compute_dtype) * self.scales[1],
+        )
 
     def attention_inputs(self, time: Tensor | None) -> tuple[Tensor, Tensor]:
-        """The K and V to attend over: the cache, with the image tokens extrapolated to ``time`` when the
-        cache keeps histories (new tensors then; the cache itself keeps the computed values)."""
+        """The K and V to attend over: the cache; kept in another dtype, the cache read back with the rows
+        written in this step as computed (a recomputed token attends with its exact K/V, so keep 1.0 reads
+        nothing rounded); with the image tokens extrapolated to ``time`` when the cache keeps histories
+        (new tensors then; the cache itself keeps the computed values)."""
         if self.histories is None:
-            return self.key, self.value
+            if self.working is None:
+                return self.key, self.value
+            working, self.working = self.working, None
+            return working
         assert time is not None
         moved = []
         for history, cached in zip(self.histories, (self.key, self.value), strict=True):
@@ -228,6 +297,8 @@ class KVCache:
         """Keep only batch rows ``rows`` (CFG truncation)."""
         if self.key is not None:
             self.key, self.value = self.key[rows], self.value[rows]
+        if self.scales is not None:
+            self.scales = (self.scales[0][rows], self.scales[1][rows])
         for history in self.histories or ():
             history.take_rows(rows)
 
@@ -236,13 +307,13 @@ class KVCache:
         return self.key is None
 
     def release(self) -> None:
-        self.key = self.value = None
+        self.key = self.value = self.scales = self.working = None
         for history in self.histories or ():
             history.release()
 
     def nbytes(self) -> int:
         kept = [t for history in self.histories or () for t in history.tensors()]
-        tensors = [t for t in (self.key, self.value, *kept) if t is not None]
+        tensors = [t for t in (self.key, self.value, *(self.scales or ()), *kept) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -314,6 +385,8 @@ class CachingProcessor:
         self.extra_first = extra_first
         self.extrapolate = 0
         """The order of ``kv_extrapolation`` (0: none; set by the engine): the caches' histories."""
+        self.cache_dtype: torch.dtype | None = None
+        """The caches' storage dtype (``cache_dtype``; None: as computed; set by the engine)."""
         self.caches: dict[PassKey, KVCache] = {}
         """The K/V cache of each pass."""
         self.cache: KVCache | None = None
@@ -328,7 +401,7 @@ class CachingProcessor:
     def enter_pass(self, key: PassKey) -> None:
         """Make pass ``key``'s cache the current one (created empty the first time)."""
         if key not in self.caches:
-            self.caches[key] = KVCache(self.extrapolate)
+            self.caches[key] = KVCache(self.extrapolate, self.cache_dtype)
         self.cache = self.caches[key]
 
     def store(

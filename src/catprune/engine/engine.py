@@ -87,6 +87,10 @@ class PruningEngine:
         self.tracker = StepTracker()
         self.counter = MacCounter(adapter if hasattr(adapter, "step_macs") else None, model)  # type: ignore[arg-type]
         self.processors: list[CachingProcessor] = []
+        """The caching processors of the model being called."""
+        self.experts: dict[torch.nn.Module, list[CachingProcessor]] = {}
+        """Every model pruned and its processors: the one, or the experts of a pipeline that hands a
+        generation from one to the next (Wan 2.2 A14B), sharing one tracker and one selection history."""
         self.hook_handles: list[Any] = []
         """The module hooks :func:`attach` installed (removed by :func:`detach`)."""
         self.checks: list[Callable[[], None]] = []
@@ -106,6 +110,8 @@ class PruningEngine:
         self._observers: list[Observer] = []
         self._warned: set[str] = set()
         self._signature = inspect.signature(model.forward)
+        self.cache_dtype = getattr(torch, config.cache_dtype) if config.cache_dtype else None
+        """The K/V caches' storage dtype (``config.cache_dtype``; None: the model's)."""
 
     # --- the public controls
 
@@ -167,14 +173,19 @@ class PruningEngine:
 
     # --- one call: the model's pre-hook, the scatter hook, the model's post-hook
 
-    def begin_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict]:
-        """Plan the call and publish its context; at a pruned step, its per-token arguments (ControlNet
-        residuals) are gathered at the selected tokens. Returns the call's arguments."""
+    def begin_call(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], model: torch.nn.Module | None = None
+    ) -> tuple[tuple[Any, ...], dict]:
+        """Plan the call (of ``model``, one of :attr:`experts`; None: the current one) and publish its
+        context; at a pruned step, its per-token arguments (ControlNet residuals) are gathered at the
+        selected tokens. Returns the call's arguments."""
         bound = self._signature.bind_partial(*args, **kwargs)
         arguments = bound.arguments
         if self.adapter.is_auxiliary_call(arguments):
             self.slot.context = None
             return args, kwargs
+        if model is not None and model is not self.model:
+            self._switch_expert(model)
         call, plan = self._locate(arguments)
         context = self._plan_call(call, plan, arguments)
         self.slot.context = context
@@ -291,9 +302,12 @@ class PruningEngine:
 
     def _cache_bytes(self, rows: int, layout: TokenLayout) -> int:
         """One pass's K/V caches in bytes: keys and values of every image (and fixed) token in every
-        caching layer, at the model's dtype (the rows every step recomputes, such as text, left out)."""
+        caching layer, in ``cache_dtype`` or the model's dtype (the rows every step recomputes, such as
+        text, left out, and float8's per-token scales: one number per head width, 0.08% at width 5120)."""
         parameter = next(self.model.parameters(), None)
         size = parameter.element_size() if parameter is not None else 4
+        if self.cache_dtype is not None:
+            size = self.cache_dtype.itemsize
         tokens = layout.grid.num_tokens + layout.fixed_tokens
         widths = sum(_attention_width(processor.attention) for processor in self.processors)
         return 2 * rows * tokens * widths * size
@@ -312,6 +326,9 @@ class PruningEngine:
         device = parameter.device if parameter is not None else torch.device("cpu")
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
+            # Caches freed earlier (a previous generation's, or the previous expert's at a switch) stay
+            # reserved by PyTorch's allocator, which reuses them: free for this allocation too.
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
             if required > free:
                 raise CacheMemoryError(cache_memory_message(required, device, free))
 
@@ -324,6 +341,19 @@ class PruningEngine:
         self.output = self.outputs.setdefault(key, OutputCache(extrapolate))
         for processor in self.processors:
             processor.enter_pass(key)
+
+    def _switch_expert(self, model: torch.nn.Module) -> None:
+        """The pipeline hands the generation to another expert (Wan 2.2 A14B: the low-noise one, partway
+        through the schedule). The previous expert's K/V caches are of no use to this one (its weights
+        differ) and it never runs again in the generation, so they are freed now; the outputs are
+        forgotten, so that each pass's next pruned step is a fill step of the new expert's caches (and the
+        peak memory is one expert's caches). The generation, its steps, and its selection history (the
+        reference noise n_t0, the tokens' staleness) go on."""
+        for processor in self.processors:
+            processor.release()
+        self.model, self.processors = model, self.experts[model]
+        self.outputs.clear()
+        self.output = None
 
     def _take_rows(self, rows: slice) -> None:
         """Keep only batch rows ``rows`` in every cache and buffer (CFG truncation)."""
@@ -416,26 +446,35 @@ def attached_engine(model: torch.nn.Module) -> PruningEngine | None:
 def attach(model: torch.nn.Module, adapter: PruningFacts, config: CATPruningConfig) -> PruningEngine:
     """Install the hooks and processors on ``model``; everything is resolved before anything changes."""
     engine = PruningEngine(config, adapter, model)
-    engine.processors = list(adapter.processors(model, engine.slot, engine.selector.needs_attention))
-    for processor in engine.processors:
-        processor.extrapolate = EXTRAPOLATION_ORDERS[config.kv_extrapolation]
+    attach_expert(engine, model)
+    engine.processors = engine.experts[model]
+    return engine
+
+
+def attach_expert(engine: PruningEngine, model: torch.nn.Module) -> None:
+    """Install ``engine``'s hooks and processors on ``model`` (the engine's own model, or another expert
+    of the same class that a pipeline calls in turn within one generation)."""
+    processors = list(engine.adapter.processors(model, engine.slot, engine.selector.needs_attention))
+    for processor in processors:
+        processor.extrapolate = EXTRAPOLATION_ORDERS[engine.config.kv_extrapolation]
+        processor.cache_dtype = engine.cache_dtype
     # PyTorch's own module hooks, not a replaced ``forward``: accelerate's offload hooks and diffusers'
     # hook registry replace and restore ``forward`` on their own schedule, which would drop or revive ours.
     # The model's own hooks plan and account for each call in Python, outside ``torch.compile``: compiled
     # whole, the model's forward is one graph per step kind, entered after the plan is made.
-    begin = torch.compiler.disable(lambda module, args, kwargs: engine.begin_call(args, kwargs))
+    begin = torch.compiler.disable(lambda module, args, kwargs: engine.begin_call(args, kwargs, module))
     end = torch.compiler.disable(lambda module, args, output: engine.end_call())
-    engine.hook_handles = [
+    engine.hook_handles += [
         model.register_forward_pre_hook(begin, with_kwargs=True),
         model.register_forward_hook(end),
-        *adapter.install(model, engine.slot, engine.scatter),
+        *engine.adapter.install(model, engine.slot, engine.scatter),
     ]
-    for processor in engine.processors:
+    for processor in processors:
         processor.attention.set_processor(processor)
     if hasattr(model, "cache_context"):
         model.cache_context = _named_contexts(model.cache_context, engine.tracker)
     model._catprune_engine = engine
-    return engine
+    engine.experts[model] = processors
 
 
 def _named_contexts(cache_context: Callable[..., Any], tracker: StepTracker) -> Callable[..., Any]:
@@ -456,11 +495,11 @@ def _named_contexts(cache_context: Callable[..., Any], tracker: StepTracker) -> 
 
 def detach(model: torch.nn.Module) -> bool:
     """Exact inverse of :func:`attach`: the original processors come back and the module hooks go.
-    Returns whether pruning was applied."""
+    Every expert the engine prunes is restored. Returns whether pruning was applied."""
     engine = attached_engine(model)
     if engine is None:
         return False
-    for processor in engine.processors:
+    for processor in (processor for processors in engine.experts.values() for processor in processors):
         processor.attention.set_processor(processor.original)
     for handle in engine.hook_handles:
         handle.remove()
@@ -469,7 +508,8 @@ def detach(model: torch.nn.Module) -> bool:
     # ``stats`` keep the last generation's counts.
     engine.release_caches()
     engine.slot.context = None
-    if "cache_context" in vars(model):
-        del model.cache_context
-    del model._catprune_engine
+    for expert in engine.experts:
+        if "cache_context" in vars(expert):
+            del expert.cache_context
+        del expert._catprune_engine
     return True

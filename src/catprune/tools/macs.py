@@ -118,6 +118,7 @@ def report_fields(report: MacsReport, selection: SelectionCost) -> dict[str, Any
         "start_step": report.start_step,
         "keep_ratio": report.keep_ratio,
         "steps_by_kind": {"full": full, "fill": fill, "pruned": pruned},
+        "expert_switch_step": report.switch_step,
         "full_step_macs": report.full_step.macs,
         "fill_step_macs": report.fill_step.macs,
         "pruned_step_macs": report.pruned_step.macs,
@@ -192,7 +193,8 @@ def report_lines(report: MacsReport, fields: dict[str, Any]) -> list[str]:
         f"{report.kept_tokens} kept), {report.text_tokens} text tokens, "
         f"{plural(report.rows, 'row')} per call ({cfg})",
         f"{plural(report.steps, 'step')}: {kinds['full']} full + {kinds['fill']} fill + "
-        f"{kinds['pruned']} pruned (t0 = {report.start_step}, keep ratio {report.keep_ratio})",
+        f"{kinds['pruned']} pruned (t0 = {report.start_step}, keep ratio {report.keep_ratio})"
+        + switch_note(report),
         "MACs counted by FlopCounterMode on the meta device, real forward with pruning applied "
         "(MACs = FLOPs / 2)",
         "",
@@ -214,6 +216,16 @@ def report_lines(report: MacsReport, fields: dict[str, Any]) -> list[str]:
         "of the CAT MACs",
         *few_steps_lines(fields),
     ]
+
+
+def switch_note(report: MacsReport) -> str:
+    """Where a second expert takes over, and whether that costs a fill step."""
+    if report.switch_step is None:
+        return ""
+    fills = report.start_step <= report.switch_step
+    return f"; the second expert takes over at step {report.switch_step}" + (
+        " (a fill step of its caches)" if fills else ""
+    )
 
 
 def size_label(report: MacsReport) -> str:
