@@ -31,7 +31,8 @@ from ..errors import CacheMemoryError
 from ..formatting import format_count
 from ..strategies import TokenSelector
 from .caches import CachingProcessor, OutputCache, PassKey, cache_memory_message
-from .context import RowLayout, StepContext, StepMode, StepSlot, TokenLayout
+from .context import RowLayout, StepContext, StepMode, StepSlot, TokenLayout, TokenShard
+from .parallel import ParallelPlan, parallelize
 from .plan import GenerationPlan, refresh_steps, too_short_warning
 from .records import GenerationStats, MacCounter, Observer, StepRecord
 from .selections import Selections
@@ -46,6 +47,7 @@ class PruningFacts(Protocol):
 
     token_arguments: tuple[str, ...]
     cond_first: bool
+    context_parallel: ParallelPlan | None
 
     def token_layout(self, model: torch.nn.Module, arguments: dict[str, Any]) -> TokenLayout: ...
 
@@ -103,6 +105,8 @@ class PruningEngine:
         """The current pass's (switched before the call: compiled code reads one attribute)."""
         self.call_output: Tensor | None = None
         """(B, N, C) the current call's output tokens, every image token as computed (read at its end)."""
+        self.shard: TokenShard | None = None
+        """This process's share of the tokens under diffusers' context parallelism (``parallel.py``)."""
         self._observers: list[Observer] = []
         self._warned: set[str] = set()
         self._signature = inspect.signature(model.forward)
@@ -265,6 +269,8 @@ class PruningEngine:
             mode = StepMode.FILL  # a pass first seen after the fill step fills its own caches now
         first_pass = call.kind is not CallKind.PASS
         num_kept = self.config.num_kept(plan.layout.grid.num_tokens)
+        if self.shard is not None:
+            num_kept = self.shard.kept(num_kept, plan.layout.grid.num_tokens)
         if mode is StepMode.PRUNED and first_pass:
             noise = self._prompt_noise(self.output.tokens)
             self.selections.choose(noise, plan, num_kept, self.slot.capture.map)
@@ -287,6 +293,7 @@ class PruningEngine:
             refreshing=mode is StepMode.FILL and plan.step >= self.config.start_step,
             keeps_output=plan.keeps_output,
             cache_bytes=cache_bytes,
+            shard=self.shard,
         )
 
     def _cache_bytes(self, rows: int, layout: TokenLayout) -> int:
@@ -296,6 +303,8 @@ class PruningEngine:
         size = parameter.element_size() if parameter is not None else 4
         tokens = layout.grid.num_tokens + layout.fixed_tokens
         widths = sum(_attention_width(processor.attention) for processor in self.processors)
+        if self.shard is not None:  # each process caches its share of the heads
+            widths //= self.shard.world
         return 2 * rows * tokens * widths * size
 
     def _check_cache_memory(self, required: int) -> None:
@@ -417,6 +426,9 @@ def attach(model: torch.nn.Module, adapter: PruningFacts, config: CATPruningConf
     """Install the hooks and processors on ``model``; everything is resolved before anything changes."""
     engine = PruningEngine(config, adapter, model)
     engine.processors = list(adapter.processors(model, engine.slot, engine.selector.needs_attention))
+    engine.shard, parallel_handles = parallelize(
+        model, adapter.context_parallel, engine.slot, engine.processors
+    )
     for processor in engine.processors:
         processor.extrapolate = EXTRAPOLATION_ORDERS[config.kv_extrapolation]
     # PyTorch's own module hooks, not a replaced ``forward``: accelerate's offload hooks and diffusers'
@@ -429,6 +441,7 @@ def attach(model: torch.nn.Module, adapter: PruningFacts, config: CATPruningConf
         model.register_forward_pre_hook(begin, with_kwargs=True),
         model.register_forward_hook(end),
         *adapter.install(model, engine.slot, engine.scatter),
+        *parallel_handles,
     ]
     for processor in engine.processors:
         processor.attention.set_processor(processor)
