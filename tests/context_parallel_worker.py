@@ -40,16 +40,21 @@ FLUX_TEXT = 8
 Run = Callable[[torch.nn.Module, Any], list[torch.Tensor]]
 
 
-def wan_run(model: torch.nn.Module, state: Any) -> list[torch.Tensor]:
-    """A 5-step loop of two calls per step (cond, uncond) as ``WanPipeline`` makes them."""
+def wan_run(model: torch.nn.Module, state: Any, per_token: bool = False) -> list[torch.Tensor]:
+    """A 5-step loop of two calls per step (cond, uncond) as ``WanPipeline`` makes them; ``per_token``: a
+    timestep per token, 0 on the first latent frame, as Wan 2.2 TI2V's pipeline gives it."""
     generator = torch.Generator().manual_seed(1)
     latents = torch.randn(WAN_LATENTS, generator=generator)
     cond, uncond = (torch.randn(2, 7, TEXT_DIM, generator=generator) for _ in range(2))
+    frame_tokens = WAN_LATENTS[3] * WAN_LATENTS[4] // 4
     outputs = []
     if state is not None:
         state.begin_generation(cfg=False, steps=STEPS)
     for step in range(STEPS):
         timestep = torch.full((2,), 1000.0 - 150 * step)
+        if per_token:  # (B, N)
+            timestep = timestep[:, None].repeat(1, WAN_LATENTS[2] * frame_tokens)
+            timestep[:, :frame_tokens] = 0.0
         with model.cache_context("cond"):
             out_cond = model(latents, timestep, cond, return_dict=False)[0]
         with model.cache_context("uncond"):
@@ -164,6 +169,7 @@ def main(out: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {
         "wan": measure(lambda: tiny_wan(), wan_run, world),
+        "wan-ti2v": measure(lambda: tiny_wan(), lambda model, state: wan_run(model, state, True), world),
         "flux": measure(lambda: tiny_flux(), flux_run, world),
         "ring": ring_refusal(world),
         "enabled_after": enabled_after_pruning_refusal(world),

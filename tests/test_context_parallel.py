@@ -52,7 +52,8 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(PROCESSES)]
 
 
-MODELS = ("wan", "flux")
+MODELS = ("wan", "wan-ti2v", "flux")
+"""Wan 2.1; Wan 2.2 TI2V's per-token timesteps (split by the plan, gathered per process when pruned); Flux."""
 
 
 @pytest.mark.slow
