@@ -17,7 +17,9 @@ Refused, because pruned steps would compute something else than the model as the
   CAT pruning's processors compute plain attention and the other processor never runs;
 - diffusers' caches (``enable_cache`` or ``diffusers.hooks.apply_*``: FirstBlockCache, Pyramid Attention
   Broadcast, FasterCache, TaylorSeer, MagCache, ...): they reuse outputs computed for all image tokens at
-  earlier steps, while pruned steps run the blocks on the selected tokens only.
+  earlier steps, while pruned steps run the blocks on the selected tokens only;
+- context parallelism that pruning cannot run under (ring attention, a model without a ``ParallelPlan``:
+  ``catprune.engine.parallel``, checked when pruning is applied), or enabled after ``apply_cat_pruning``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 from .adapters import ModelAdapter
 from .config import CATPruningConfig
 from .engine import CachingProcessor, PruningEngine, StepSlot
+from .engine.parallel import check_enabled_before_pruning
 
 PLAIN_PROCESSORS = (
     "AttnProcessor",
@@ -125,6 +128,7 @@ def generation_checks(model: nn.Module, state: PruningEngine) -> list[Callable[[
     return [
         lambda: check_processors_installed(model, state.processors),
         lambda: check_no_cache(model, after_apply=True),
+        lambda: check_enabled_before_pruning(model, state.shard),
     ]
 
 

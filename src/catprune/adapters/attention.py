@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..engine import CachingProcessor, StepContext, StepMode, StepSlot
+from ..engine.parallel import HeadExchange
 from .base import linear_macs
 
 Projections = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -28,13 +29,26 @@ def split_heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def attend(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    exchange: HeadExchange | None = None,
 ) -> torch.Tensor:
-    """Attention over (B, n, heads, d) tensors, as diffusers' processors compute it: -> (B, n, heads*d)."""
+    """Attention over (B, n, heads, d) tensors, as diffusers' processors compute it: -> (B, n, heads*d).
+    With ``exchange`` (context parallelism) the queries are this process's tokens with all heads and the
+    keys and values every token with this process's heads (a head-sharded cache): the queries are
+    exchanged for its heads, and the output back."""
+    if exchange is not None:
+        if mask is not None:
+            raise NotImplementedError("CAT pruning: an attention mask under context parallelism")
+        query = exchange.to_heads(query)  # (B, P n, heads / P, d)
     out = F.scaled_dot_product_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
-    )  # (B, heads, n, d)
-    return out.transpose(1, 2).flatten(2).to(query.dtype)  # (B, n, heads * d)
+    ).transpose(1, 2)  # (B, n, heads, d)
+    if exchange is not None:
+        out = exchange.to_tokens(out)  # (B, n, heads, d): this process's tokens, all heads
+    return out.flatten(2).to(query.dtype)  # (B, n, heads * d)
 
 
 def project_out(attn: Any, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -227,11 +241,11 @@ class CachedSelfAttentionProcessor(CachingProcessor):
         lead = extra[0].shape[1] if extra is not None and self.extra_first else 0
         mask = query_mask(mask, self.context, lead)  # the rows of the queries below, over all L keys
         if extra is None:
-            out = attend(query, keys, values, mask)  # (B, n + R, h * d)
+            out = attend(query, keys, values, mask, self.exchange)  # (B, n + R, h * d)
             return self.finish(attn, project_out(attn, out, tokens), None)
         num_extra, num_stream = extra[0].shape[1], query.shape[1]
         queries = [extra[0], query] if self.extra_first else [query, extra[0]]
-        out = attend(torch.cat(queries, dim=1), keys, values, mask)  # (B, L', h * d), in the layer's order
+        out = attend(torch.cat(queries, dim=1), keys, values, mask, self.exchange)  # (B, L', h * d), in order
         if self.extra_first:
             image_out, extra_out = out[:, num_extra:], out[:, :num_extra]
         else:

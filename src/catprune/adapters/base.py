@@ -23,7 +23,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor, nn
 
-from ..engine import CachingProcessor, Grid, StepMode, StepSlot, TokenLayout
+from ..engine import CachingProcessor, Grid, ParallelPlan, StepMode, StepSlot, TokenLayout
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,9 @@ class PruningAdapter(ABC):
     cond_first: ClassVar[bool] = False
     """Whether the family's pipelines put CFG's conditional rows first (``[cond..., uncond...]``); diffusers'
     usual order is ``[uncond..., cond...]``."""
+    context_parallel: ClassVar[ParallelPlan | None] = None
+    """Where the model's ``_cp_plan`` splits the image tokens, for pruning under diffusers' context
+    parallelism (``catprune.engine.parallel``); None: pruning refuses context parallelism."""
 
     @abstractmethod
     def token_grid(self, model: nn.Module, arguments: dict[str, Any]) -> Grid:

@@ -55,6 +55,8 @@ class ChromaAdapter(FluxAdapter):
     single_blocks = (ChromaSingleTransformerBlock,)
     cfg_batch = 1
     """True CFG is a second call per step (another pass), not a second batch row."""
+    context_parallel = None
+    """Not under context parallelism: diffusers gives ``ChromaTransformer2DModel`` no ``_cp_plan``."""
 
     default_steps = 35
     """``ChromaPipeline``'s ``num_inference_steps``."""

@@ -26,7 +26,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 from torch import Tensor, nn
 
-from ..engine import CachingProcessor, Grid, StepSlot, TokenLayout
+from ..engine import CachingProcessor, Grid, ParallelPlan, StepSlot, TokenLayout
 from .attention import (
     IMAGE_PROJECTIONS,
     JointAttentionProcessor,
@@ -80,9 +80,9 @@ class SingleStreamAttentionProcessor(CachingProcessor):
     def stream_attention(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> Tensor:
         """Attention of the stream's Q, K, V (B, T+n+R, h, d) over the cached K/V of all image tokens, with
         the text and fixed tokens' K/V written into the cache: (B, T+n+R, h*d)."""
-        text = self.context.text_tokens
+        text = self.context.local_text_tokens
         self.store(key[:, text:], value[:, text:], lead=(key[:, :text], value[:, :text]))
-        return attend(query, *self.cached(), query_mask(mask, self.context, text))
+        return attend(query, *self.cached(), query_mask(mask, self.context, text), self.exchange)
 
 
 def token_layout_of(ids: Tensor) -> TokenLayout:
@@ -120,6 +120,8 @@ class FluxAdapter(PackedLatentAdapter):
     """The caching processor of the single-stream blocks' attention."""
     id_axes: ClassVar[int] = 3
     """Coordinates of an image or text id: (index, row, column)."""
+    context_parallel = ParallelPlan({"": ("hidden_states", "img_ids")}, splits_text=True)
+    """``_cp_plan`` splits the image tokens and their ids at the model's input, and the text too."""
 
     scheduler_class = FlowMatchEulerDiscreteScheduler
     scheduler_config: ClassVar[Mapping[str, Any]] = {"shift": 3.0}
@@ -182,7 +184,7 @@ class FluxAdapter(PackedLatentAdapter):
             if context is None:
                 return output
             cos, sin = output
-            text = context.text_tokens
+            text = context.local_text_tokens
             return context.gather_table(cos, lead=text), context.gather_table(sin, lead=text)
 
         return [model.pos_embed.register_forward_hook(gather_rotary)]

@@ -98,6 +98,8 @@ class Flux2Adapter(FluxAdapter):
     single_processor = Flux2SingleStreamProcessor
     id_axes = 4
     """(t, h, w, l): the image's row and column second and third, as in FLUX.1."""
+    context_parallel = None
+    """Not under context parallelism yet: its per-block rotary gather reads the whole text (untested)."""
 
     default_steps = 50
     """``Flux2Pipeline``'s and ``Flux2KleinPipeline``'s ``num_inference_steps``."""

@@ -45,7 +45,7 @@ from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch import Tensor, nn
 
-from ..engine import CachingProcessor, Grid, StepMode, StepSlot
+from ..engine import CachingProcessor, Grid, ParallelPlan, StepMode, StepSlot
 from .attention import CachedSelfAttentionProcessor, Rotary, attend, project_out, rotate, split_heads
 from .base import ModelAdapter, PublicModel, TensorFactory, gather_input_hook, linear_macs
 
@@ -104,7 +104,7 @@ class WanSelfAttentionProcessor(CachedSelfAttentionProcessor):
         if self.capture_attention:
             self._capture_attention(attn, query, None)
         keys, values = self.cached()  # (B, N, h, d) each
-        return project_out(attn, attend(query, keys, values), tokens)
+        return project_out(attn, attend(query, keys, values, exchange=self.exchange), tokens)
 
 
 class WanAdapter(ModelAdapter):
@@ -122,6 +122,9 @@ class WanAdapter(ModelAdapter):
     default_frames = FRAMES
     text_embedder = "condition_embedder.text_embedder"
     blocks = ("blocks",)
+    context_parallel = ParallelPlan({"": ("timestep",), "rope": (0, 1), "blocks.0": ("hidden_states",)})
+    """``_cp_plan`` splits the per-token timesteps (Wan 2.2 TI2V), the rotary table and the first block's
+    input: the image tokens only (the text, in cross-attention only, is not split)."""
 
     scheduler_class = UniPCMultistepScheduler
     scheduler_config: ClassVar[Mapping[str, Any]] = {

@@ -2,13 +2,15 @@
 
 ``context``: what one call is (:class:`StepContext`, published in a :class:`StepSlot`); ``tracker``: which
 generation, step and pass a call belongs to; ``caches``: K/V caches, output caches and the processors'
-base; ``records``: statistics and observers' step records; ``engine``: the engine and its hooks.
+base; ``records``: statistics and observers' step records; ``engine``: the engine and its hooks;
+``parallel``: pruning under diffusers' context parallelism.
 """
 
 from ..selection import Grid
 from .caches import CachingProcessor, KVCache, OutputCache, PassKey, TokenHistory
 from .context import AttentionCapture, RowLayout, StepContext, StepMode, StepSlot, TokenLayout
 from .engine import PruningEngine, PruningFacts, attach, attach_expert, attached_engine, detach
+from .parallel import ParallelPlan
 from .records import GenerationStats, MacCounter, Observer, StepRecord
 from .tracker import CallKind, NamedContext, StepTracker
 
@@ -23,6 +25,7 @@ __all__ = [
     "NamedContext",
     "Observer",
     "OutputCache",
+    "ParallelPlan",
     "PassKey",
     "PruningEngine",
     "PruningFacts",

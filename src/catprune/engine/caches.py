@@ -6,7 +6,7 @@ All of it stays on the device and is updated in place at fixed addresses, with n
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -14,6 +14,9 @@ from torch import Tensor
 from ..errors import CacheMemoryError
 from ..formatting import format_count
 from .context import StepContext, StepMode, StepSlot
+
+if TYPE_CHECKING:
+    from .parallel import HeadExchange
 
 
 def cache_memory_message(required: int, device: torch.device | str, free: int | None = None) -> str:
@@ -391,6 +394,9 @@ class CachingProcessor:
         """The K/V cache of each pass."""
         self.cache: KVCache | None = None
         """The current pass's K/V cache."""
+        self.exchange: HeadExchange | None = None
+        """Under context parallelism (set by ``catprune.engine.parallel``): K/V are exchanged for this
+        process's heads of every token before they are cached, and attention exchanges its queries alike."""
 
     @property
     def context(self) -> StepContext:
@@ -417,6 +423,8 @@ class CachingProcessor:
         context = self.context
         cache = self.cache
         assert cache is not None
+        if self.exchange is not None:  # this process's tokens, all heads -> every token, its heads
+            key, value, lead, trail = self.exchange.whole_keys_values(key, value, lead, trail)
         start = 0 if lead is None else lead[0].shape[1]
         if context.mode is StepMode.FILL:
             keys = [part[0] for part in (lead, (key, value), trail) if part is not None]

@@ -65,6 +65,24 @@ class RowLayout:
 
 
 @dataclass(frozen=True)
+class TokenShard:
+    """This process's place among the P processes that share a sequence under diffusers' context parallelism
+    (see ``catprune.engine.parallel``): each holds a contiguous 1/P of the tokens at full steps, and
+    recomputes a contiguous 1/P of the sorted selected tokens at pruned steps."""
+
+    rank: int
+    world: int
+    """P, the processes that share the sequence."""
+    splits_text: bool = False
+    """Whether each process holds 1/P of the text tokens too (Flux's joint attention), not all of them."""
+
+    def kept(self, num_kept: int, num_tokens: int) -> int:
+        """K rounded up to a multiple of P (at most N, itself a multiple of P): the same share on every
+        process keeps the shapes static."""
+        return min(num_tokens, -(-num_kept // self.world) * self.world)
+
+
+@dataclass(frozen=True)
 class StepContext:
     """One transformer call of a generation, decided before it runs."""
 
@@ -94,6 +112,15 @@ class StepContext:
     cache_bytes: int = 0
     """The estimated bytes of one pass's K/V caches (every caching layer, at the model's dtype): named by
     the error raised when the fill step cannot allocate them."""
+    shard: TokenShard | None = None
+    """This process's share of the tokens under context parallelism (None: one process holds them all)."""
+
+    def __post_init__(self) -> None:
+        if self.shard is not None and self.layout.fixed_tokens:
+            raise ValueError(
+                "CAT pruning: tokens that are never pruned (a reference image's, Flux Kontext) are not "
+                "supported under context parallelism"
+            )
 
     @property
     def grid(self) -> Grid:
@@ -113,15 +140,32 @@ class StepContext:
         """Image tokens that go through the blocks: K at a pruned step, N otherwise."""
         return self.num_kept if self.mode is StepMode.PRUNED else self.num_tokens
 
+    @property
+    def local_indices(self) -> Tensor:
+        """(B, K) the selected tokens at a pruned step; under context parallelism (B, K / P), this
+        process's contiguous share of them (a view)."""
+        assert self.indices is not None
+        if self.shard is None:
+            return self.indices
+        share = self.num_kept // self.shard.world
+        return self.indices[:, self.shard.rank * share : (self.shard.rank + 1) * share]
+
+    @property
+    def local_text_tokens(self) -> int:
+        """The text tokens in this process's sequence: all of them, or its 1/P where context parallelism
+        splits the text."""
+        split = self.shard is not None and self.shard.splits_text
+        return self.text_tokens // self.shard.world if split else self.text_tokens
+
     def gather(self, tokens: Tensor, lead: int = 0) -> Tensor:
         """Per-token tensor (B, lead + N + R, ...) -> (B, lead + K + R, ...) at a pruned step: the ``lead``
         rows (text, where a sequence starts with it) and the R fixed tokens stay, the image tokens are the
-        selected ones of each row."""
+        selected ones of each row (under context parallelism this process's share of them, K / P)."""
         if self.mode is not StepMode.PRUNED:
             return tokens
-        assert self.indices is not None
+        indices = self.local_indices  # (B, K) or (B, K / P)
         image = tokens[:, lead : lead + self.num_tokens]  # (B, N, ...)
-        index = self.indices.view(*self.indices.shape, *(1,) * (tokens.dim() - 2))  # (B, K, 1...)
+        index = indices.view(*indices.shape, *(1,) * (tokens.dim() - 2))  # (B, K, 1...)
         selected = image.gather(1, index.expand(-1, -1, *tokens.shape[2:]))  # (B, K, ...)
         if lead == 0 and self.fixed_tokens == 0:
             return selected

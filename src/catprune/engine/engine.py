@@ -31,7 +31,8 @@ from ..errors import CacheMemoryError
 from ..formatting import format_count
 from ..strategies import TokenSelector
 from .caches import CachingProcessor, OutputCache, PassKey, cache_memory_message
-from .context import RowLayout, StepContext, StepMode, StepSlot, TokenLayout
+from .context import RowLayout, StepContext, StepMode, StepSlot, TokenLayout, TokenShard
+from .parallel import ParallelPlan, parallelize
 from .plan import GenerationPlan, refresh_steps, too_short_warning
 from .records import GenerationStats, MacCounter, Observer, StepRecord
 from .selections import Selections
@@ -46,6 +47,7 @@ class PruningFacts(Protocol):
 
     token_arguments: tuple[str, ...]
     cond_first: bool
+    context_parallel: ParallelPlan | None
 
     def token_layout(self, model: torch.nn.Module, arguments: dict[str, Any]) -> TokenLayout: ...
 
@@ -107,6 +109,8 @@ class PruningEngine:
         """The current pass's (switched before the call: compiled code reads one attribute)."""
         self.call_output: Tensor | None = None
         """(B, N, C) the current call's output tokens, every image token as computed (read at its end)."""
+        self.shard: TokenShard | None = None
+        """This process's share of the tokens under diffusers' context parallelism (``parallel.py``)."""
         self._observers: list[Observer] = []
         self._warned: set[str] = set()
         self._signature = inspect.signature(model.forward)
@@ -276,6 +280,8 @@ class PruningEngine:
             mode = StepMode.FILL  # a pass first seen after the fill step fills its own caches now
         first_pass = call.kind is not CallKind.PASS
         num_kept = self.config.num_kept(plan.layout.grid.num_tokens)
+        if self.shard is not None:
+            num_kept = self.shard.kept(num_kept, plan.layout.grid.num_tokens)
         if mode is StepMode.PRUNED and first_pass:
             noise = self._prompt_noise(self.output.tokens)
             self.selections.choose(noise, plan, num_kept, self.slot.capture.map)
@@ -298,6 +304,7 @@ class PruningEngine:
             refreshing=mode is StepMode.FILL and plan.step >= self.config.start_step,
             keeps_output=plan.keeps_output,
             cache_bytes=cache_bytes,
+            shard=self.shard,
         )
 
     def _cache_bytes(self, rows: int, layout: TokenLayout) -> int:
@@ -310,6 +317,8 @@ class PruningEngine:
             size = self.cache_dtype.itemsize
         tokens = layout.grid.num_tokens + layout.fixed_tokens
         widths = sum(_attention_width(processor.attention) for processor in self.processors)
+        if self.shard is not None:  # each process caches its share of the heads
+            widths //= self.shard.world
         return 2 * rows * tokens * widths * size
 
     def _check_cache_memory(self, required: int) -> None:
@@ -455,6 +464,9 @@ def attach_expert(engine: PruningEngine, model: torch.nn.Module) -> None:
     """Install ``engine``'s hooks and processors on ``model`` (the engine's own model, or another expert
     of the same class that a pipeline calls in turn within one generation)."""
     processors = list(engine.adapter.processors(model, engine.slot, engine.selector.needs_attention))
+    engine.shard, parallel_handles = parallelize(
+        model, engine.adapter.context_parallel, engine.slot, processors
+    )
     for processor in processors:
         processor.extrapolate = EXTRAPOLATION_ORDERS[engine.config.kv_extrapolation]
         processor.cache_dtype = engine.cache_dtype
@@ -468,6 +480,7 @@ def attach_expert(engine: PruningEngine, model: torch.nn.Module) -> None:
         model.register_forward_pre_hook(begin, with_kwargs=True),
         model.register_forward_hook(end),
         *engine.adapter.install(model, engine.slot, engine.scatter),
+        *parallel_handles,
     ]
     for processor in processors:
         processor.attention.set_processor(processor)

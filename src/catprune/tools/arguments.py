@@ -129,6 +129,17 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads_argument(parser)
 
 
+def add_context_parallel_argument(parser: argparse.ArgumentParser) -> None:
+    """``--context-parallel``, as the commands that run one generation across GPUs take it."""
+    parser.add_argument(
+        "--context-parallel",
+        choices=("ulysses",),
+        help="share each transformer call's tokens among the processes of torchrun --nproc_per_node P "
+        "(diffusers' Ulysses context parallelism, one GPU each; Wan and Flux); CAT pruning shares the "
+        "recomputed tokens and the K/V caches alike",
+    )
+
+
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """``--threads``, as every command that times generations takes it."""
     parser.add_argument(

@@ -13,7 +13,13 @@ from ..config import CATPruningConfig
 from ..errors import UserError
 from ..formatting import format_count
 from ..names import ARCHITECTURE_NAMES, COMPILE_MODES, DTYPE_NAMES
-from .arguments import add_command, add_pruning_arguments, check_steps, guidance_label
+from .arguments import (
+    add_command,
+    add_context_parallel_argument,
+    add_pruning_arguments,
+    check_steps,
+    guidance_label,
+)
 
 if TYPE_CHECKING:  # imported where used: the command's --help imports no torch
     import torch
@@ -70,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "end-to-end times (denoising + decode) beside the denoising loop's",
     )
     parser.add_argument("--seed", type=int, default=0)
+    add_context_parallel_argument(parser)
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object (fields: docs/measurement.md)"
     )
@@ -159,14 +166,19 @@ def _time_pairs(
 
 def run(args: argparse.Namespace) -> int:
     import torch
+    import torch.distributed as dist
 
+    from .. import parallelism
     from ..integration import apply_cat_pruning
     from ..measure import SelectionTimer, compile_model, denoise, shared_weight_copy
     from ..runtime import resolve_device, resolve_dtype
 
     check_steps(args.steps)
     architecture = _architecture(args)
-    device = resolve_device(args.device)
+    parallel = args.context_parallel is not None
+    if parallel and args.compile != "none":
+        raise UserError("--context-parallel runs uncompiled (--compile none): compiling it is untested")
+    device = parallelism.start(args.device) if parallel else resolve_device(args.device)
     if args.cuda_graphs and device.type != "cuda":
         raise UserError(f"--cuda-graphs needs a CUDA device, got {device.type}")
     dtype = resolve_dtype(args.dtype, device)
@@ -183,6 +195,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         full_model = architecture.load(device, dtype)
     cat_model = shared_weight_copy(full_model)
+    if parallel:  # each model its own process group: its hooks and processors get the config
+        for model in (full_model, cat_model):
+            parallelism.enable(model)
     state = apply_cat_pruning(cat_model, config)
     for model in (full_model, cat_model):
         compile_model(model, architecture, args.compile, args.cuda_graphs)
@@ -210,7 +225,8 @@ def run(args: argparse.Namespace) -> int:
             return architecture.decode(vae, latents, args.resolution)
 
     models = {"full": full_model, "cat": cat_model}
-    timings = _time_pairs(generate, decode, models, state, selection, device, args.repeats, quiet=args.json)
+    quiet = args.json or not parallelism.is_first_process()
+    timings = _time_pairs(generate, decode, models, state, selection, device, args.repeats, quiet)
     selection_seconds = statistics.median(timings.selection_seconds)
     stats = state.stats
     full, cat = _spread(timings.seconds["full"]), _spread(timings.seconds["cat"])
@@ -231,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
         "rows": rows,
         "compile": args.compile,
         "cuda_graphs": args.cuda_graphs,
+        "context_parallel": dist.get_world_size() if parallel else 1,
         "warmup_seconds": timings.warmup_seconds,
         "image_tokens": stats.image_tokens,
         "kept_tokens": stats.kept_tokens,
@@ -252,7 +269,9 @@ def run(args: argparse.Namespace) -> int:
         "peak_memory_bytes": timings.peak_memory or None,
         **(_end_to_end(timings) if args.decode else dict.fromkeys(END_TO_END_FIELDS)),
     }
-    print(json.dumps(summary, indent=2) if args.json else "\n".join(_lines(summary)))
+    if parallelism.is_first_process():
+        print(json.dumps(summary, indent=2) if args.json else "\n".join(_lines(summary)))
+    parallelism.finish()
     return 0
 
 
@@ -299,7 +318,12 @@ def _lines(summary: dict[str, Any]) -> list[str]:
         f"efficiency {summary['efficiency']:.0%}",
         f"  selection {summary['selection_seconds'] * 1000:.1f} ms per generation = "
         f"{summary['selection_share']:.1%} of the CAT time",
-        f"  K/V cache {format_count(summary['kv_cache_bytes'], 'B')}",
+        f"  K/V cache {format_count(summary['kv_cache_bytes'], 'B')}"
+        + (
+            f" per process ({summary['context_parallel']} processes)"
+            if summary["context_parallel"] > 1
+            else ""
+        ),
     ]
     if summary["end_to_end_seconds"]:
         total = summary["end_to_end_seconds"]

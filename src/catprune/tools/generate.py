@@ -20,6 +20,7 @@ from ..shapes.scenes import GRAMMAR_HELP
 from ..shapes.textures import TEXTURES_GRAMMAR_HELP
 from .arguments import (
     add_command,
+    add_context_parallel_argument,
     add_pruning_arguments,
     add_threads_argument,
     check_steps,
@@ -80,6 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     real.add_argument(
         "--dtype", choices=("auto", *DTYPE_NAMES), default="auto", help="default: float16 on cuda"
     )
+    add_context_parallel_argument(real)
     add_threads_argument(parser)
     parser.set_defaults(func=run)
 
@@ -255,10 +257,25 @@ def _prompt(prompt: str, grammar: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """One generation (or the comparison); under ``--context-parallel`` in every process of the group, the
+    first one printing and writing the image."""
+    from .. import parallelism
+
+    if args.context_parallel is not None:
+        args.device = str(parallelism.start(args.device))
+    try:
+        with parallelism.quiet_unless_first():
+            return _run(args)
+    finally:
+        parallelism.finish()
+
+
+def _run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
     from PIL import Image
 
+    from .. import parallelism
     from ..measure import alternating_medians, busy_note
     from ..runtime import load_pipeline, psnr, run_generation, use_cpu_threads, warm_up
     from ..shapes.pipelines import prompt_grammar
@@ -269,7 +286,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out must be a .png file, got {args.out}")
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
-    check_writable(args.out)
+    if parallelism.is_first_process():  # the others write nothing
+        check_writable(args.out)
     check_model_name(args.model)
     grammar = prompt_grammar(args.model)
     options = _pipeline_options(args, grammar)
@@ -277,11 +295,15 @@ def run(args: argparse.Namespace) -> int:
     if str(args.model) in MODEL_NOTES:
         print(f"note: {MODEL_NOTES[str(args.model)]}")
     pipe = load_pipeline(args.model, args.device, args.dtype)
+    if args.context_parallel is not None:
+        parallelism.enable(pipe.transformer)
+    writes = parallelism.is_first_process()
     use_cpu_threads(pipe.transformer, args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if not args.compare:
         cat, cat_seconds, stats, frequency = generate_with_cat(pipe, args, config, args.steps, options)
-        (panel(cat) if cat.width < PANEL else cat).save(args.out)
+        if writes:
+            (panel(cat) if cat.width < PANEL else cat).save(args.out)
         print(_report("CAT", cat_seconds, stats.macs, stats.full_macs))
         print(f"wrote {args.out}")
         return 0
@@ -311,7 +333,8 @@ def run(args: argparse.Namespace) -> int:
         f"|full - CAT| x{DIFF_GAIN}  (PSNR {quality:.1f} dB)",
         f"recomputed, of {stats.pruned_steps} pruned steps",
     ]
-    compare_figure(full, cat, frequency, labels).save(args.out)
+    if writes:
+        compare_figure(full, cat, frequency, labels).save(args.out)
     print(_report("full", full_seconds, stats.full_macs, stats.full_macs))
     print(_report("CAT ", cat_seconds, stats.macs, stats.full_macs))
     threads = (
