@@ -118,10 +118,12 @@ def pruned(model: torch.nn.Module, run: Run, config: CATPruningConfig) -> dict[s
     return measured
 
 
-def measure(build: Callable[[], torch.nn.Module], run: Run, world: int) -> dict[str, Any]:
+def measure(
+    build: Callable[[], torch.nn.Module], run: Run, world: int, cache_dtype: str | None = None
+) -> dict[str, Any]:
     """The model in one process (unpatched; pruned, K a multiple of P as under parallelism), then under
-    Ulysses (unpatched; keep 1.0; pruned)."""
-    config = CATPruningConfig(keep_ratio=KEEP, start_step=START)
+    Ulysses (unpatched; keep 1.0; pruned), with the K/V caches stored in ``cache_dtype``."""
+    config = CATPruningConfig(keep_ratio=KEEP, start_step=START, cache_dtype=cache_dtype)
     with torch.no_grad():
         single = build()
         unpatched = run(single, None)
@@ -129,7 +131,7 @@ def measure(build: Callable[[], torch.nn.Module], run: Run, world: int) -> dict[
         parallel = build()
         parallel.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
         parallel_unpatched = run(parallel, None)
-        keep_all = pruned(parallel, run, CATPruningConfig(keep_ratio=1.0, start_step=START))
+        keep_all = pruned(parallel, run, dataclasses.replace(config, keep_ratio=1.0))
         parallel_pruned = pruned(parallel, run, config)
     return {
         "diffusers_vs_single": max_difference(parallel_unpatched, unpatched),
@@ -171,6 +173,7 @@ def main(out: Path) -> None:
         "wan": measure(lambda: tiny_wan(), wan_run, world),
         "wan-ti2v": measure(lambda: tiny_wan(), lambda model, state: wan_run(model, state, True), world),
         "flux": measure(lambda: tiny_flux(), flux_run, world),
+        "wan-bfloat16-cache": measure(lambda: tiny_wan(), wan_run, world, "bfloat16"),
         "ring": ring_refusal(world),
         "enabled_after": enabled_after_pruning_refusal(world),
     }

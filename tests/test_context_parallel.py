@@ -52,8 +52,9 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(PROCESSES)]
 
 
-MODELS = ("wan", "wan-ti2v", "flux")
-"""Wan 2.1; Wan 2.2 TI2V's per-token timesteps (split by the plan, gathered per process when pruned); Flux."""
+MODELS = ("wan", "wan-ti2v", "flux", "wan-bfloat16-cache")
+"""Wan 2.1; Wan 2.2 TI2V's per-token timesteps (split by the plan, gathered per process when pruned); Flux;
+Wan 2.1 with its K/V caches stored in bfloat16 (``cache_dtype``), head-sharded the same way."""
 
 
 @pytest.mark.slow
@@ -96,6 +97,12 @@ def test_each_process_recomputes_half_the_tokens_and_caches_half_the_heads(
         ):
             assert (shape, heads * PROCESSES, width) == (single_shape, single_heads, single_width)
         assert result["parallel_cache_bytes"] * PROCESSES == result["single_cache_bytes"]
+
+
+@pytest.mark.slow
+def test_a_bfloat16_cache_halves_each_processs_cache_again(measured: list[dict[str, Any]]) -> None:
+    for rank in measured:
+        assert rank["wan-bfloat16-cache"]["parallel_cache_bytes"] * 2 == rank["wan"]["parallel_cache_bytes"]
 
 
 @pytest.mark.slow
