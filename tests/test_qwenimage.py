@@ -98,11 +98,18 @@ def test_steps_before_start_step_are_identical_and_remove_restores_bit_for_bit(
     assert_unpatched_until_start_and_removed(pipe, run, CONFIG, STEPS, passes=2)
 
 
-@pytest.mark.parametrize("zero_cond_t", [False, True], ids=["qwen-image", "zero-cond-t"])
-def test_pruned_step_fed_the_fill_steps_inputs_returns_its_output(zero_cond_t: bool) -> None:
+@pytest.mark.parametrize(
+    ("zero_cond_t", "controlnet"),
+    [(False, False), (True, False), (False, True)],
+    ids=["qwen-image", "zero-cond-t", "controlnet"],
+)
+def test_pruned_step_fed_the_fill_steps_inputs_returns_its_output(
+    zero_cond_t: bool, controlnet: bool
+) -> None:
     """Two blocks, a text mask per row, a reference image's tokens after the grid (modulated at timestep 0
     with ``zero_cond_t``): the caches are exact after the fill step, so this checks the pruned attention
-    with the key mask, the per-row rotary rows, the gathered ``modulate_index``, gather and scatter."""
+    with the key mask, the per-row rotary rows, the gathered ``modulate_index``, gather and scatter; with
+    ControlNet residuals (one (B, L, D) per block, as ``QwenImageControlNetModel`` returns), their gather."""
     transformer = tiny_qwen(num_layers=2, zero_cond_t=zero_cond_t)
     prompts = qwen_prompts(2)
     inputs = {
@@ -110,6 +117,9 @@ def test_pruned_step_fed_the_fill_steps_inputs_returns_its_output(zero_cond_t: b
         "encoder_hidden_states_mask": prompts["prompt_embeds_mask"],
         "img_shapes": [[(1, 8, 8), (1, 4, 4)]] * 2,
     }
+    if controlnet:
+        generator = torch.Generator().manual_seed(5)
+        inputs["controlnet_block_samples"] = [torch.randn(2, 80, 32, generator=generator) for _ in range(2)]
     tokens = torch.cat(
         [packed_latents(2), torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(3))], 1
     )
