@@ -18,6 +18,8 @@ from conftest import (
     seeded_latents,
     tiny_pixart,
     tiny_sd3,
+    tiny_wan,
+    wan_pipeline,
 )
 from diffusers import AutoencoderKL, FluxPipeline
 
@@ -81,6 +83,44 @@ def test_denoise_is_the_pixart_sigma_pipeline_loop() -> None:
     with torch.inference_mode():
         got = denoise(transformer, arch, latents, conditioning, steps=4, cfg=True)
     torch.testing.assert_close(got, expected)
+
+
+def test_denoise_is_the_wan_pipeline_loop_with_cfg_as_two_calls() -> None:
+    """Wan's CFG: a conditional then an unconditional call per step, each under its ``cache_context``."""
+    transformer = tiny_wan()
+    arch = Architecture("tiny-wan", "wan", dict(transformer.config), text_tokens=8, default_steps=4)
+    pipe = wan_pipeline(transformer)
+    pipe.scheduler = arch.make_scheduler()
+    generator = torch.Generator().manual_seed(1)
+    prompt, negative = (torch.randn(1, 8, 32, generator=generator) for _ in range(2))
+    latents = torch.randn(1, 4, 2, 8, 8, generator=generator)  # (B, C, latent frames, H, W)
+    expected = pipe(
+        prompt_embeds=prompt,
+        negative_prompt_embeds=negative,
+        guidance_scale=arch.guidance_scale,
+        height=64,
+        width=64,
+        num_frames=5,
+        num_inference_steps=4,
+        latents=latents,
+        output_type="latent",
+    ).frames
+    contexts, original = [], transformer.cache_context
+    transformer.cache_context = lambda name, **kwargs: contexts.append(name) or original(name, **kwargs)
+    calls = []
+    transformer.register_forward_pre_hook(lambda module, args: calls.append(len(contexts)))
+    with torch.inference_mode():
+        got = denoise(
+            transformer,
+            arch,
+            latents,
+            {"encoder_hidden_states": prompt},
+            steps=4,
+            cfg=True,
+            uncond_conditioning={"encoder_hidden_states": negative},
+        )
+    torch.testing.assert_close(got, expected)
+    assert contexts == ["cond", "uncond"] * 4 and calls == list(range(1, 9))  # each call in its own context
 
 
 @pytest.mark.slow

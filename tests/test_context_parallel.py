@@ -171,8 +171,9 @@ def test_bench_runs_under_torchrun_with_context_parallelism(tmp_path: Path) -> N
     fields = json.loads(result.stdout[result.stdout.index("{") :])  # one report: the first process's
     assert fields["context_parallel"] == PROCESSES and fields["pruned_steps"] == 3
     assert (fields["image_tokens"], fields["kept_tokens"]) == (21 * 4 * 4, 102)  # round(0.3 * 336) = 101
-    # Per process: 2 blocks' K and V of 1 row, 336 tokens, 1 of the 2 heads of 12 channels, float32.
-    assert fields["kv_cache_bytes"] == 2 * 2 * 336 * 1 * 12 * 4
+    # Per process: 2 passes (CFG as two calls) x 2 blocks' K and V of 1 row, 336 tokens, 1 of the 2 heads of
+    # 12 channels, float32.
+    assert fields["cfg_calls"] == 2 and fields["kv_cache_bytes"] == 2 * 2 * 2 * 336 * 1 * 12 * 4
 
 
 def test_context_parallel_outside_torchrun_is_refused(

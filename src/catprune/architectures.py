@@ -79,6 +79,13 @@ class Architecture:
         video of :attr:`frames` frames."""
         return self.config if self.frames is None else {**self.config, "num_frames": self.frames}
 
+    def size_label(self, resolution: int) -> str:
+        """The image's size in pixels, or a video's size and frames, at ``resolution``."""
+        if self.adapter.default_frames is None:
+            return f"{resolution}x{resolution}"
+        frames, height, width = self.adapter.video_size(self.shape_config, resolution)
+        return f"{height}x{width}, {frames} frames"
+
     def with_frames(self, frames: int | None) -> Architecture:
         """The same architecture measured on videos of ``frames`` frames (None: as it is)."""
         if frames is None:

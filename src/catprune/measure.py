@@ -12,6 +12,7 @@ shapes, counted separately (see :func:`count_selection`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -500,22 +501,36 @@ def denoise(
     conditioning: dict[str, Any],
     steps: int,
     cfg: bool,
+    uncond_conditioning: dict[str, Any] | None = None,
 ) -> torch.Tensor:
-    """The denoising loop as the diffusers pipeline runs it (fresh scheduler timesteps, CFG as one batch
-    ``[uncond..., cond...]``, guidance, learned-sigma split, scheduler step); no text encoding, no VAE."""
+    """The denoising loop as the diffusers pipeline runs it (fresh scheduler timesteps, guidance, learned-
+    sigma split, scheduler step); no text encoding, no VAE. CFG as the family runs it: one batch
+    ``[uncond..., cond...]`` (``cfg_batch`` 2), or a conditional then an unconditional call per step
+    (``cfg_calls`` 2, under ``cache_context("cond")``/``("uncond")`` where the model has it, as Wan's and
+    HunyuanVideo's pipelines call it), the second with ``uncond_conditioning`` (default: the same)."""
     scheduler = architecture.make_scheduler()
     scheduler.set_timesteps(steps, device=latents.device)
-    cfg = cfg and architecture.cfg_batch == 2  # guidance-distilled models take the guidance as an input
+    batched = cfg and architecture.cfg_batch == 2  # guidance-distilled models take the guidance as an input
+    two_calls = cfg and not batched and architecture.cfg_calls == 2
+
+    def call(model_input: torch.Tensor, timestep: torch.Tensor, name: str, extra: dict[str, Any]) -> Any:
+        has_context = two_calls and hasattr(model, "cache_context")
+        with model.cache_context(name) if has_context else contextlib.nullcontext():
+            inputs = architecture.adapter.call_inputs(model_input, timestep)
+            return architecture.adapter.call_output(model(**inputs, **extra, return_dict=False)[0])
+
     for t in scheduler.timesteps:
-        model_input = torch.cat([latents, latents]) if cfg else latents
+        model_input = torch.cat([latents, latents]) if batched else latents
         if hasattr(scheduler, "scale_model_input"):
             model_input = scheduler.scale_model_input(model_input, t)
         timestep = t[None].to(latents.device).expand(model_input.shape[0])
-        inputs = architecture.adapter.call_inputs(model_input, timestep)
-        output = architecture.adapter.call_output(model(**inputs, **conditioning, return_dict=False)[0])
-        if cfg:
+        output = call(model_input, timestep, "cond", conditioning)
+        if batched:
             uncond, cond = output.chunk(2)
             output = uncond + architecture.guidance_scale * (cond - uncond)
+        elif two_calls:
+            uncond = call(model_input, timestep, "uncond", uncond_conditioning or conditioning)
+            output = uncond + architecture.guidance_scale * (output - uncond)
         noise = architecture.noise_prediction(model, output)
         latents = scheduler.step(noise, t, latents, return_dict=False)[0]
     return latents

@@ -47,7 +47,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--layers", type=int, help="keep only the first N blocks (width kept; random weights)"
     )
-    parser.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="square image side in pixels (default 1024), or a video's height (480p: 480x832; default 480)",
+    )
+    parser.add_argument(
+        "--frames", type=int, default=None, help="a video model's frames (default: its pipeline's; Wan: 81)"
+    )
     add_pruning_arguments(parser, steps=None)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="default: float16 on cuda, float32 on cpu")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
@@ -100,7 +108,10 @@ def _architecture(args: argparse.Namespace) -> Architecture:
         raise UserError("--cuda-graphs needs --compile regional or full (CUDA graphs of compiled graphs)")
     if args.layers is not None and not args.random_weights:
         raise UserError("--layers needs --random-weights (a checkpoint's blocks are not cut)")
-    return architecture.with_layers(args.layers)
+    try:
+        return architecture.with_layers(args.layers).with_frames(args.frames)
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 @dataclass
@@ -175,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_steps(args.steps)
     architecture = _architecture(args)
+    args.resolution = args.resolution or architecture.adapter.default_resolution
     parallel = args.context_parallel is not None
     if parallel and args.compile != "none":
         raise UserError("--context-parallel runs uncompiled (--compile none): compiling it is untested")
@@ -239,12 +251,14 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "resolution": args.resolution,
+        "size": architecture.size_label(args.resolution),
         "steps": steps,
         "start_step": args.start_step,
         "keep_ratio": args.keep_ratio,
         "batch": args.batch,
         "cfg": cfg,
         "rows": rows,
+        "cfg_calls": architecture.cfg_calls if cfg else 1,
         "compile": args.compile,
         "cuda_graphs": args.cuda_graphs,
         "context_parallel": dist.get_world_size() if parallel else 1,
@@ -294,11 +308,13 @@ def _end_to_end(timings: Timings) -> dict[str, Any]:
 
 def _lines(summary: dict[str, Any]) -> list[str]:
     full, cat = summary["full_seconds"], summary["cat_seconds"]
-    guidance = guidance_label(summary["cfg"], summary["rows"] // summary["batch"] if summary["cfg"] else 1)
+    guidance = guidance_label(
+        summary["cfg"], summary["rows"] // summary["batch"] if summary["cfg"] else 1, summary["cfg_calls"]
+    )
     cfg = f"batch {summary['batch']}, {guidance} ({summary['rows']} rows)"
     lines = [
         f"{summary['model']}, {summary['weights']} weights, {summary['device']} {summary['dtype']}, "
-        f"{summary['resolution']}x{summary['resolution']} ({summary['image_tokens']} image tokens, "
+        f"{summary['size']} ({summary['image_tokens']} image tokens, "
         f"{summary['kept_tokens']} kept), {summary['text_tokens']} text tokens, {cfg}",
         f"{summary['steps']} steps with {summary['scheduler']}, {summary['pruned_steps']} pruned from step "
         f"{summary['start_step']} (keep ratio {summary['keep_ratio']})",

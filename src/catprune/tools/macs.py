@@ -189,7 +189,7 @@ def report_lines(report: MacsReport, fields: dict[str, Any]) -> list[str]:
     selection = fields["selection"]
     return [
         f"{architecture.name}: {fields['class']}, {report.parameters / 1e9:.3f}B parameters, "
-        f"{size_label(report)} ({report.image_tokens} image tokens, "
+        f"{report.architecture.size_label(report.resolution)} ({report.image_tokens} image tokens, "
         f"{report.kept_tokens} kept), {report.text_tokens} text tokens, "
         f"{plural(report.rows, 'row')} per call ({cfg})",
         f"{plural(report.steps, 'step')}: {kinds['full']} full + {kinds['fill']} fill + "
@@ -226,15 +226,6 @@ def switch_note(report: MacsReport) -> str:
     return f"; the second expert takes over at step {report.switch_step}" + (
         " (a fill step of its caches)" if fills else ""
     )
-
-
-def size_label(report: MacsReport) -> str:
-    """The image's size in pixels, or a video's size and frames."""
-    architecture = report.architecture
-    if architecture.adapter.default_frames is None:
-        return f"{report.resolution}x{report.resolution}"
-    frames, height, width = architecture.adapter.video_size(architecture.shape_config, report.resolution)
-    return f"{height}x{width}, {frames} frames"
 
 
 def cache_line(report: MacsReport) -> str:
