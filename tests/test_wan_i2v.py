@@ -100,7 +100,6 @@ def generate(pipe: WanImageToVideoPipeline, prompts: dict[str, Any], start: torc
     ).frames
 
 
-@pytest.mark.slow
 def test_keep_ratio_one_equals_the_unpatched_pipeline(pipe: WanImageToVideoPipeline) -> None:
     prompts = i2v_prompts(2)
     run = lambda pipe: generate(pipe, prompts, latents(2))  # noqa: E731
@@ -156,7 +155,6 @@ def test_pruned_step_fed_the_fill_steps_inputs_returns_its_output() -> None:
     assert (outputs[1] - other_image).abs().max() > 1e-3
 
 
-@pytest.mark.slow
 def test_batched_prompts_equal_each_prompt_alone(pipe: WanImageToVideoPipeline) -> None:
     prompts = i2v_prompts(2)
     apply_cat_pruning(pipe, CONFIG)
