@@ -198,36 +198,43 @@ def zimage_pipeline(transformer: ZImageTransformer2DModel) -> ZImagePipeline:
     return flow_matching_pipeline(ZImagePipeline, transformer, None, text_encoders=1)
 
 
-def tiny_wan(num_layers: int = 2, seed: int = 0) -> WanTransformer3DModel:
+def tiny_wan(num_layers: int = 2, seed: int = 0, image_dim: int | None = None) -> WanTransformer3DModel:
     """Wan 2.1's structure at toy width: 1x2x2 patches of 4 latent channels, 2 heads of 12 (rotary axes
     4, 4, 4 over frames, rows, columns), self-attention with q/k normalised across heads, cross-attention
-    to the text, a feed-forward of 32; ``seed`` draws the weights (Wan 2.2 A14B's second expert: another)."""
+    to the text, a feed-forward of 32; ``seed`` draws the weights (Wan 2.2 A14B's second expert: another).
+    ``image_dim``: Wan 2.1 I2V's, whose input adds the 4-frame mask and the condition image's latents (12
+    channels) and whose cross-attention also attends to CLIP tokens of that width."""
     torch.manual_seed(seed)
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
-        in_channels=4,
+        in_channels=4 if image_dim is None else 12,
         out_channels=4,
         text_dim=TEXT_DIM,
         freq_dim=16,
         ffn_dim=32,
         num_layers=num_layers,
         rope_max_seq_len=64,
+        image_dim=image_dim,
+        added_kv_proj_dim=None if image_dim is None else 24,
     ).eval()
 
 
-def wan_pipeline(transformer: WanTransformer3DModel, **options: Any) -> WanPipeline:
-    """A real ``WanPipeline`` around ``transformer``, driven with prompt embeddings (no umT5), with a toy
-    ``AutoencoderKLWan`` (4 latent channels; its published 4x temporal and 8x spatial factors, which the
-    pipeline reads to size the latents); ``options``: Wan 2.2's ``transformer_2``, ``boundary_ratio``,
-    ``expand_timesteps``."""
+def wan_pipeline(
+    transformer: WanTransformer3DModel, pipeline_class: type = WanPipeline, **options: Any
+) -> Any:
+    """A real Wan pipeline (``pipeline_class``: ``WanPipeline`` or ``WanImageToVideoPipeline``) around
+    ``transformer``, driven with prompt embeddings (no umT5), with a toy ``AutoencoderKLWan`` (4 latent
+    channels; its published 4x temporal and 8x spatial factors, which the pipeline reads to size the
+    latents); ``options``: Wan 2.2's ``transformer_2``, ``boundary_ratio``, ``expand_timesteps``, I2V's
+    ``image_encoder`` and ``image_processor``."""
     torch.manual_seed(0)
     vae = AutoencoderKLWan(
         base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.0] * 4,
         latents_std=[1.0] * 4,
     ).eval()  # fmt: skip
-    return flow_matching_pipeline(WanPipeline, transformer, vae, text_encoders=1, **options)
+    return flow_matching_pipeline(pipeline_class, transformer, vae, text_encoders=1, **options)
 
 
 def tiny_qwen(num_layers: int = 1, zero_cond_t: bool = False) -> QwenImageTransformer2DModel:

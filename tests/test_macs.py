@@ -134,6 +134,7 @@ def test_named_architectures_have_the_published_sizes() -> None:
         "flux3-distilled": 320,
         "wan2.1-t2v-1.3b": 512,
         "wan2.1-t2v-14b": 512,
+        "wan2.1-i2v-14b": 512,
         "hunyuanvideo-1.5": 1985,
         "wan2.2-a14b": 512,
     }

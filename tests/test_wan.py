@@ -273,11 +273,16 @@ def test_counted_macs_of_a_pruned_step_agree_with_the_adapter_formula() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "parameters"),
-    [("wan2.1-t2v-1.3b", 1_418_996_800), ("wan2.1-t2v-14b", 14_288_491_584), ("wan2.2-a14b", 14_288_491_584)],
+    [
+        ("wan2.1-t2v-1.3b", 1_418_996_800),
+        ("wan2.1-t2v-14b", 14_288_491_584),
+        ("wan2.1-i2v-14b", 16_394_878_784),
+        ("wan2.2-a14b", 14_288_491_584),
+    ],
 )
 def test_the_wan_architectures_have_the_published_size_and_macs_cli_ratio(name: str, parameters: int) -> None:
-    """Wan 2.1 T2V 1.3B and 14B at 480p (480x832) and 81 frames: 32,760 image tokens, 512 text tokens, 50
-    steps, CFG as two calls."""
+    """Wan 2.1 T2V 1.3B and 14B, I2V 14B (+257 CLIP tokens in its cross-attention), at 480p (480x832) and
+    81 frames: 32,760 image tokens, 512 text tokens, 50 steps, CFG as two calls."""
     report = assert_published_architecture(
         name, "WanTransformer3DModel", parameters, 512, 50, cli_steps=50, rows=1, image_tokens=32760,
         ratio=(0.3, 0.5),

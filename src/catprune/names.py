@@ -34,7 +34,8 @@ MODEL_NOTES: dict[str, str] = {
 ARCHITECTURE_NAMES: tuple[str, ...] = (
     "sd3-medium", "sd3.5-medium", "sd3.5-large", "pixart-sigma", "pixart-alpha", "flux-dev", "flux-schnell",
     "chroma", "qwen-image", "flux2-dev", "flux2-klein", "z-image", "z-image-turbo",
-    "flux3", "flux3-distilled", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-a14b", "hunyuanvideo-1.5",
+    "flux3", "flux3-distilled", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b", "wan2.2-a14b",
+    "hunyuanvideo-1.5",
 )  # fmt: skip
 """The named architectures of ``catprune.architectures.ARCHITECTURES`` (``macs``, ``bench``), in its order."""
 STRATEGY_NAMES: tuple[str, ...] = ("cat", "noise", "noise+balance", "rows", "random", "at-edm")

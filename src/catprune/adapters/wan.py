@@ -16,10 +16,14 @@ per sample. A final norm and ``proj_out`` give each token its 1x2x2 patch of C c
 - **Self-attention** ``attn1`` normalises q and k over all heads (``rms_norm_across_heads``) before
   splitting them: the caching processor does the same, then caches K/V of every image token.
 - **Cross-attention** ``attn2`` keeps the model's own processor: its queries are the tokens that go through
-  the block and its keys the 512 text tokens (+257 CLIP image tokens for I2V), so it is exact on the
-  selected tokens alone. The text K/V it projects at every call are not cached: they cost
-  ``2 * 512 * D^2`` per block, about 0.2% of a pruned step of Wan 2.1 at 480p (keep 0.3), and
-  caching them would tie the cache to one prompt per pass for that.
+  the block and its keys the 512 text tokens, so it is exact on the selected tokens alone. The text K/V it
+  projects at every call are not cached: they cost ``2 * 512 * D^2`` per block, about 0.2% of a pruned
+  step of Wan 2.1 at 480p (keep 0.3), and caching them would tie the cache to one prompt per pass for that.
+- **Wan 2.1 I2V** (``WanImageToVideoPipeline``, a model with ``image_dim``): the latents are concatenated
+  on channels with the mask and the condition image's latents (36 channels in, 16 out), and ``attn2`` also
+  attends to the 257 CLIP tokens of ``encoder_hidden_states_image`` (the model prepends them to the text;
+  its processor takes the last 512 tokens as the text), with their own K/V projections (``add_k_proj``,
+  ``add_v_proj``): static within a generation, and exact on the selected queries like the text.
 - **Guidance.** ``WanPipeline`` runs CFG as two calls per step under ``cache_context("cond"/"uncond")``:
   two passes, each with its own caches.
 - **Wan 2.2 TI2V** (``WanPipeline(expand_timesteps=True)``) gives every token its own timestep (B, N):
@@ -71,8 +75,19 @@ _WAN21_14B = {**_WAN21_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_l
 2.2 T2V A14B's two experts have this architecture each (the Wan team's ``t2v_A14B`` config: dim 5120, ffn
 13824, 40 heads, 40 layers), with flow shift 12 and ``boundary_ratio`` 0.875."""
 
+_WAN21_I2V_14B = {**_WAN21_14B, "in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120}
+"""``Wan-AI/Wan2.1-I2V-14B-480P-Diffusers``, ``transformer/config.json``: the 14B T2V blocks with 36 input
+channels (16 noisy latents, 4 mask, 16 condition-image latents), a CLIP image embedder (1280 -> 5120) and
+image K/V projections in every cross-attention: 16.4B parameters."""
+
 TEXT_TOKENS = 512
 """umT5 tokens: ``WanPipeline`` pads every prompt to ``max_sequence_length=512``."""
+
+IMAGE_CONTEXT_TOKENS = 257
+"""CLIP ViT-H/14 tokens of the condition image (224 px: 16 x 16 patches and the class token):
+``WanImageToVideoPipeline.encode_image``'s ``encoder_hidden_states_image`` for Wan 2.1 I2V. The MAC formula
+assumes this count for a model with an image embedder (its config does not give it): a generation's MAC
+count is off where the image tokens differ (a toy CLIP; Wan FLF2V's two images, 514)."""
 
 FRAMES = 81
 """Frames of a generation: ``WanPipeline``'s ``num_frames`` (21 latent frames)."""
@@ -143,6 +158,7 @@ class WanAdapter(ModelAdapter):
     public_models: ClassVar[Mapping[str, PublicModel]] = {
         "wan2.1-t2v-1.3b": PublicModel(_WAN21_1_3B, TEXT_TOKENS),
         "wan2.1-t2v-14b": PublicModel(_WAN21_14B, TEXT_TOKENS),
+        "wan2.1-i2v-14b": PublicModel(_WAN21_I2V_14B, TEXT_TOKENS),
         "wan2.2-a14b": PublicModel(
             _WAN21_14B, TEXT_TOKENS, scheduler_config={"flow_shift": 12.0}, boundary_ratio=0.875
         ),
@@ -211,17 +227,26 @@ class WanAdapter(ModelAdapter):
     def embedder_macs(self, model: nn.Module) -> int:
         return model.patch_embedding.weight.numel()
 
+    def text_macs(self, model: nn.Module, text_tokens: int) -> int:
+        """The text through ``text_embedder``; Wan 2.1 I2V's CLIP tokens through its image embedder."""
+        image_embedder = model.condition_embedder.image_embedder
+        image_context = 0 if image_embedder is None else IMAGE_CONTEXT_TOKENS * linear_macs(image_embedder)
+        return super().text_macs(model, text_tokens) + image_context
+
     def block_macs(
         self, block: nn.Module, image_queries: int, image_tokens: int, text_tokens: int, pruned: bool
     ) -> int:
         """Self-attention of the queries over all image tokens, cross-attention of the queries to the text
-        (its K/V projected for every text token at every call), the feed-forward of the queries."""
+        and, for I2V, the CLIP tokens (their K/V projected for every such token at every call), the
+        feed-forward of the queries."""
         self_attention, cross = block.attn1, block.attn2
+        image_context = IMAGE_CONTEXT_TOKENS if cross.add_k_proj is not None else 0
         per_query = linear_macs(self_attention, cross.to_q, cross.to_out, block.ffn)
-        text_kv = text_tokens * linear_macs(cross.to_k, cross.to_v)
-        keys = image_tokens * self_attention.inner_dim + text_tokens * cross.inner_dim
+        context_kv = text_tokens * linear_macs(cross.to_k, cross.to_v)
+        context_kv += image_context * linear_macs(cross.add_k_proj, cross.add_v_proj)
+        keys = image_tokens * self_attention.inner_dim + (text_tokens + image_context) * cross.inner_dim
         products = 2 * image_queries * keys
-        return image_queries * per_query + text_kv + products
+        return image_queries * per_query + context_kv + products
 
     # --- the pipeline around the transformer
 
@@ -253,4 +278,9 @@ class WanAdapter(ModelAdapter):
     def conditioning(
         self, model: nn.Module, rows: int, text_tokens: int, resolution: int, make: TensorFactory
     ) -> dict[str, Any]:
-        return {"encoder_hidden_states": make.randn(rows, text_tokens, model.config.text_dim)}
+        """The prompt's umT5 embeddings; for I2V also the condition image's CLIP tokens."""
+        config = model.config
+        inputs = {"encoder_hidden_states": make.randn(rows, text_tokens, config.text_dim)}
+        if config.image_dim is not None:
+            inputs["encoder_hidden_states_image"] = make.randn(rows, IMAGE_CONTEXT_TOKENS, config.image_dim)
+        return inputs

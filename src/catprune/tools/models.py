@@ -33,7 +33,7 @@ TESTED_PIPELINES: dict[str, tuple[str, ...]] = {
     "flux2": ("Flux2Pipeline", "Flux2KleinPipeline"),
     "z-image": ("ZImagePipeline",),
     "flux3": ("Flux3ModularPipeline", "Flux3DistilledModularPipeline"),
-    "wan": ("WanPipeline",),
+    "wan": ("WanPipeline", "WanImageToVideoPipeline"),
     "hunyuanvideo-1.5": ("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"),
 }
 """The diffusers pipelines each family's tests build from tiny components and run pruned (the test of the
