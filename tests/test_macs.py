@@ -214,6 +214,12 @@ def test_macs_cli_rejects_an_unknown_model_in_one_line() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_macs_cli_refuses_a_video_size_for_an_image_model() -> None:
+    result = run_cli("macs", "--model", "sd3-medium", "--width", "512")
+    assert result.returncode == 2 and "video models only" in result.stderr and "--resolution" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.slow
 def test_macs_cli_reproduces_the_paper_for_sd3_at_50_steps() -> None:
     result = run_cli("macs", "--model", "sd3-medium", "--steps", "50", "--json")

@@ -10,7 +10,10 @@ own cross-attention to the text on the selected tokens, and CFG as two calls per
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -309,12 +312,24 @@ def test_macs_report_the_caches_of_both_cfg_passes_by_dtype() -> None:
     image token and the output tokens."""
     model = tiny_wan(num_layers=3)
     architecture = Architecture("tiny-wan", "wan", dict(model.config), text_tokens=512, default_steps=50)
-    report = count_macs(architecture.with_frames(9), resolution=32, steps=50, start_step=8)
+    report = count_macs(architecture.with_video(frames=9), resolution=32, steps=50, start_step=8)
     tokens = 3 * 2 * 2  # 9 frames: 3 latent frames of 2x2 tokens
     per_pass = 3 * 2 * tokens * 24 + tokens * 16  # layers x (K, V) x tokens x width, then 1x2x2x4 outputs
     assert report.passes == 2 and report.image_tokens == tokens
     assert report.cache_bytes() == {"float32": 8 * per_pass, "bfloat16": 4 * per_pass, "float8": 2 * per_pass}
     assert count_macs(architecture, resolution=32, steps=50, cfg=False).passes == 1
+
+
+def test_macs_cli_sizes_a_video_by_height_width_and_frames() -> None:
+    """``--height --width --frames`` (here a square 480x480 video of 17 frames: 5 latent frames of 30x30
+    tokens) size what is counted, and the report says the size."""
+    command = ["macs", "--model", "wan2.1-t2v-1.3b", "--height", "480", "--width", "480", "--frames", "17"]
+    result = subprocess.run(
+        [sys.executable, "-m", "catprune", *command, "--json"], capture_output=True, text=True, check=True
+    )
+    report = json.loads(result.stdout)
+    assert (report["frames"], report["height"], report["width"]) == (17, 480, 480)
+    assert report["image_tokens"] == 5 * 30 * 30
 
 
 def test_macs_of_wan22_a14b_count_a_fill_step_where_the_second_expert_takes_over() -> None:

@@ -44,6 +44,8 @@ class Architecture:
     """A local pipeline's ``vae/config.json``; None: the family's published VAE (``adapter.vae_config``)."""
     frames: int | None = None
     """A video's frames (video families only; None: the pipeline's default)."""
+    width: int | None = None
+    """A video's width in pixels (video families only; None: the family's usual width for the height)."""
     model_cfg_calls: int | None = None
     """Calls per step under guidance where this model's differ from its family's (``PublicModel.cfg_calls``);
     None: the family's."""
@@ -75,24 +77,42 @@ class Architecture:
 
     @property
     def shape_config(self) -> Mapping[str, Any]:
-        """The config the adapter sizes latents and grids by: the model's, with ``num_frames`` for a
-        video of :attr:`frames` frames."""
-        return self.config if self.frames is None else {**self.config, "num_frames": self.frames}
+        """The config the adapter sizes latents and grids by: the model's, with ``num_frames`` and ``width``
+        for a video of :attr:`frames` frames and :attr:`width` pixels."""
+        video = {"num_frames": self.frames, "width": self.width}
+        return {**self.config, **{key: value for key, value in video.items() if value is not None}}
+
+    def pixel_size(self, resolution: int) -> tuple[int, int, int]:
+        """(frames, height, width) of what is generated at ``resolution``: one frame of a square image,
+        or a video's (``resolution`` is its height)."""
+        if self.adapter.default_frames is None:
+            return 1, resolution, resolution
+        return self.adapter.video_size(self.shape_config, resolution)
 
     def size_label(self, resolution: int) -> str:
         """The image's size in pixels, or a video's size and frames, at ``resolution``."""
+        frames, height, width = self.pixel_size(resolution)
         if self.adapter.default_frames is None:
-            return f"{resolution}x{resolution}"
-        frames, height, width = self.adapter.video_size(self.shape_config, resolution)
+            return f"{height}x{width}"
         return f"{height}x{width}, {frames} frames"
 
-    def with_frames(self, frames: int | None) -> Architecture:
-        """The same architecture measured on videos of ``frames`` frames (None: as it is)."""
-        if frames is None:
+    def with_video(self, frames: int | None = None, width: int | None = None) -> Architecture:
+        """The same architecture measured on videos of ``frames`` frames and ``width`` pixels (None: the
+        pipeline's frames, the family's width for the height)."""
+        if frames is None and width is None:
             return self
         if self.adapter.default_frames is None:
-            raise ValueError(f"{self.name} generates images: frames apply to video models only")
-        return dataclasses.replace(self, frames=frames)
+            option = "frames" if frames is not None else "a width"
+            raise ValueError(
+                f"{self.name} generates square images: {option} applies to video models only "
+                "(give the image's side as --resolution)"
+            )
+        for name, value in (("frames", frames), ("width", width)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        return dataclasses.replace(
+            self, frames=self.frames if frames is None else frames, width=self.width if width is None else width
+        )
 
     def with_layers(self, num_layers: int | None) -> Architecture:
         """The same architecture cut to ``num_layers`` blocks of each kind (width kept); None: whole."""

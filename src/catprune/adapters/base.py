@@ -317,15 +317,23 @@ class Catalogue(ABC):
     """The square image's side (a video's height) in pixels that the tools measure at by default."""
     default_frames: ClassVar[int | None] = None
     """A video family's frames per generation (its pipeline's ``num_frames``); None for images. A video
-    family's ``latent_shape`` and ``image_grid`` read the config's ``num_frames`` where the tools set it
-    (``catprune macs --frames``)."""
+    family's ``latent_shape`` and ``image_grid`` size the video by :meth:`video_size`."""
     cfg_calls: ClassVar[int] = 1
     """Calls per step under classifier-free guidance: 2 where the pipeline runs CFG as a second call (Wan:
     two passes, each with its own caches), 1 otherwise."""
 
+    video_widths: ClassVar[Mapping[int, int]] = {}
+    """A video family's usual width by height (480p: 832 for Wan); other heights: square."""
+
     def video_size(self, config: Mapping[str, Any], resolution: int) -> tuple[int, int, int]:
-        """A video family's (frames, height, width) in pixels at ``resolution`` (the video's height)."""
-        raise NotImplementedError(f"{type(self).__name__} generates images")
+        """A video family's (frames, height, width) in pixels at ``resolution`` (the video's height): the
+        config's ``num_frames`` and ``width`` where the tools set them (``catprune macs --frames --width``),
+        else the pipeline's frames and the family's usual width for that height."""
+        if self.default_frames is None:
+            raise NotImplementedError(f"{type(self).__name__} generates images")
+        frames = int(config.get("num_frames", self.default_frames))
+        width = int(config.get("width", self.video_widths.get(resolution, resolution)))
+        return frames, resolution, width
 
     @abstractmethod
     def latent_shape(self, config: Mapping[str, Any], batch: int, resolution: int) -> tuple[int, ...]:

@@ -137,6 +137,7 @@ class HunyuanVideo15Adapter(ModelAdapter):
     cfg_calls = 2
     default_resolution = 480
     default_frames = FRAMES
+    video_widths = WIDTHS
     text_embedder = "context_embedder"
     blocks = ("transformer_blocks",)
 
@@ -218,11 +219,6 @@ class HunyuanVideo15Adapter(ModelAdapter):
 
     # --- the pipeline around the transformer
 
-    def video_size(self, config: Mapping[str, Any], resolution: int) -> tuple[int, int, int]:
-        """(frames, height, width) in pixels of a generation at ``resolution`` (the video's height; the 16:9
-        width for it) and ``num_frames`` frames where the config says (else 121)."""
-        frames = int(config.get("num_frames", self.default_frames))
-        return frames, resolution, WIDTHS.get(resolution, resolution)
 
     def latent_shape(self, config: Mapping[str, Any], batch: int, resolution: int) -> tuple[int, ...]:
         """The noisy latents the pipeline makes (B, 32, F', H/16, W/16); :meth:`call_inputs` adds the
@@ -232,7 +228,7 @@ class HunyuanVideo15Adapter(ModelAdapter):
             raise ValueError(f"HunyuanVideo 1.5's frames are 4k + 1 (121, 61...), got {frames}")
         pixels = SPATIAL_COMPRESSION * int(config["patch_size"])
         if height % pixels or width % pixels:
-            raise ValueError(f"the video's height and width must be multiples of {pixels}, got {resolution}")
+            raise ValueError(f"the video's height and width must be multiples of {pixels}, got {height}x{width}")
         latent_frames = (frames - 1) // TEMPORAL_COMPRESSION + 1
         shape = latent_frames, height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION
         return batch, int(config["out_channels"]), *shape

@@ -135,6 +135,7 @@ class WanAdapter(ModelAdapter):
     cfg_calls = 2
     default_resolution = 480
     default_frames = FRAMES
+    video_widths = WIDTHS
     text_embedder = "condition_embedder.text_embedder"
     blocks = ("blocks",)
     context_parallel = ParallelPlan({"": ("timestep",), "rope": (0, 1), "blocks.0": ("hidden_states",)})
@@ -250,11 +251,6 @@ class WanAdapter(ModelAdapter):
 
     # --- the pipeline around the transformer
 
-    def video_size(self, config: Mapping[str, Any], resolution: int) -> tuple[int, int, int]:
-        """(frames, height, width) in pixels of a generation at ``resolution`` (the video's height; Wan's
-        width for it) and ``num_frames`` frames where the config says (else 81)."""
-        frames = int(config.get("num_frames", self.default_frames))
-        return frames, resolution, WIDTHS.get(resolution, resolution)
 
     def latent_shape(self, config: Mapping[str, Any], batch: int, resolution: int) -> tuple[int, ...]:
         frames, height, width = self.video_size(config, resolution)
@@ -262,7 +258,7 @@ class WanAdapter(ModelAdapter):
             raise ValueError(f"Wan's frames are 4k + 1 (81, 121...), got {frames}")
         _, p_h, p_w = config["patch_size"]
         if height % (8 * p_h) or width % (8 * p_w):
-            raise ValueError(f"the video's height and width must be multiples of {8 * p_h}, got {resolution}")
+            raise ValueError(f"the video's height and width must be multiples of {8 * p_h}, got {height}x{width}")
         latent_frames = (frames - 1) // 4 + 1  # AutoencoderKLWan: 4x in time, the first frame alone
         return batch, int(config["in_channels"]), latent_frames, height // 8, width // 8
 

@@ -117,6 +117,29 @@ def guidance_label(cfg: bool, cfg_batch: int, cfg_calls: int = 1) -> str:
     return "CFG" if cfg_batch == 2 else "guidance-distilled: guidance is an input"
 
 
+def add_size_arguments(parser: argparse.ArgumentParser) -> None:
+    """The size of what a named architecture is measured on (macs, bench): an image's side, or a video's
+    height, width and frames."""
+    parser.add_argument(
+        "--resolution",
+        "--height",
+        dest="resolution",
+        type=int,
+        default=None,
+        help="square image side in pixels (default 1024), or a video's height (default 480)",
+    )
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="a video's width in pixels (default: the family's for the height: 480p is 480x832 for Wan, "
+        "480x848 for HunyuanVideo 1.5; 720p is 720x1280)",
+    )
+    parser.add_argument(
+        "--frames", type=int, default=None, help="a video model's frames (default: its pipeline's; Wan: 81)"
+    )
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of the commands that generate many images into a resumable folder (eval, frontier):
     seeds, guidance, device, dtype, the folder, progress bars and CPU threads."""

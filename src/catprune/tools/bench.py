@@ -17,6 +17,7 @@ from .arguments import (
     add_command,
     add_context_parallel_argument,
     add_pruning_arguments,
+    add_size_arguments,
     check_steps,
     guidance_label,
 )
@@ -47,15 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--layers", type=int, help="keep only the first N blocks (width kept; random weights)"
     )
-    parser.add_argument(
-        "--resolution",
-        type=int,
-        default=None,
-        help="square image side in pixels (default 1024), or a video's height (480p: 480x832; default 480)",
-    )
-    parser.add_argument(
-        "--frames", type=int, default=None, help="a video model's frames (default: its pipeline's; Wan: 81)"
-    )
+    add_size_arguments(parser)
     add_pruning_arguments(parser, steps=None)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="default: float16 on cuda, float32 on cpu")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
@@ -109,7 +102,7 @@ def _architecture(args: argparse.Namespace) -> Architecture:
     if args.layers is not None and not args.random_weights:
         raise UserError("--layers needs --random-weights (a checkpoint's blocks are not cut)")
     try:
-        return architecture.with_layers(args.layers).with_frames(args.frames)
+        return architecture.with_layers(args.layers).with_video(args.frames, args.width)
     except ValueError as error:
         raise UserError(str(error)) from None
 

@@ -14,7 +14,7 @@ from ..names import ARCHITECTURE_NAMES
 
 if TYPE_CHECKING:  # imported where used: ``catprune macs --help`` imports no torch
     from ..measure import MacsReport, SelectionCost, StepMacs
-from .arguments import add_command, add_pruning_arguments, check_steps, guidance_label
+from .arguments import add_command, add_pruning_arguments, add_size_arguments, check_steps, guidance_label
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,16 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model", required=True, help=f"one of {', '.join(ARCHITECTURE_NAMES)}, or a local folder"
     )
     add_pruning_arguments(parser, steps=None)
-    parser.add_argument(
-        "--resolution",
-        type=int,
-        default=None,
-        help="square image side in pixels (default 1024), or a video's height (480p: 480x832, 720p: "
-        "720x1280; default 480)",
-    )
-    parser.add_argument(
-        "--frames", type=int, default=None, help="a video model's frames (default: its pipeline's; Wan: 81)"
-    )
+    add_size_arguments(parser)
     parser.add_argument("--batch", type=int, default=1, help="prompts per call (default: 1)")
     parser.add_argument(
         "--no-cfg", action="store_true", help="no classifier-free guidance (one row per prompt)"
@@ -55,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_steps(args.steps)
     try:
-        architecture = resolve_architecture(args.model).with_frames(args.frames)
+        architecture = resolve_architecture(args.model).with_video(args.frames, args.width)
     except ValueError as error:
         raise UserError(str(error)) from None
     args.resolution = args.resolution or architecture.adapter.default_resolution
@@ -108,7 +99,7 @@ def report_fields(report: MacsReport, selection: SelectionCost) -> dict[str, Any
         "class": report.architecture.model_class.__name__,
         "parameters": report.parameters,
         "resolution": report.resolution,
-        "frames": report.architecture.frames or report.architecture.adapter.default_frames,
+        **dict(zip(("frames", "height", "width"), report.architecture.pixel_size(report.resolution))),
         "cfg": report.cfg,
         "rows": report.rows,
         "image_tokens": report.image_tokens,
