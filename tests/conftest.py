@@ -469,6 +469,29 @@ def assert_keep_ratio_one_is_unpatched(pipe: Any, generate: Any, steps: int, sta
     assert (state.stats.steps, state.stats.pruned_steps) == (steps, steps - start)
 
 
+def assert_skipped_steps_return_the_last_outputs(pipe: Any, generate: Any, steps: int, start: int) -> None:
+    """With ``skip_every=2`` (no output extrapolation) every second pruned step recomputes no image token:
+    each of its calls returns what the same pass returned at the step before, bit for bit."""
+    state = apply_cat_pruning(pipe, CATPruningConfig(keep_ratio=0.3, start_step=start, skip_every=2))
+    outputs: dict[tuple[int, Any], torch.Tensor] = {}
+
+    def record(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if state.context is not None:
+            first = output[0]  # (B, ...), or a list of (C, ...) per prompt (Z-Image)
+            first = torch.stack(first) if isinstance(first, (list, tuple)) else first
+            outputs[state.context.step, state.context.pass_key] = first.clone()
+
+    handle = pipe.transformer.register_forward_hook(record)
+    generate(pipe)
+    handle.remove()
+    skipped = [step for step in range(start, steps) if state.config.skips(step)]
+    assert skipped and state.stats.skipped_steps == len(skipped)
+    for step, key in outputs:
+        if step in skipped:
+            assert torch.equal(outputs[step, key], outputs[step - 1, key]), (step, key)
+    remove_cat_pruning(pipe)
+
+
 def assert_unpatched_until_start_and_removed(
     pipe: Any, generate: Any, config: CATPruningConfig, steps: int, passes: int
 ) -> None:

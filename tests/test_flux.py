@@ -16,7 +16,16 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import POOLED_DIM, TEXT_DIM, TEXT_TOKENS, flux_pipeline, seeded_latents, tiny_flux, tiny_vae
+from conftest import (
+    POOLED_DIM,
+    TEXT_DIM,
+    TEXT_TOKENS,
+    assert_skipped_steps_return_the_last_outputs,
+    flux_pipeline,
+    seeded_latents,
+    tiny_flux,
+    tiny_vae,
+)
 from diffusers import (
     FluxControlNetModel,
     FluxControlNetPipeline,
@@ -91,6 +100,12 @@ def test_keep_ratio_one_equals_the_unpatched_pipeline(pipe: FluxPipeline, true_c
     reference = generate(pipe, prompts, packed_latents(2))
     apply_cat_pruning(pipe, CATPruningConfig(keep_ratio=1.0, start_step=START))
     torch.testing.assert_close(generate(pipe, prompts, packed_latents(2)), reference, atol=1e-5, rtol=0)
+
+
+def test_a_skipped_step_returns_the_last_outputs(pipe: FluxPipeline) -> None:
+    prompts = {**flux_prompts(2), **negative_prompts(2)}
+    run = lambda pipe: generate(pipe, prompts, packed_latents(2))  # noqa: E731
+    assert_skipped_steps_return_the_last_outputs(pipe, run, STEPS, START)
 
 
 def test_steps_before_start_step_are_identical_and_remove_restores_bit_for_bit(pipe: FluxPipeline) -> None:

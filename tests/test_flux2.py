@@ -24,6 +24,7 @@ from conftest import (
     assert_keep_ratio_one_is_unpatched,
     assert_passes_share_selections,
     assert_published_architecture,
+    assert_skipped_steps_return_the_last_outputs,
     assert_unpatched_until_start_and_removed,
     flux2_pipeline,
     one_prompt,
@@ -96,6 +97,12 @@ def test_keep_ratio_one_equals_the_unpatched_pipeline(kind: str) -> None:
     assert_keep_ratio_one_is_unpatched(
         pipe_of(kind), lambda pipe: generate(pipe, prompts, latents(2)), STEPS, START
     )
+
+
+def test_a_skipped_step_returns_the_last_outputs() -> None:
+    prompts = prompts_for(2, False)
+    run = lambda pipe: generate(pipe, prompts, latents(2))  # noqa: E731
+    assert_skipped_steps_return_the_last_outputs(pipe_of("dev"), run, STEPS, START)
 
 
 def test_steps_before_start_step_are_identical_and_remove_restores_bit_for_bit(

@@ -21,6 +21,7 @@ from conftest import (
     assert_keep_ratio_one_is_unpatched,
     assert_passes_share_selections,
     assert_published_architecture,
+    assert_skipped_steps_return_the_last_outputs,
     one_prompt,
     record_calls,
 )
@@ -185,6 +186,13 @@ def test_keep_ratio_one_equals_the_unpatched_pipeline(cfg: bool) -> None:
     prompts = hunyuan_prompts(2, cfg)
     run = lambda pipe: generate(pipe, prompts, latents(2))  # noqa: E731
     assert_keep_ratio_one_is_unpatched(pipe, run, STEPS, START)
+
+
+def test_a_skipped_step_returns_the_last_outputs() -> None:
+    pipe = hunyuan_pipeline(tiny_hunyuan(), True)
+    prompts = hunyuan_prompts(2, True)
+    run = lambda pipe: generate(pipe, prompts, latents(2))  # noqa: E731
+    assert_skipped_steps_return_the_last_outputs(pipe, run, STEPS, START)
 
 
 def test_image_to_video_keeps_the_image_in_the_channels_and_at_keep_ratio_one_is_unpatched() -> None:

@@ -22,6 +22,7 @@ from conftest import (
     assert_keep_ratio_one_is_unpatched,
     assert_passes_share_selections,
     assert_published_architecture,
+    assert_skipped_steps_return_the_last_outputs,
     assert_unpatched_until_start_and_removed,
     one_prompt,
     qwen_pipeline,
@@ -88,6 +89,12 @@ def test_keep_ratio_one_equals_the_unpatched_pipeline(pipe: QwenImagePipeline, t
     assert_keep_ratio_one_is_unpatched(
         pipe, lambda pipe: generate(pipe, prompts, packed_latents(2)), STEPS, START
     )
+
+
+def test_a_skipped_step_returns_the_last_outputs(pipe: QwenImagePipeline) -> None:
+    prompts = qwen_prompts(2, True)
+    run = lambda pipe: generate(pipe, prompts, packed_latents(2))  # noqa: E731
+    assert_skipped_steps_return_the_last_outputs(pipe, run, STEPS, START)
 
 
 def test_steps_before_start_step_are_identical_and_remove_restores_bit_for_bit(

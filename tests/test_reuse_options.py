@@ -221,6 +221,7 @@ def test_the_options_run_on_the_meta_device() -> None:
         kv_extrapolation="linear",
         output_extrapolation="quadratic",
         refresh_steps=(4, -1),
+        skip_every=2,
     )
     state = apply_cat_pruning(transformer, config)
     state.begin_generation(steps=6)
@@ -269,7 +270,7 @@ def test_refresh_steps_from_the_end_need_the_number_of_steps_and_say_so_once() -
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("kv_extrapolation", "cubic"), ("output_extrapolation", "yes"), ("refresh_steps", (1.5,))],
+    [("kv_extrapolation", "cubic"), ("output_extrapolation", "yes"), ("refresh_steps", (1.5,)), ("skip_every", 1)],
 )
 def test_bad_option_values_are_refused_naming_the_field(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field):
@@ -299,3 +300,52 @@ def test_the_multistep_preset_is_the_frontier_s_winning_setting_on_a_second_orde
         "none",
         (-1,),
     )
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_skipped_step_recomputes_no_image_token_and_returns_the_last_outputs(case: str) -> None:
+    """``skip_every=2``: pruned steps 4 and 6 (t0 = 3) run the blocks on no image token and return the
+    previous step's outputs bit for bit (no output extrapolation); they cost less than a pruned step."""
+    make = CASES[case][0]
+    pipe = make()
+    config = CATPruningConfig(keep_ratio=0.3, start_step=START, skip_every=2)
+    state = apply_cat_pruning(pipe, config)
+    outputs: dict[int, torch.Tensor] = {}
+    image_tokens: dict[int, int] = {}
+
+    def after(module: torch.nn.Module, args: Any, output: Any) -> None:
+        outputs[state.context.step] = output[0].clone()
+
+    def block(module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        image_tokens[state.context.step] = hidden.shape[1]
+
+    first_block = pipe.transformer.transformer_blocks[0]
+    handles = [
+        pipe.transformer.register_forward_hook(after),
+        first_block.register_forward_pre_hook(block, with_kwargs=True),
+    ]
+    generate(case, pipe)
+    for handle in handles:
+        handle.remove()
+    kept = config.num_kept(64)
+    assert [image_tokens[step] for step in range(START, STEPS)] == [kept, 0, kept, 0, kept]
+    for step in (4, 6):
+        assert torch.equal(outputs[step], outputs[step - 1])
+    assert not torch.equal(outputs[5], outputs[4])
+    assert (state.stats.pruned_steps, state.stats.skipped_steps, state.stats.kept_tokens) == (5, 2, kept)
+    skipping = state.stats.macs
+    remove_cat_pruning(pipe)
+    state = apply_cat_pruning(pipe, CATPruningConfig(keep_ratio=0.3, start_step=START))
+    generate(case, pipe)
+    assert skipping < state.stats.macs
+
+
+def test_skip_every_counts_pruned_steps_and_never_skips_a_refresh_step() -> None:
+    config = CATPruningConfig(start_step=4, skip_every=3, refresh_steps=(9,))
+    assert [step for step in range(12) if config.skips(step)] == [6, 9]  # 9 is a refresh step: full
+    pipe = sd3_pipeline(tiny_sd3())
+    config = CATPruningConfig(keep_ratio=0.3, start_step=START, skip_every=2, refresh_steps=(4,))
+    state = apply_cat_pruning(pipe, config)
+    generate("sd3", pipe)
+    assert (state.stats.pruned_steps, state.stats.skipped_steps) == (4, 1)  # 3, 5, 6, 7 pruned; 4 refreshes, 6 skipped

@@ -26,6 +26,7 @@ from conftest import (
     assert_keep_ratio_one_is_unpatched,
     assert_passes_share_selections,
     assert_published_architecture,
+    assert_skipped_steps_return_the_last_outputs,
     assert_unpatched_until_start_and_removed,
     one_prompt,
     record_calls,
@@ -93,6 +94,12 @@ def test_keep_ratio_one_equals_the_unpatched_pipeline(pipe: WanPipeline, cfg: bo
     prompts = wan_prompts(2, cfg)
     run = lambda pipe: generate(pipe, prompts, latents(2))  # noqa: E731
     assert_keep_ratio_one_is_unpatched(pipe, run, STEPS, START)
+
+
+def test_a_skipped_step_returns_the_last_outputs(pipe: WanPipeline) -> None:
+    prompts = wan_prompts(2, True)
+    run = lambda pipe: generate(pipe, prompts, latents(2))  # noqa: E731
+    assert_skipped_steps_return_the_last_outputs(pipe, run, STEPS, START)
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from conftest import (
     assert_formula_agrees_with_counted_macs,
     assert_keep_ratio_one_is_unpatched,
     assert_published_architecture,
+    assert_skipped_steps_return_the_last_outputs,
     assert_unpatched_until_start_and_removed,
     record_calls,
     seeded_latents,
@@ -91,6 +92,12 @@ def test_keep_ratio_one_equals_the_unpatched_pipeline(pipe: ZImagePipeline, cfg:
     prompts = zimage_prompts(2, cfg)
     run = lambda pipe: generate(pipe, prompts, latents(2))  # noqa: E731
     assert_keep_ratio_one_is_unpatched(pipe, run, STEPS, START)
+
+
+def test_a_skipped_step_returns_the_last_outputs(pipe: ZImagePipeline) -> None:
+    prompts = zimage_prompts(2, True)
+    run = lambda pipe: generate(pipe, prompts, latents(2))  # noqa: E731
+    assert_skipped_steps_return_the_last_outputs(pipe, run, STEPS, START)
 
 
 @pytest.mark.slow

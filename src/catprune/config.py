@@ -30,6 +30,7 @@ NUMERIC_FIELDS: dict[str, type] = {
     "kmeans_iterations": int,
     "seed": int,
     "kept_multiple": int,
+    "skip_every": int,
 }
 """The numeric fields and their kind: ``float`` takes any real number (an int too), ``int`` integers only;
 neither takes a bool or a string."""
@@ -105,6 +106,12 @@ class CATPruningConfig:
         refresh_steps: steps after ``start_step`` that run in full, refreshing every cache and output
             (0-based; negative ones count from the end, where the caller says how many steps the generation
             has: a pipeline does). ``(-1,)``: the last step runs in full.
+        skip_every: step skipping composed with CAT: 0 never skips; n >= 2 skips every n-th pruned step
+            (steps ``start_step + n - 1``, ``start_step + 2n - 1``, ...; refresh steps are never skipped).
+            A skipped step recomputes no image token: every token's output is reused as last computed, or
+            forecast from its history with ``output_extrapolation`` (as diffusers' TaylorSeer forecasts
+            whole blocks), and the blocks run only on the tokens every step recomputes (the text stream of
+            MMDiT models; nothing else).
         cache_dtype: the dtype the K/V caches are stored in, computed in the model's dtype (cast on write,
             cast back on read): ``"bfloat16"`` or ``"float16"`` halve an fp32 model's caches,
             ``"float8_e4m3fn"`` quarters them (stored with one scale per token, so that small values keep
@@ -127,6 +134,7 @@ class CATPruningConfig:
     output_extrapolation: Extrapolation = "none"
     refresh_steps: tuple[int, ...] = ()
     kept_multiple: int = 1
+    skip_every: int = 0
     cache_dtype: str | None = None
 
     @classmethod
@@ -212,6 +220,10 @@ class CATPruningConfig:
             f"kept_multiple must be a positive integer, got {self.kept_multiple!r}",
         )
         require(
+            self.skip_every == 0 or self.skip_every >= 2,
+            f"skip_every must be 0 (never skip) or an integer >= 2, got {self.skip_every!r}",
+        )
+        require(
             self.cache_dtype is None or self.cache_dtype in CACHE_DTYPES,
             f"cache_dtype must be None (the model's dtype) or one of {', '.join(map(repr, CACHE_DTYPES))}, "
             f"got {self.cache_dtype!r}",
@@ -231,6 +243,12 @@ class CATPruningConfig:
             all(isinstance(step, int) and not isinstance(step, bool) for step in self.refresh_steps),
             f"refresh_steps must be integers, got {self.refresh_steps!r}",
         )
+
+    def skips(self, step: int) -> bool:
+        """Whether step ``step`` (0-based), if pruned, is one :attr:`skip_every` skips (a refresh step is
+        not pruned)."""
+        pruned = step - self.start_step
+        return self.skip_every > 0 and pruned >= 0 and pruned % self.skip_every == self.skip_every - 1
 
     def num_kept(self, num_tokens: int) -> int:
         """K = round(alpha * N), at least one token, rounded up to a multiple of ``kept_multiple``."""

@@ -279,10 +279,13 @@ class PruningEngine:
         if mode is StepMode.PRUNED and self.output.tokens is None:
             mode = StepMode.FILL  # a pass first seen after the fill step fills its own caches now
         first_pass = call.kind is not CallKind.PASS
-        num_kept = self.config.num_kept(plan.layout.grid.num_tokens)
+        skipped = mode is StepMode.PRUNED and plan.skips
+        num_kept = 0 if skipped else self.config.num_kept(plan.layout.grid.num_tokens)
         if self.shard is not None:
             num_kept = self.shard.kept(num_kept, plan.layout.grid.num_tokens)
-        if mode is StepMode.PRUNED and first_pass:
+        if skipped and first_pass:
+            self.selections.skip(plan.rows, self.output.tokens.device)
+        elif mode is StepMode.PRUNED and first_pass:
             noise = self._prompt_noise(self.output.tokens)
             self.selections.choose(noise, plan, num_kept, self.slot.capture.map)
         rows = plan.rows
@@ -467,6 +470,8 @@ def attach_expert(engine: PruningEngine, model: torch.nn.Module) -> None:
     engine.shard, parallel_handles = parallelize(
         model, engine.adapter.context_parallel, engine.slot, processors
     )
+    if engine.shard is not None and engine.config.skip_every:
+        raise RuntimeError("CAT pruning: skip_every is not supported under context parallelism")
     for processor in processors:
         processor.extrapolate = EXTRAPOLATION_ORDERS[engine.config.kv_extrapolation]
         processor.cache_dtype = engine.cache_dtype

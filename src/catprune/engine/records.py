@@ -18,6 +18,8 @@ class GenerationStats:
 
     steps: int = 0
     pruned_steps: int = 0
+    skipped_steps: int = 0
+    """Pruned steps that recomputed no image token (``skip_every``)."""
     image_tokens: int = 0
     kept_tokens: int = 0
     text_tokens: int = 0
@@ -94,7 +96,10 @@ class MacCounter:
         self.stats.steps += 1
         if context.mode is StepMode.PRUNED:
             self.stats.pruned_steps += 1
-            self.stats.kept_tokens = context.num_kept
+            if context.num_kept:
+                self.stats.kept_tokens = context.num_kept
+            else:
+                self.stats.skipped_steps += 1
 
     def _macs(self, queries: int, tokens: int, text: int, pruned: bool) -> int:
         key = (queries, tokens, text, pruned)

@@ -29,6 +29,10 @@ class Selections:
         indices = self.selector.select(noise, plan.layout.grid, num_kept, attention)  # (P, K)
         return self.hold(plan.row_layout.all_rows(indices))  # (B, K)
 
+    def skip(self, rows: int, device: torch.device) -> Tensor:
+        """A skipped step's (B, 0) tokens: none recomputed, the selection history left as it is."""
+        return self.hold(torch.empty(rows, 0, dtype=torch.long, device=device))  # (B, 0)
+
     def hold(self, indices: Tensor) -> Tensor:
         buffer = self.indices
         if buffer is None or buffer.shape != indices.shape or buffer.device != indices.device:
