@@ -270,7 +270,12 @@ def test_refresh_steps_from_the_end_need_the_number_of_steps_and_say_so_once() -
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("kv_extrapolation", "cubic"), ("output_extrapolation", "yes"), ("refresh_steps", (1.5,)), ("skip_every", 1)],
+    [
+        ("kv_extrapolation", "cubic"),
+        ("output_extrapolation", "yes"),
+        ("refresh_steps", (1.5,)),
+        ("skip_every", 1),
+    ],
 )
 def test_bad_option_values_are_refused_naming_the_field(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field):
@@ -348,4 +353,7 @@ def test_skip_every_counts_pruned_steps_and_never_skips_a_refresh_step() -> None
     config = CATPruningConfig(keep_ratio=0.3, start_step=START, skip_every=2, refresh_steps=(4,))
     state = apply_cat_pruning(pipe, config)
     generate("sd3", pipe)
-    assert (state.stats.pruned_steps, state.stats.skipped_steps) == (4, 1)  # 3, 5, 6, 7 pruned; 4 refreshes, 6 skipped
+    assert (state.stats.pruned_steps, state.stats.skipped_steps) == (
+        4,
+        1,
+    )  # 3, 5, 6, 7 pruned; 4 refreshes, 6 skipped

@@ -111,7 +111,9 @@ class Architecture:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
         return dataclasses.replace(
-            self, frames=self.frames if frames is None else frames, width=self.width if width is None else width
+            self,
+            frames=self.frames if frames is None else frames,
+            width=self.width if width is None else width,
         )
 
     def with_layers(self, num_layers: int | None) -> Architecture:

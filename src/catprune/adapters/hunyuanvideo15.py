@@ -170,9 +170,6 @@ class HunyuanVideo15Adapter(ModelAdapter):
     def noise_channels(self, model: nn.Module) -> int:
         return model.config.out_channels
 
-    def noise_tokens(self, model: nn.Module, tokens: Tensor) -> Tensor:
-        return tokens  # every output channel is the noise prediction
-
     def attention_processors(self, model: nn.Module, slot: StepSlot) -> Iterator[CachingProcessor]:
         for block in model.transformer_blocks:
             yield HunyuanVideo15AttentionProcessor(block.attn, slot)
@@ -219,7 +216,6 @@ class HunyuanVideo15Adapter(ModelAdapter):
 
     # --- the pipeline around the transformer
 
-
     def latent_shape(self, config: Mapping[str, Any], batch: int, resolution: int) -> tuple[int, ...]:
         """The noisy latents the pipeline makes (B, 32, F', H/16, W/16); :meth:`call_inputs` adds the
         text-to-video condition channels."""
@@ -228,7 +224,9 @@ class HunyuanVideo15Adapter(ModelAdapter):
             raise ValueError(f"HunyuanVideo 1.5's frames are 4k + 1 (121, 61...), got {frames}")
         pixels = SPATIAL_COMPRESSION * int(config["patch_size"])
         if height % pixels or width % pixels:
-            raise ValueError(f"the video's height and width must be multiples of {pixels}, got {height}x{width}")
+            raise ValueError(
+                f"the video's height and width must be multiples of {pixels}, got {height}x{width}"
+            )
         latent_frames = (frames - 1) // TEMPORAL_COMPRESSION + 1
         shape = latent_frames, height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION
         return batch, int(config["out_channels"]), *shape

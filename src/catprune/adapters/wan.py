@@ -186,9 +186,6 @@ class WanAdapter(ModelAdapter):
     def noise_channels(self, model: nn.Module) -> int:
         return model.config.out_channels
 
-    def noise_tokens(self, model: nn.Module, tokens: Tensor) -> Tensor:
-        return tokens  # every output channel is the noise prediction
-
     def attention_processors(self, model: nn.Module, slot: StepSlot) -> Iterator[CachingProcessor]:
         for block in model.blocks:
             yield WanSelfAttentionProcessor(block.attn1, slot)
@@ -251,14 +248,15 @@ class WanAdapter(ModelAdapter):
 
     # --- the pipeline around the transformer
 
-
     def latent_shape(self, config: Mapping[str, Any], batch: int, resolution: int) -> tuple[int, ...]:
         frames, height, width = self.video_size(config, resolution)
         if (frames - 1) % 4:
             raise ValueError(f"Wan's frames are 4k + 1 (81, 121...), got {frames}")
         _, p_h, p_w = config["patch_size"]
         if height % (8 * p_h) or width % (8 * p_w):
-            raise ValueError(f"the video's height and width must be multiples of {8 * p_h}, got {height}x{width}")
+            raise ValueError(
+                f"the video's height and width must be multiples of {8 * p_h}, got {height}x{width}"
+            )
         latent_frames = (frames - 1) // 4 + 1  # AutoencoderKLWan: 4x in time, the first frame alone
         return batch, int(config["in_channels"]), latent_frames, height // 8, width // 8
 

@@ -31,7 +31,7 @@ class GenerationPlan:
 
     @property
     def skips(self) -> bool:
-        """Whether the current step is pruned and skipped (``config.skip_every``): no image token recomputed."""
+        """Whether the current step is pruned and skipped (``config.skip_every``): no token recomputed."""
         return self.mode is StepMode.PRUNED and self.config.skips(self.step)
 
     @property

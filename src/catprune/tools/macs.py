@@ -99,7 +99,9 @@ def report_fields(report: MacsReport, selection: SelectionCost) -> dict[str, Any
         "class": report.architecture.model_class.__name__,
         "parameters": report.parameters,
         "resolution": report.resolution,
-        **dict(zip(("frames", "height", "width"), report.architecture.pixel_size(report.resolution))),
+        **dict(
+            zip(("frames", "height", "width"), report.architecture.pixel_size(report.resolution), strict=True)
+        ),
         "cfg": report.cfg,
         "rows": report.rows,
         "image_tokens": report.image_tokens,
