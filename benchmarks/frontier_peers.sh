@@ -2,7 +2,7 @@
 # docs/results-frontier.md: every method a user could pick instead of CAT, on the three shipped models, at
 # equal MACs against the same 28-step reference: fewer steps with Euler, UniPC, DPM-Solver++(2M) and Heun,
 # CAT as in the paper, the extrapolated() preset on Euler, UniPC and DPM-Solver++, the multistep() preset
-# (and order-2 forecasts) on Euler and DPM-Solver++, and diffusers' caches (FirstBlockCache, TaylorSeer
+# (order-2 forecasts, step skipping) on Euler and DPM-Solver++, and diffusers' caches (FirstBlockCache, TaylorSeer
 # three ways, MagCache calibrated per model, FasterCache, PAB).
 # Resumable: each call adds settings to the same folder and finished images are reused; N=32 after N=8
 # generates only the new prompts. One CPU thread per run: these models' kernels do not share well.
@@ -29,6 +29,10 @@ for MODEL in $MODELS; do
     --grid kv_extrapolation=linear --grid 'refresh_steps=-1'
   run --cat-solvers dpm++2m --steps 16 --grid keep_ratio=0.7 --grid start_step=4 --grid strategy=rows \
     --grid kv_extrapolation=quadratic --grid output_extrapolation=none,quadratic --grid 'refresh_steps=-1'
+  # CAT composed with step skipping: the multistep() preset skipping every 3rd or 4th pruned step (no
+  # image token recomputed there; outputs forecast linearly per token), and without the skips.
+  run --cat-solvers dpm++2m --steps 16,20 --grid keep_ratio=0.7 --grid start_step=4 --grid strategy=rows \
+    --grid kv_extrapolation=linear --grid output_extrapolation=linear --grid 'refresh_steps=-1' --grid skip_every=3,4
   # diffusers' caches at 28 steps, each over its knob.
   run --peers fbc,taylorseer,taylorseer-blocks,taylorseer-lite,magcache,fastercache,pab
 done

@@ -156,8 +156,8 @@ class CATPruningConfig:
         instead of 28. Keep 0.7 from step 4, tokens recomputed in consecutive raster rows in turn
         (``strategy="rows"``: every token at a steady pace, which K/V extrapolation needs), K/V
         extrapolation, the last step in full: 0.456x (textures) and 0.463x (shapes) the MACs of 28 full
-        steps, 32.74 dB and 52.25 dB PSNR, +1.26 dB over diffusers' TaylorSeer on whole blocks (0.494x)
-        and +2.94 dB over 14 Euler steps (0.500x), the best non-CAT settings there, on 4 and 8 prompts,
+        steps, 32.02 dB and 52.46 dB PSNR, +0.93 dB over diffusers' TaylorSeer on whole blocks (0.494x)
+        and +3.18 dB over diffusers' MagCache (0.537x), the best non-CAT settings there, on 32 prompts,
         against the pipelines' 28-step Euler images. Against DPM-Solver++'s own 28-step image it lies
         0.85 dB *below* 14 unpruned DPM-Solver++ steps on ``textures-mmdit``. Not measured on SD3 or
         PixArt-Sigma themselves."""
