@@ -222,6 +222,16 @@ def test_generate_compare_offline_in_a_subprocess(
     assert (legend[0] != legend[-1]).any(), "the selection-frequency legend is missing"
 
 
+def test_generate_without_out_writes_image_png_here(
+    tiny_folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The newcomer's command needs no ``--out``: image.png (compare.png with ``--compare``) in the
+    current folder."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", PROMPT, "--model", str(tiny_folders["pixart"]), "--steps", "10"]) == 0
+    assert [path.name for path in tmp_path.iterdir() if path.suffix == ".png"] == ["image.png"]
+
+
 def test_generate_writes_an_upscaled_image(tiny_folders: dict[str, Path], tmp_path: Path, capsys) -> None:
     out = tmp_path / "cat.png"
     assert (

@@ -327,6 +327,7 @@ def test_macs_report_the_caches_of_both_cfg_passes_by_dtype() -> None:
     assert count_macs(architecture, resolution=32, steps=50, cfg=False).passes == 1
 
 
+@pytest.mark.slow
 def test_macs_cli_sizes_a_video_by_height_width_and_frames() -> None:
     """``--height --width --frames`` (here a square 480x480 video of 17 frames: 5 latent frames of 30x30
     tokens) size what is counted, and the report says the size."""

@@ -72,7 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=3,
         help="with --compare: timed runs of each, alternating after a warm-up; medians (default: 3)",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output PNG")
+    parser.add_argument(
+        "--out", type=Path, help="output PNG (default: compare.png with --compare, else image.png, here)"
+    )
     real = parser.add_argument_group("real models (hub id or folder)")
     real.add_argument("--height", type=int, help="image height in pixels (default: the pipeline's)")
     real.add_argument("--width", type=int, help="image width in pixels (default: the pipeline's)")
@@ -282,6 +284,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config = CATPruningConfig(keep_ratio=args.keep_ratio, start_step=args.start_step)
     check_steps(args.steps, config.start_step)
+    args.out = args.out or Path("compare.png" if args.compare else "image.png")
     if args.out.suffix.lower() != ".png":
         raise UserError(f"--out must be a .png file, got {args.out}")
     if args.repeats < 1:
