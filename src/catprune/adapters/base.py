@@ -193,9 +193,12 @@ class PruningAdapter(ABC):
     def noise_tokens(self, model: nn.Module, tokens: Tensor) -> Tensor:
         """Output tokens (B, N, p*p*C_out) -> their noise channels (B, N, p*p*C_noise)."""
         kept = self.noise_channels(model)
-        if kept == model.out_channels:
+        # The model's own attribute where it sets one (PixArt: twice the input channels with learned
+        # sigma), else its config's: diffusers deprecates reading a config key as a model attribute.
+        out_channels = vars(model).get("out_channels") or model.config.out_channels
+        if kept == out_channels:
             return tokens
-        return tokens.unflatten(-1, (-1, model.out_channels))[..., :kept].flatten(-2)
+        return tokens.unflatten(-1, (-1, out_channels))[..., :kept].flatten(-2)
 
     def is_auxiliary_call(self, arguments: dict[str, Any]) -> bool:
         """Whether a call is an extra evaluation inside a step (runs unpruned, is not counted as a step).
