@@ -318,8 +318,12 @@ def test_a_skipped_step_recomputes_no_image_token_and_returns_the_last_outputs(c
     outputs: dict[int, torch.Tensor] = {}
     image_tokens: dict[int, int] = {}
 
+    addresses: set[int] = set()
+
     def after(module: torch.nn.Module, args: Any, output: Any) -> None:
         outputs[state.context.step] = output[0].clone()
+        if state.context.mode is StepMode.PRUNED and state.context.num_kept:
+            addresses.add(state.context.indices.data_ptr())  # the pruned steps' one index buffer
 
     def block(module: torch.nn.Module, args: Any, kwargs: Any) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -339,6 +343,7 @@ def test_a_skipped_step_recomputes_no_image_token_and_returns_the_last_outputs(c
         assert torch.equal(outputs[step], outputs[step - 1])
     assert not torch.equal(outputs[5], outputs[4])
     assert (state.stats.pruned_steps, state.stats.skipped_steps, state.stats.kept_tokens) == (5, 2, kept)
+    assert len(addresses) == 1, "a skipped step moved the pruned steps' index buffer"
     skipping = state.stats.macs
     remove_cat_pruning(pipe)
     state = apply_cat_pruning(pipe, CATPruningConfig(keep_ratio=0.3, start_step=START))

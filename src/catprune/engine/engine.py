@@ -279,15 +279,16 @@ class PruningEngine:
         if mode is StepMode.PRUNED and self.output.tokens is None:
             mode = StepMode.FILL  # a pass first seen after the fill step fills its own caches now
         first_pass = call.kind is not CallKind.PASS
-        skipped = mode is StepMode.PRUNED and plan.skips
+        skipped = mode is StepMode.PRUNED and self.config.skips(plan.step)
         num_kept = 0 if skipped else self.config.num_kept(plan.layout.grid.num_tokens)
         if self.shard is not None:
             num_kept = self.shard.kept(num_kept, plan.layout.grid.num_tokens)
-        if skipped and first_pass:
-            self.selections.skip(plan.rows, self.output.tokens.device)
+        indices = self.selections.indices
+        if skipped:
+            indices = self.selections.skip(plan.rows, self.output.tokens.device)
         elif mode is StepMode.PRUNED and first_pass:
             noise = self._prompt_noise(self.output.tokens)
-            self.selections.choose(noise, plan, num_kept, self.slot.capture.map)
+            indices = self.selections.choose(noise, plan, num_kept, self.slot.capture.map)
         rows = plan.rows
         cache_bytes = self._cache_bytes(rows, plan.layout) if mode is StepMode.FILL else 0
         if mode is StepMode.FILL and self.output.tokens is None:  # the pass allocates its caches now
@@ -302,7 +303,7 @@ class PruningEngine:
             layout=plan.layout,
             num_kept=num_kept,
             text_tokens=self.adapter.text_tokens(arguments),
-            indices=self.selections.indices if mode is StepMode.PRUNED else None,
+            indices=indices if mode is StepMode.PRUNED else None,
             timestep=self._timesteps(arguments, rows),
             refreshing=mode is StepMode.FILL and plan.step >= self.config.start_step,
             keeps_output=plan.keeps_output,

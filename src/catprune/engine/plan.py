@@ -30,11 +30,6 @@ class GenerationPlan:
         return StepMode.FILL if step == start - 1 or step in self.refresh_steps else StepMode.PRUNED
 
     @property
-    def skips(self) -> bool:
-        """Whether the current step is pruned and skipped (``config.skip_every``): no token recomputed."""
-        return self.mode is StepMode.PRUNED and self.config.skips(self.step)
-
-    @property
     def keeps_output(self) -> bool:
         """Whether the step's output is kept for the next pruned step (from the fill step on)."""
         return self.config.prune and self.step >= self.config.start_step - 1

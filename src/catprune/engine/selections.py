@@ -19,6 +19,8 @@ class Selections:
         """Looks the strategy up: an unknown name is refused here."""
         self.indices: Tensor | None = None
         """(B, K) int64 the latest pruned step's tokens, sorted: the generation's index buffer."""
+        self.skipped: Tensor | None = None
+        """(B, 0) the tokens of a step ``skip_every`` skips: none."""
         self.forced: Tensor | None = None
         """(B, K) tokens every pruned step recomputes instead of the selector's choice (measurement)."""
 
@@ -30,8 +32,11 @@ class Selections:
         return self.hold(plan.row_layout.all_rows(indices))  # (B, K)
 
     def skip(self, rows: int, device: torch.device) -> Tensor:
-        """A skipped step's (B, 0) tokens: none recomputed, the selection history left as it is."""
-        return self.hold(torch.empty(rows, 0, dtype=torch.long, device=device))  # (B, 0)
+        """A skipped step's (B, 0) tokens: none recomputed, the selection history and the index buffer
+        left as they are (the pruned steps' buffer keeps its address)."""
+        if self.skipped is None or self.skipped.shape[0] != rows or self.skipped.device != device:
+            self.skipped = torch.empty(rows, 0, dtype=torch.long, device=device)  # (B, 0)
+        return self.skipped
 
     def hold(self, indices: Tensor) -> Tensor:
         buffer = self.indices
@@ -43,7 +48,8 @@ class Selections:
         """Keep only batch rows ``rows`` (CFG truncation)."""
         if self.indices is not None:
             self.indices = self.indices[rows].clone()
+        self.skipped = None
 
     def reset(self) -> None:
         self.selector.reset()
-        self.indices = None
+        self.indices = self.skipped = None
